@@ -1,0 +1,71 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from usam_backend.errors import ConfigurationError
+from usam_backend.settings import Settings, documented_settings, env_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_without_environment():
+    settings = Settings.from_env({})
+    assert settings.sam_type == "vit_t"
+    assert settings.points == 100
+    assert settings.grid_side == 10
+    assert settings.device == "auto"
+
+
+def test_every_field_is_read_from_its_variable():
+    env = {
+        "USAM_SAM_TYPE": "tiny",
+        "USAM_SAM_CHECKPOINT": "/ckpt/sam.pth",
+        "USAM_DEVICE": "cuda:1",
+        "USAM_POINTS": "64",
+        "USAM_SCORE_THRESHOLD": "0.7",
+        "USAM_NMS_IOU": "0.3",
+        "USAM_DECODE_CHUNK": "16",
+        "USAM_CACHE_DIR": "/tmp/usam-cache",
+        "USAM_MODEL_DIR": "/srv/heads",
+        "USAM_EMBEDDING_CACHE_SIZE": "3",
+        "USAM_EMBEDDING_CACHE_DISK": "yes",
+        "USAM_MAX_IMAGE_PIXELS": "1000",
+    }
+    settings = Settings.from_env(env)
+    assert {env_name(f.name) for f in dataclasses.fields(Settings)} == set(env)
+    assert settings.sam_checkpoint == Path("/ckpt/sam.pth")
+    assert (settings.points, settings.score_threshold, settings.nms_iou) == (64, 0.7, 0.3)
+    assert settings.embedding_cache_disk is True
+    assert settings.model_dir == Path("/srv/heads")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("USAM_SAM_TYPE", "vit_x", "one of"),
+        ("USAM_POINTS", "50", "perfect square such as 49 or 64"),
+        ("USAM_POINTS", "ten", "not valid"),
+        ("USAM_SCORE_THRESHOLD", "1.5", "between 0 and 1"),
+        ("USAM_DEVICE", "tpu", "auto, cpu, cuda"),
+        ("USAM_EMBEDDING_CACHE_DISK", "maybe", "true or false"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value, expected):
+    with pytest.raises(ConfigurationError, match=name) as info:
+        Settings.from_env({name: value})
+    assert expected in str(info.value)
+
+
+def test_replace_ignores_none_and_validates():
+    settings = Settings.from_env({})
+    assert settings.replace(points=None, sam_type="tiny").sam_type == "tiny"
+    with pytest.raises(ConfigurationError):
+        settings.replace(points=3)
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for name, default, _doc in documented_settings():
+        assert f"`{name}`" in readme, f"{name} is not documented in README.md"
+        assert default in readme

@@ -1,0 +1,167 @@
+"""The one settings object: read from the environment once, passed explicitly below that.
+
+Every setting has exactly one environment name, used unchanged in the README and docker-compose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from usam_backend.errors import ConfigurationError
+
+SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "tiny")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "usam"
+
+
+def _env(name: str, doc: str, **kwargs: Any) -> Any:
+    return field(metadata={"env": name, "doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Build it with :meth:`from_env`; override with :meth:`replace`."""
+
+    sam_type: str = _env(
+        "USAM_SAM_TYPE",
+        "SAM model: vit_h, vit_l, vit_b, vit_t (MobileSAM) or tiny (random, tests only)",
+        default="vit_t",
+    )
+    sam_checkpoint: Path | None = _env(
+        "USAM_SAM_CHECKPOINT",
+        "path to the SAM checkpoint; unset: download the official one into the cache",
+        default=None,
+    )
+    device: str = _env("USAM_DEVICE", f"torch device: {DEVICES_HELP}", default="auto")
+    points: int = _env("USAM_POINTS", "grid points per image (a perfect square: 100 = 10x10)", default=100)
+    score_threshold: float = _env(
+        "USAM_SCORE_THRESHOLD", "keep a grid point when its class probability is at least this", default=0.5
+    )
+    nms_iou: float = _env("USAM_NMS_IOU", "drop a mask overlapping a better one by more than this IoU", default=0.5)
+    decode_chunk: int = _env("USAM_DECODE_CHUNK", "grid points decoded per batch; 0: 8 on CPU, 64 on CUDA", default=0)
+    cache_dir: Path = _env(
+        "USAM_CACHE_DIR",
+        "checkpoints and cached embeddings (default ~/.cache/usam)",
+        default_factory=_default_cache_dir,
+    )
+    model_dir: Path = _env("USAM_MODEL_DIR", "where trained heads are kept", default=Path("models"))
+    embedding_cache_size: int = _env(
+        "USAM_EMBEDDING_CACHE_SIZE", "image embeddings kept in memory (0 disables)", default=16
+    )
+    embedding_cache_disk: bool = _env(
+        "USAM_EMBEDDING_CACHE_DISK", "also keep image embeddings on disk under the cache dir", default=False
+    )
+    max_image_pixels: int = _env(
+        "USAM_MAX_IMAGE_PIXELS", "larger images are refused (decompression bombs)", default=50_000_000
+    )
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``USAM_*`` variable that is set; the rest keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, raw.strip())
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed (CLI flags); ``None`` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def grid_side(self) -> int:
+        return math.isqrt(self.points)
+
+    def _check(self) -> None:
+        if self.sam_type not in SAM_TYPES:
+            raise _bad("sam_type", self.sam_type, f"one of {', '.join(SAM_TYPES)}")
+        side = math.isqrt(self.points) if self.points > 0 else 0
+        if self.points < 1 or side * side != self.points:
+            near = sorted({max(1, side) ** 2, (side + 1) ** 2})
+            raise _bad("points", self.points, f"a perfect square such as {' or '.join(map(str, near))}")
+        for name in ("score_threshold", "nms_iou"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise _bad(name, value, "a number between 0 and 1")
+        if self.decode_chunk < 0:
+            raise _bad("decode_chunk", self.decode_chunk, "0 (automatic) or a positive number")
+        if self.embedding_cache_size < 0:
+            raise _bad("embedding_cache_size", self.embedding_cache_size, "0 or more")
+        if self.max_image_pixels < 1:
+            raise _bad("max_image_pixels", self.max_image_pixels, "a positive number of pixels")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise _bad("device", dev, DEVICES_HELP)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable behind a settings field."""
+    return str(_FIELDS[field_name].metadata["env"])
+
+
+def documented_settings() -> list[tuple[str, str, str]]:
+    """(environment name, default, description) for every setting, in declaration order."""
+    defaults = Settings()
+    rows = []
+    for f in dataclasses.fields(Settings):
+        value = getattr(defaults, f.name)
+        shown = "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        if f.name == "cache_dir":
+            shown = "~/.cache/usam"
+        rows.append((f.metadata["env"], shown, f.metadata["doc"]))
+    return rows
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+    "Path": lambda raw: Path(raw).expanduser(),
+    "Path | None": lambda raw: Path(raw).expanduser(),
+    "str": str,
+}
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    try:
+        return _PARSERS[str(f.type)](raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{f.metadata['env']}={raw!r} is not valid: {exc}") from None
+
+
+def _bad(field_name: str, value: object, expected: str) -> ConfigurationError:
+    return ConfigurationError(f"{env_name(field_name)}={value!r} is not valid: expected {expected}")
