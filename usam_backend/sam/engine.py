@@ -1,0 +1,219 @@
+"""The SAM engine: one encoder pass per image, point grids decoded in chunks, masks on demand."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import build_point_grid
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from usam_backend.sam.cache import EmbeddingCache, ImageEmbedding, image_key
+from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits, reference_decode
+from usam_backend.sam.models import LoadedSam
+from usam_backend.settings import Settings
+
+UPSCALE_BATCH = 8
+"""Masks brought to image size at once; bounds memory for very large images."""
+
+
+@dataclass
+class PointChunk:
+    """A chunk of grid points and their decoding.
+
+    Attributes:
+        index: positions of these points in the grid.
+        points: (b, 2) float32 XY of the points in original image pixels.
+        decoded: transformer outputs (tokens, IoU predictions, image tokens for masks).
+    """
+
+    index: slice
+    points: np.ndarray
+    decoded: DecodedPoints
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Masks for one prompt: (3, H, W) bool multimask outputs (or (1, H, W)), SAM IoU scores."""
+
+    masks: np.ndarray
+    iou_predictions: np.ndarray
+    low_res_logits: torch.Tensor
+
+
+class SamEngine:
+    """Wraps a loaded SAM model with the caching and batching usam's inference needs."""
+
+    def __init__(self, sam: LoadedSam, *, cache: EmbeddingCache | None = None, decode_chunk: int = 0):
+        self.sam = sam
+        self.model = sam.model
+        self.cache = cache if cache is not None else EmbeddingCache(capacity=16)
+        self.decode_chunk = decode_chunk or (64 if sam.device.type == "cuda" else 8)
+        self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        self.encoder_calls = 0
+        self._encode_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, allow_random: bool = False) -> SamEngine:
+        from usam_backend.sam.models import load_sam
+
+        sam = load_sam(
+            settings.sam_type, settings.sam_checkpoint, settings.cache_dir, settings.device, allow_random=allow_random
+        )
+        disk = settings.cache_dir / "embeddings" / sam.fingerprint if settings.embedding_cache_disk else None
+        cache = EmbeddingCache(settings.embedding_cache_size, disk)
+        return cls(sam, cache=cache, decode_chunk=settings.decode_chunk)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.sam.embedding_dim
+
+    # -- image encoder -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray, *, use_cache: bool = True) -> ImageEmbedding:
+        """Encode an HxWx3 uint8 RGB image, or return its cached embedding."""
+        key = image_key(image, self.sam.fingerprint)
+        if use_cache and (found := self.cache.get(key, self.device)) is not None:
+            return found
+        resized = self.transform.apply_image(image)
+        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0).float()
+        with self._encode_lock:  # one encoder pass at a time: it is the memory peak
+            features = self.model.image_encoder(self.model.preprocess(pixels))
+            self.encoder_calls += 1
+        embedding = ImageEmbedding(
+            features=features,
+            original_size=(int(image.shape[0]), int(image.shape[1])),
+            input_size=(int(resized.shape[0]), int(resized.shape[1])),
+            key=key,
+        )
+        if use_cache:
+            self.cache.put(embedding)
+        return embedding
+
+    # -- point grids ---------------------------------------------------------------------------
+
+    @staticmethod
+    def grid_points(original_size: tuple[int, int], points: int) -> np.ndarray:
+        """A uniform ``sqrt(points)`` x ``sqrt(points)`` grid, (points, 2) float32 XY in pixels."""
+        side = round(points**0.5)
+        height, width = original_size
+        return (build_point_grid(side) * np.array([width, height])).astype(np.float32)
+
+    @torch.inference_mode()
+    def decode(self, embedding: ImageEmbedding, points: np.ndarray, chunk: int | None = None) -> Iterator[PointChunk]:
+        """Decode point prompts chunk by chunk: mask tokens and IoU predictions, masks on demand.
+
+        Args:
+            points: (d, 2) XY in original image pixels, each a positive point prompt.
+        """
+        chunk = chunk or self.decode_chunk
+        prompt_encoder = self.model.prompt_encoder
+        decoder = PointDecoder(
+            self.model.mask_decoder,
+            embedding.features,
+            prompt_encoder.get_dense_pe(),
+            prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1),
+        )
+        for start in range(0, len(points), chunk):
+            index = slice(start, min(start + chunk, len(points)))
+            sparse = self._sparse_prompts(points[index], embedding.original_size)
+            yield PointChunk(index, points[index], decoder.decode(sparse))
+
+    @torch.inference_mode()
+    def point_embeddings(self, image: np.ndarray, points: int, *, use_cache: bool = True) -> np.ndarray:
+        """The (points, D) float32 mask-token embeddings of a grid on ``image`` (the training path)."""
+        embedding = self.embed(image, use_cache=use_cache)
+        grid = self.grid_points(embedding.original_size, points)
+        tokens = [chunk.decoded.tokens for chunk in self.decode(embedding, grid)]
+        return torch.cat(tokens).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def low_res_logits(self, chunk: PointChunk, index: torch.Tensor) -> torch.Tensor:
+        """(k, 3, 256, 256) multimask logits for points ``index`` of ``chunk``."""
+        height, width = self.model.prompt_encoder.image_embedding_size
+        return low_res_logits(self.model.mask_decoder, chunk.decoded, index, (height, width))
+
+    @torch.inference_mode()
+    def upscale(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+        """Low-res logits (k, 256, 256) -> (k, H, W) bool masks at the original image size."""
+        masks = []
+        for start in range(0, logits.shape[0], UPSCALE_BATCH):
+            batch = logits[start : start + UPSCALE_BATCH, None]
+            full = self.model.postprocess_masks(batch, embedding.input_size, embedding.original_size)
+            masks.append((full[:, 0] > self.model.mask_threshold).cpu().numpy())
+        if not masks:
+            return np.zeros((0, *embedding.original_size), dtype=bool)
+        return np.concatenate(masks)
+
+    # -- SAM's own decoder (reference path, prompts) -------------------------------------------
+
+    @torch.inference_mode()
+    def reference_decode(
+        self, embedding: ImageEmbedding, points: np.ndarray, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAM's decoder forward over all points in batches of ``batch``, masks included.
+
+        Returns:
+            tokens (d, 4E), iou_predictions (d, 3), low_res_logits (d, 3, 256, 256).
+        """
+        outputs = []
+        pe = self.model.prompt_encoder.get_dense_pe()
+        for start in range(0, len(points), batch):
+            coords, labels = self._point_tensors(points[start : start + batch], embedding.original_size)
+            sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            outputs.append(reference_decode(self.model.mask_decoder, embedding.features, pe, sparse, dense))
+        tokens, iou, logits = (torch.cat(parts) for parts in zip(*outputs, strict=True))
+        return tokens, iou, logits
+
+    @torch.inference_mode()
+    def predict_prompt(
+        self,
+        embedding: ImageEmbedding,
+        *,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        multimask: bool = True,
+    ) -> PromptResult:
+        """Masks for one interactive prompt, reusing the image embedding.
+
+        Args:
+            points: (n, 2) XY pixels; labels: (n,) 1 = positive, 0 = negative.
+            box: (4,) XYXY pixels.
+        """
+        point_input = None
+        if points is not None and len(points):
+            coords = self.transform.apply_coords(np.asarray(points, dtype=np.float32), embedding.original_size)
+            point_input = (
+                torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
+                torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None],
+            )
+        box_input = None
+        if box is not None:
+            scaled = self.transform.apply_boxes(np.asarray(box, dtype=np.float32)[None], embedding.original_size)
+            box_input = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        sparse, dense = self.model.prompt_encoder(points=point_input, boxes=box_input, masks=None)
+        low_res, iou = self.model.mask_decoder(
+            embedding.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+        )
+        masks = self.upscale(low_res[0], embedding)
+        return PromptResult(masks, iou[0].float().cpu().numpy(), low_res[0])
+
+    def _point_tensors(self, points: np.ndarray, original_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = self.transform.apply_coords(points, original_size)
+        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
+        labels = torch.ones(coords_t.shape[:2], dtype=torch.int64, device=self.device)
+        return coords_t, labels
+
+    def _sparse_prompts(self, points: np.ndarray, original_size: tuple[int, int]) -> torch.Tensor:
+        coords, labels = self._point_tensors(points, original_size)
+        sparse, _dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return sparse
