@@ -1,0 +1,252 @@
+"""``usam bench``: our inference path against the naive one, stage by stage, on the same image.
+
+Naive path: SAM's own decoder over every grid point in SAM's default batches of 64 (masks
+included), every multimask output brought to image size, then the head, threshold and NMS.
+Our path: mask tokens only (``sam/decoder.py``), the head, then masks for the kept points alone.
+Both end in the same selection and NMS, so their outputs must agree; the report checks that.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.head import Head, HeadConfig, HeadNet
+from usam_backend.inference import SemanticSegmenter, finish
+from usam_backend.regions import Regions
+from usam_backend.sam.cache import ImageEmbedding
+from usam_backend.sam.engine import SamEngine
+from usam_backend.settings import Settings
+from usam_backend.timing import PeakMemory, StageTimer
+
+NAIVE_BATCH = 64
+"""``SamAutomaticMaskGenerator``'s default ``points_per_batch``."""
+STAGES = ("encode", "decode", "head", "masks", "nms")
+
+
+@dataclass
+class PathResult:
+    seconds: dict[str, float]
+    peak_host_bytes: int
+    peak_cuda_bytes: int
+    regions: Regions
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+@dataclass
+class BenchReport:
+    sam_type: str
+    weights: str
+    device: str
+    threads: int
+    points: int
+    size: int
+    kept_points: int
+    ours: PathResult
+    naive: PathResult
+    agreement: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.naive.total / self.ours.total
+
+    def to_dict(self) -> dict[str, Any]:
+        def path(result: PathResult) -> dict[str, Any]:
+            return {
+                "seconds": dict(result.seconds),
+                "total": result.total,
+                "peak_host_mb": result.peak_host_bytes / 2**20,
+                "peak_cuda_mb": result.peak_cuda_bytes / 2**20,
+                "regions": len(result.regions),
+            }
+
+        return {
+            "sam_type": self.sam_type,
+            "weights": self.weights,
+            "random_weights": self.weights.startswith("random"),
+            "device": self.device,
+            "threads": self.threads,
+            "points": self.points,
+            "size": self.size,
+            "kept_points": self.kept_points,
+            "ours": path(self.ours),
+            "naive": path(self.naive),
+            "ratio_naive_over_ours": self.ratio,
+            "agreement": self.agreement,
+        }
+
+
+def bench_image(size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic size x size RGB scene: a gradient with a few filled shapes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    image = np.stack([80 + 100 * xx, 90 + 80 * yy, 120 + 60 * (1 - xx)], axis=-1)
+    for _ in range(6):
+        cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+        rx, ry = rng.uniform(0.05, 0.18, size=2) * size
+        inside = ((xx * (size - 1) - cx) / rx) ** 2 + ((yy * (size - 1) - cy) / ry) ** 2 <= 1
+        image[inside] = rng.integers(0, 256, size=3)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def random_head(engine: SamEngine, classes: int = 5, seed: int = 0) -> Head:
+    """A head of the real architecture with seeded random weights (the bench needs no training)."""
+    config = HeadConfig(input_dim=engine.embedding_dim, num_classes=classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = HeadNet(config)
+    return Head(net, config, tuple(f"class_{i}" for i in range(classes)), {"sam_type": engine.sam.sam_type})
+
+
+def run_bench(settings: Settings, *, size: int = 1024, keep_fraction: float = 0.25) -> BenchReport:
+    engine = SamEngine.from_settings(settings.replace(embedding_cache_size=0), allow_random=True)
+    image = bench_image(size)
+    head = random_head(engine)
+    segmenter = SemanticSegmenter(engine, head, points=settings.points, nms_iou=settings.nms_iou)
+    segmenter.score_threshold, kept = _threshold_for(segmenter, image, keep_fraction)
+
+    sync = engine.device.type == "cuda"
+    timer = StageTimer(sync=sync)
+    with PeakMemory() as ours_memory:
+        ours_regions = segmenter.segment(image, timer=timer)
+    ours = PathResult(_ordered(timer.seconds), ours_memory.host_bytes, ours_memory.cuda_bytes, ours_regions)
+
+    timer = StageTimer(sync=sync)
+    with PeakMemory() as naive_memory:
+        naive_regions = naive_segment(segmenter, image, timer)
+    naive = PathResult(_ordered(timer.seconds), naive_memory.host_bytes, naive_memory.cuda_bytes, naive_regions)
+
+    return BenchReport(
+        sam_type=engine.sam.sam_type,
+        weights=engine.sam.weights,
+        device=str(engine.device),
+        threads=torch.get_num_threads(),
+        points=settings.points,
+        size=size,
+        kept_points=kept,
+        ours=ours,
+        naive=naive,
+        agreement=compare(ours_regions, naive_regions),
+    )
+
+
+def naive_segment(segmenter: SemanticSegmenter, image: np.ndarray, timer: StageTimer) -> Regions:
+    """Decode and upscale masks for every grid point, then classify (what U-SAM's recipe reads as)."""
+    engine = segmenter.engine
+    with timer.stage("encode"):
+        embedding = engine.embed(image, use_cache=False)
+    grid = engine.grid_points(embedding.original_size, segmenter.points)
+    batches = []
+    for start in range(0, len(grid), NAIVE_BATCH):  # as SamAutomaticMaskGenerator batches points
+        with timer.stage("decode"):
+            tokens, iou, logits = engine.reference_decode(embedding, grid[start : start + NAIVE_BATCH], NAIVE_BATCH)
+        with timer.stage("masks"):
+            batches.append((tokens, iou, _upscale_all(engine, logits, embedding)))  # b, 3, H, W
+    tokens, iou = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    all_masks = np.concatenate([b[2] for b in batches])
+    with timer.stage("head"):
+        probs = segmenter.head.predict_proba(tokens)
+        scores, class_ids = probs.max(dim=1)
+        keep = torch.nonzero(scores >= segmenter.score_threshold).squeeze(1)
+        sam_scores, best = iou[keep].max(dim=1)
+    keep_np, best_np = keep.cpu().numpy(), best.cpu().numpy()
+    regions = Regions(
+        masks=all_masks[keep_np, best_np],
+        class_ids=class_ids[keep].cpu().numpy().astype(np.int64),
+        scores=scores[keep].float().cpu().numpy(),
+        points=grid[keep_np],
+        sam_scores=sam_scores.float().cpu().numpy(),
+        class_names=segmenter.class_names,
+    )
+    with timer.stage("nms"):
+        return finish(regions, segmenter.nms_iou)
+
+
+def compare(ours: Regions, naive: Regions) -> dict[str, Any]:
+    """How far two results are apart: region count, labels, scores, mask pixels."""
+    same_count = len(ours) == len(naive)
+    result: dict[str, Any] = {"regions": [len(ours), len(naive)], "identical": False}
+    if not same_count:
+        return result
+    labels_equal = bool(np.array_equal(ours.class_ids, naive.class_ids))
+    score_diff = float(np.abs(ours.scores - naive.scores).max()) if len(ours) else 0.0
+    pixels = int(np.count_nonzero(ours.masks != naive.masks))
+    result.update(
+        labels_equal=labels_equal,
+        max_score_difference=score_diff,
+        differing_mask_pixels=pixels,
+        mask_pixels=int(ours.masks.size),
+        identical=labels_equal and score_diff < 1e-4 and pixels == 0,
+    )
+    return result
+
+
+def format_report(report: BenchReport) -> str:
+    random_note = (
+        "random weights: timings are real, masks and labels are not"
+        if report.weights.startswith("random")
+        else f"weights: {report.weights}"
+    )
+    lines = [
+        f"usam bench: SAM {report.sam_type} ({random_note})",
+        f"{report.points} grid points, {report.size}x{report.size} image, device {report.device}, "
+        f"{report.threads} CPU threads, {report.kept_points} points over the score threshold",
+        "",
+        f"{'stage':<10}{'ours (s)':>12}{'naive (s)':>12}",
+    ]
+    for stage in STAGES:
+        lines.append(
+            f"{stage:<10}{report.ours.seconds.get(stage, 0.0):>12.3f}{report.naive.seconds.get(stage, 0.0):>12.3f}"
+        )
+    lines += [
+        f"{'total':<10}{report.ours.total:>12.3f}{report.naive.total:>12.3f}",
+        "",
+        f"naive / ours: {report.ratio:.2f}x",
+        f"peak host memory above start: ours {report.ours.peak_host_bytes / 2**20:.0f} MiB, "
+        f"naive {report.naive.peak_host_bytes / 2**20:.0f} MiB",
+    ]
+    if report.device.startswith("cuda"):
+        lines.append(
+            f"peak CUDA memory: ours {report.ours.peak_cuda_bytes / 2**20:.0f} MiB, "
+            f"naive {report.naive.peak_cuda_bytes / 2**20:.0f} MiB"
+        )
+    agreement = report.agreement
+    if agreement.get("identical"):
+        lines.append(
+            f"outputs identical: {agreement['regions'][0]} regions, same labels, "
+            f"max score difference {agreement['max_score_difference']:.1e}, 0 mask pixels differ"
+        )
+    else:
+        lines.append(f"outputs DIFFER: {json.dumps(agreement)}")
+    lines.append(f"({platform.processor() or platform.machine()}, torch {torch.__version__})")
+    return "\n".join(lines)
+
+
+def _upscale_all(engine: SamEngine, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+    d, m = logits.shape[:2]
+    full = engine.model.postprocess_masks(logits, embedding.input_size, embedding.original_size)
+    return (full > engine.model.mask_threshold).cpu().numpy().reshape(d, m, *embedding.original_size)
+
+
+def _threshold_for(segmenter: SemanticSegmenter, image: np.ndarray, keep_fraction: float) -> tuple[float, int]:
+    """The score threshold that keeps ``keep_fraction`` of the grid (a random head has no other),
+    and how many points it keeps. Also warms up the model before anything is timed."""
+    engine = segmenter.engine
+    embedding = engine.embed(image, use_cache=False)
+    grid = engine.grid_points(embedding.original_size, segmenter.points)
+    tokens = torch.cat([chunk.decoded.tokens for chunk in engine.decode(embedding, grid)])
+    best = segmenter.head.predict_proba(tokens).max(dim=1).values.float().cpu().numpy()
+    threshold = float(np.quantile(best, 1.0 - keep_fraction))
+    return threshold, int((best >= threshold).sum())
+
+
+def _ordered(seconds: dict[str, float]) -> dict[str, float]:
+    return {stage: seconds.get(stage, 0.0) for stage in STAGES}

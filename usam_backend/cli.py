@@ -1,0 +1,172 @@
+"""The ``usam`` command line: parse, build settings, dispatch; errors become one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from usam_backend.errors import UsamError
+from usam_backend.settings import SAM_TYPES, Settings, get_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.command(args))
+    except UsamError as exc:
+        print(f"usam: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("usam: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usam",
+        description="Segment Anything that knows your labels: train a head from class images, then label images.",
+        epilog="Settings come from USAM_* environment variables (see README); flags override them.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a head from DIR/<class name>/*.jpg images",
+        description="Embed every image of DIR/<class name>/ with SAM (cached), train a MIL teacher and a "
+        "distilled student, report validation accuracy, and save the head. DIR/_background/ may hold negative "
+        "images that show none of the classes.",
+    )
+    train.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of class folders")
+    train.add_argument("--out", type=Path, required=True, metavar="HEAD_PATH", help="where to save the head (.pt)")
+    train.add_argument("--epochs", type=int, help="epochs for teacher and student (default 40)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--no-distill", action="store_true", help="keep the MIL teacher, skip the student")
+    train.add_argument("--val-fraction", type=float, default=0.2, help="held-out share per class (default 0.2)")
+    train.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
+    _model_flags(train)
+    train.set_defaults(command=_train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="label images with a trained head",
+        description="For each IMAGE write NAME.labels.png (pixel value = class index + 1, 0 = background, "
+        "coloured palette), NAME.json (regions with label, score, box, COCO RLE mask) and with --viz "
+        "NAME.overlay.png.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--head", type=Path, required=True, metavar="HEAD_PATH")
+    predict.add_argument("--out", type=Path, required=True, metavar="DIR")
+    predict.add_argument("--viz", action="store_true", help="also write an overlay picture per image")
+    predict.add_argument("--threshold", type=float, help="score threshold (USAM_SCORE_THRESHOLD)")
+    predict.add_argument("--nms-iou", type=float, help="mask NMS IoU (USAM_NMS_IOU)")
+    _model_flags(predict)
+    predict.set_defaults(command=_predict)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time our inference path against the naive one",
+        description="Per-stage times and peak memory of our path and of the naive path (SAM decodes and "
+        "upscales masks for every point, then classifies) on one synthetic image, and whether both give the "
+        "same regions. Uses random weights when no checkpoint is on disk: timings are real either way.",
+    )
+    bench.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    bench.add_argument("--keep", type=float, default=0.25, help="share of grid points over the threshold")
+    bench.add_argument("--chunk", type=int, help="points decoded per batch (USAM_DECODE_CHUNK)")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
+    _model_flags(bench)
+    bench.set_defaults(command=_bench)
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (override USAM_* settings)")
+    group.add_argument("--sam", choices=SAM_TYPES, help="SAM type (USAM_SAM_TYPE)")
+    group.add_argument("--checkpoint", type=Path, help="SAM checkpoint path (USAM_SAM_CHECKPOINT)")
+    group.add_argument("--device", help="auto, cpu, cuda, cuda:N (USAM_DEVICE)")
+    group.add_argument("--points", type=int, help="grid points per image, a perfect square (USAM_POINTS)")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return get_settings().replace(
+        sam_type=args.sam, sam_checkpoint=args.checkpoint, device=args.device, points=args.points, **extra
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.pipeline import train_from_folders
+
+    settings = _settings(args)
+    options = {} if args.epochs is None else {"epochs": args.epochs}
+    result = train_from_folders(
+        settings, args.data, args.out, seed=args.seed, distill=not args.no_distill,
+        val_fraction=args.val_fraction, cache=not args.no_cache, **options,
+    )  # fmt: skip
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(_metrics_table(result.metrics))
+    head = result.head
+    random_note = " (random SAM weights: for testing only)" if head.info.get("random_weights") else ""
+    print(f"saved head {head.version} ({', '.join(head.class_names)}) to {result.path}{random_note}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from training.head import Head
+    from usam_backend.images import load_image
+    from usam_backend.inference import SemanticSegmenter
+    from usam_backend.predict import check_distinct_outputs, write_outputs
+    from usam_backend.sam.engine import SamEngine
+
+    settings = _settings(args, score_threshold=args.threshold, nms_iou=args.nms_iou)
+    check_distinct_outputs(args.images, args.out)
+    head = Head.load(args.head)
+    if args.sam is None and head.sam_type and head.sam_type != settings.sam_type:
+        settings = settings.replace(sam_type=head.sam_type)  # follow the head unless told otherwise
+    engine = SamEngine.from_settings(settings)
+    segmenter = SemanticSegmenter(
+        engine, head, points=settings.points, score_threshold=settings.score_threshold, nms_iou=settings.nms_iou
+    )
+    failures = 0
+    for image_path in args.images:
+        try:
+            image = load_image(image_path, max_pixels=settings.max_image_pixels)
+        except UsamError as exc:
+            print(f"usam: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        regions = segmenter.segment(image)
+        write_outputs(image_path, image, regions, segmenter, args.out, viz=args.viz)
+        found = ", ".join(f"{label} {score:.2f}" for label, score in zip(regions.labels, regions.scores, strict=True))
+        print(f"{image_path}: {len(regions)} region(s){': ' + found if found else ''}")
+    if failures:
+        print(f"usam: {failures} of {len(args.images)} image(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from usam_backend.bench import format_report, run_bench
+
+    settings = _settings(args, decode_chunk=args.chunk)
+    report = run_bench(settings, size=args.size, keep_fraction=args.keep)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    lines = ["image-level accuracy   images  teacher  student"]
+    for split, entry in metrics.items():
+        teacher = entry.get("teacher_accuracy", float("nan"))
+        student = entry.get("student_accuracy", float("nan"))
+        lines.append(f"{split:<22}{entry['images']:>7}{teacher:>9.3f}{student:>9.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
