@@ -32,9 +32,9 @@ class HeadConfig:
 
     input_dim: int
     num_classes: int
-    hidden: tuple[int, ...] = (512, 256, 128)
-    dropout: float = 0.1
-    background: bool = True
+    hidden: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.0
+    background: bool = False
 
     @property
     def outputs(self) -> int:

@@ -46,8 +46,8 @@ class TrainOptions:
     tau: float = 0.5
     lambda_mil: float = 1.0
     lambda_unc: float = 0.15
-    hidden: tuple[int, ...] = (512, 256, 128)
-    dropout: float = 0.1
+    hidden: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.0
     background: bool | None = None
     progress: bool = False
 
