@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     _model_flags(bench)
     bench.set_defaults(command=_bench)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the Label Studio ML backend",
+        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook, /versions; "
+        "OpenAPI at /docs). Configuration comes from the environment (see README).",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9090, help="port (default 9090)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(command=_serve)
     return parser
 
 
@@ -156,6 +167,23 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from usam_backend.app import create_app
+    from usam_backend.backend import Backend
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    backend = Backend(settings)
+    backend.warm_up()
+    print(f"usam: serving SAM {settings.sam_type} heads from {settings.model_dir / 'heads'} on {args.host}:{args.port}")
+    uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

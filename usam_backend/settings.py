@@ -25,8 +25,8 @@ def _default_cache_dir() -> Path:
     return Path(base) / "usam"
 
 
-def _env(name: str, doc: str, **kwargs: Any) -> Any:
-    return field(metadata={"env": name, "doc": doc}, **kwargs)
+def _env(name: str, doc: str, *, secret: bool = False, **kwargs: Any) -> Any:
+    return field(metadata={"env": name, "doc": doc}, repr=not secret, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,24 @@ class Settings:
     max_image_pixels: int = _env(
         "USAM_MAX_IMAGE_PIXELS", "larger images are refused (decompression bombs)", default=50_000_000
     )
+    max_image_bytes: int = _env("USAM_MAX_IMAGE_BYTES", "larger task image downloads are refused", default=50_000_000)
+    fetch_timeout: float = _env("USAM_FETCH_TIMEOUT", "seconds to wait for a task image", default=20.0)
+    label_studio_url: str | None = _env(
+        "LABEL_STUDIO_URL", "Label Studio's URL for task images (default: the hostname /setup sends)", default=None
+    )
+    label_studio_api_key: str | None = _env(
+        "LABEL_STUDIO_API_KEY", "legacy token or personal access token for task images", default=None, secret=True
+    )
+    allowed_hosts: tuple[str, ...] = _env(
+        "USAM_ALLOWED_HOSTS", "comma-separated hosts besides Label Studio's that task images may come from "
+        "(*.example.com matches subdomains)", default=(),
+    )  # fmt: skip
+    basic_auth_user: str | None = _env("BASIC_AUTH_USER", "require HTTP basic auth (except /webhook)", default=None)
+    basic_auth_pass: str | None = _env("BASIC_AUTH_PASS", "password for BASIC_AUTH_USER", default=None, secret=True)
+    webhook_secret: str | None = _env(
+        "USAM_WEBHOOK_SECRET", "if set, /webhook requires header X-Usam-Webhook-Secret with this value",
+        default=None, secret=True,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self._check()
@@ -105,6 +123,12 @@ class Settings:
             raise _bad("embedding_cache_size", self.embedding_cache_size, "0 or more")
         if self.max_image_pixels < 1:
             raise _bad("max_image_pixels", self.max_image_pixels, "a positive number of pixels")
+        if self.max_image_bytes < 1:
+            raise _bad("max_image_bytes", self.max_image_bytes, "a positive number of bytes")
+        if self.fetch_timeout <= 0:
+            raise _bad("fetch_timeout", self.fetch_timeout, "a positive number of seconds")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigurationError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise _bad("device", dev, DEVICES_HELP)
@@ -121,7 +145,10 @@ def documented_settings() -> list[tuple[str, str, str]]:
     rows = []
     for f in dataclasses.fields(Settings):
         value = getattr(defaults, f.name)
-        shown = "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        if value is None or value == ():
+            shown = "unset"
+        else:
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
         if f.name == "cache_dir":
             shown = "~/.cache/usam"
         rows.append((f.metadata["env"], shown, f.metadata["doc"]))
@@ -153,6 +180,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "Path": lambda raw: Path(raw).expanduser(),
     "Path | None": lambda raw: Path(raw).expanduser(),
     "str": str,
+    "str | None": str,
+    "tuple[str, ...]": lambda raw: tuple(part.strip() for part in raw.split(",") if part.strip()),
 }
 
 

@@ -1,0 +1,143 @@
+"""Test helpers: a real ``usam serve`` process, and a loopback web host for task images."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class UsamServer:
+    """``usam serve`` in a subprocess on a free loopback port, with the given environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "usam_backend.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        auth = (env["BASIC_AUTH_USER"], env["BASIC_AUTH_PASS"]) if "BASIC_AUTH_USER" in env else None
+        self.client = httpx.Client(base_url=self.url, timeout=120, auth=auth)
+        try:
+            wait_until(self._up, 120, f"usam serve on port {self.port}")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"usam serve did not start:\n{self.log()}") from None
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"usam serve exited with {self.process.returncode}:\n{self.log()}")
+        return self.client.get("/health").status_code in (200, 401)
+
+    def health(self) -> dict[str, Any]:
+        response = self.client.get("/health")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.client.close()
+        self._log.close()
+
+
+Route = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class WebHost:
+    """A loopback HTTP server serving files from ``root`` plus programmable routes.
+
+    It stands in for image hosts on the internet (and their misbehaviour) in tests.
+    """
+
+    def __init__(self, root: Path, routes: dict[str, Route] | None = None):
+        self.root = root
+        self.routes = routes or {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(host.root), **kwargs)
+
+            def do_GET(self) -> None:
+                host.requests.append((self.path, dict(self.headers)))
+                route = host.routes.get(self.path.split("?", 1)[0])
+                if route is not None:
+                    route(self)
+                else:
+                    super().do_GET()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None, *, length: bool = True) -> Route:
+    """A canned response; with ``length=False`` no Content-Length is sent (the body ends at close)."""
+
+    def route(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        if length:
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        handler.close_connection = True
+
+    return route

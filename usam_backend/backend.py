@@ -1,0 +1,342 @@
+"""The ML backend's behaviour, independent of the web framework: setup, predict, webhook, health.
+
+The SAM engine loads lazily, once per process, on the first prediction (or in the background
+when the server starts); /health, /setup and /webhook never wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from usam_backend.errors import UsamError
+from usam_backend.images import load_image
+from usam_backend.inference import SemanticSegmenter
+from usam_backend.label_config import LabelConfig, LabelConfigError, ProjectLabel, parse_label_config
+from usam_backend.ls_predictions import brush_region, prediction, region_id
+from usam_backend.projects import EventLog, ProjectRecord, ProjectStore, UnknownProjectError, project_id
+from usam_backend.registry import HeadChoice, HeadRegistry, no_head_version
+from usam_backend.sam.engine import SamEngine
+from usam_backend.sam.models import resolve_device
+from usam_backend.settings import Settings
+from usam_backend.task_images import FetchLimits, LabelStudioAuth, TaskImageFetcher
+
+log = logging.getLogger("usam.backend")
+
+MAX_SEGMENTERS = 4  # heads kept ready on the device at once
+ENGINE_RETRY_SECONDS = 60.0  # after a failed load, how long to answer with the same error
+
+
+class PromptError(UsamError):
+    """An interactive request whose prompt cannot be turned into a mask."""
+
+
+@dataclass
+class PredictRequest:
+    tasks: list[dict[str, Any]]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = HeadRegistry(settings.model_dir / "heads", settings.sam_type)
+        self.projects = ProjectStore(settings.model_dir / "projects")
+        self.events = EventLog(settings.model_dir / "events")
+        self.failures: deque[dict[str, Any]] = deque(maxlen=20)
+        self.http = httpx.Client(follow_redirects=False)
+        self._engine: SamEngine | None = None
+        self._engine_error: str | None = None
+        self._engine_failed_at = 0.0
+        self._engine_lock = threading.Lock()
+        self._compute_lock = threading.Lock()  # one model computation at a time
+        self._segmenters: dict[str, SemanticSegmenter] = {}
+
+    # -- the SAM engine --------------------------------------------------------------------------
+
+    def engine(self) -> SamEngine:
+        with self._engine_lock:
+            if self._engine is None:
+                if self._engine_error and time.monotonic() - self._engine_failed_at < ENGINE_RETRY_SECONDS:
+                    raise UsamError(self._engine_error)
+                try:
+                    self._engine = SamEngine.from_settings(self.settings)
+                except UsamError as exc:
+                    self._engine_error, self._engine_failed_at = str(exc), time.monotonic()
+                    raise
+                self._engine_error = None
+                log.info(
+                    "SAM %s loaded on %s (%s)", self._engine.sam.sam_type, self._engine.device, self._engine.sam.weights
+                )
+            return self._engine
+
+    def warm_up(self) -> threading.Thread:
+        """Load the engine in the background so the first prediction does not pay for it."""
+
+        def load() -> None:
+            try:
+                self.engine()
+            except UsamError as exc:
+                log.error("SAM could not be loaded: %s", exc)
+
+        thread = threading.Thread(target=load, name="usam-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        engine = self._engine
+        sam: dict[str, Any] = {"type": self.settings.sam_type, "loaded": engine is not None}
+        if engine is not None:
+            sam.update(
+                device=str(engine.device),
+                weights=engine.sam.weights,
+                random_weights=engine.sam.random_weights,
+                encoder_passes=engine.encoder_calls,
+                cached_embeddings=len(engine.cache),
+            )
+        else:
+            sam["device"] = str(resolve_device(self.settings.device))
+        if self._engine_error:
+            sam["error"] = self._engine_error
+        heads = [
+            {"version": version, "classes": list(head.class_names), "file": path.name}
+            for (path, head), version in zip(self.registry.heads(), self.registry.versions(), strict=True)
+        ]
+        return {
+            "status": "UP",
+            "model_class": "usam",
+            "sam": sam,
+            "heads": heads,
+            "unusable_heads": self.registry.problems(),
+            "projects": {pid: self._project_status(pid) for pid in self.projects.ids()},
+            "recent_failures": list(self.failures),
+        }
+
+    def setup(self, project: str, schema: str, hostname: str | None, access_token: str | None) -> str:
+        config = parse_label_config(schema)
+        pid = project_id(project)
+        self.projects.put(ProjectRecord(pid, schema, hostname, access_token))
+        choice = self.registry.choose(config)
+        version = choice.version if choice else no_head_version(self.settings.sam_type)
+        log.info("setup project %s: labels %s -> %s", pid, list(config.label_values), version)
+        return version
+
+    def versions(self) -> list[str]:
+        return self.registry.versions()
+
+    def webhook(self, payload: dict[str, Any]) -> str:
+        action = str(payload.get("action") or "")
+        project = payload.get("project")
+        pid_source = project.get("id") if isinstance(project, dict) else project
+        if pid_source is None:
+            return action
+        pid = project_id(pid_source)
+        if action == "PROJECT_UPDATED" and isinstance(project, dict) and project.get("label_config"):
+            known = self.projects.get(pid)
+            self.projects.put(
+                ProjectRecord(
+                    pid, str(project["label_config"]), known.hostname if known else None,
+                    known.access_token if known else None,
+                )
+            )  # fmt: skip
+        event: dict[str, Any] = {key: payload[key] for key in ("annotation", "task", "annotations") if key in payload}
+        self.events.append(pid, {"action": action, **event})
+        return action
+
+    def predict(self, request: PredictRequest) -> list[Any]:
+        record = self.projects.get(project_id(request.project)) if request.project else None
+        schema = request.label_config or (record.label_config if record else None)
+        if not schema:
+            raise UnknownProjectError(
+                f"project {request.project!r} is unknown and the request has no label_config: Label Studio calls "
+                "/setup first"
+            )
+        config = parse_label_config(schema)
+        choice = self.registry.choose(config)
+        fetcher = self._fetcher(record)
+        basic = _basic_auth(request.params)
+        context = request.params.get("context") if isinstance(request.params, dict) else None
+        if isinstance(context, dict) and context.get("result"):
+            if len(request.tasks) != 1:
+                raise PromptError("an interactive request must hold exactly one task")
+            version = choice.version if choice else no_head_version(self.settings.sam_type)
+            return [self._interactive(request.tasks[0], context["result"], config, fetcher, basic, version)]
+        if choice is None:
+            log.info("no head serves labels %s yet: empty predictions", list(config.label_values))
+            return [prediction([], no_head_version(self.settings.sam_type)) for _ in request.tasks]
+        return [self._predict_task(task, config, choice, fetcher, basic) for task in request.tasks]
+
+    # -- prediction ------------------------------------------------------------------------------
+
+    def _predict_task(
+        self, task: dict[str, Any], config: LabelConfig, choice: HeadChoice, fetcher: TaskImageFetcher,
+        basic: tuple[str, str] | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        task_id = task.get("id")
+        results: list[dict[str, Any]] = []
+        try:
+            for image_name, field_ in config.images.items():
+                image = self._task_image(task, field_.key, fetcher, basic)
+                by_class: dict[int, ProjectLabel] = {}  # head class index -> the project label it predicts
+                for label in config.labels_for_image(image_name):
+                    if label.value in choice.served:
+                        by_class.setdefault(choice.served[label.value], label)
+                if not by_class:
+                    continue
+                head_classes = {choice.head.class_names[i] for i in by_class}
+                with self._compute_lock:
+                    regions = self._segmenter(choice).segment(image, classes=head_classes)
+                for i in range(len(regions)):
+                    label = by_class[int(regions.class_ids[i])]
+                    rid = region_id(choice.version, task_id, image_name, i)
+                    results.append(brush_region(regions.masks[i], label, float(regions.scores[i]), rid))
+        except UsamError as exc:
+            self._failed(task_id, str(exc))
+            return prediction([], choice.version)
+        return prediction(results, choice.version)
+
+    def _interactive(
+        self, task: dict[str, Any], context: list[Any], config: LabelConfig, fetcher: TaskImageFetcher,
+        basic: tuple[str, str] | None, version: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        prompt = _prompt(context, config)
+        field_ = config.images[prompt.image]
+        image = self._task_image(task, field_.key, fetcher, basic)
+        height, width = image.shape[:2]
+        points = np.array([[x * width / 100, y * height / 100] for x, y in prompt.points], dtype=np.float32)
+        box = None
+        if prompt.box is not None:
+            x, y, w, h = prompt.box
+            box = np.array([x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100])
+        engine = self.engine()
+        with self._compute_lock:
+            embedding = engine.embed(image)
+            single_click = len(points) == 1 and box is None
+            result = engine.predict_prompt(
+                embedding,
+                points=points if len(points) else None,
+                labels=np.array(prompt.point_labels, dtype=np.int64),
+                box=box,
+                multimask=single_click,
+            )
+        best = int(np.argmax(result.iou_predictions))
+        region = brush_region(
+            result.masks[best],
+            prompt.label,
+            float(result.iou_predictions[best]),
+            region_id(version, task.get("id"), "prompt"),
+        )
+        return prediction([region], version)
+
+    def _segmenter(self, choice: HeadChoice) -> SemanticSegmenter:
+        segmenter = self._segmenters.get(choice.version)
+        if segmenter is None:
+            s = self.settings
+            segmenter = SemanticSegmenter(
+                self.engine(), choice.head, points=s.points, score_threshold=s.score_threshold, nms_iou=s.nms_iou
+            )
+            recent = list(self._segmenters.items())[: MAX_SEGMENTERS - 1]
+            self._segmenters = {choice.version: segmenter, **dict(recent)}
+        return segmenter
+
+    def _task_image(
+        self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: tuple[str, str] | None
+    ) -> np.ndarray:
+        data = task.get("data")
+        if not isinstance(data, dict) or key not in data:
+            raise UsamError(f"task {task.get('id')} has no '{key}' field in its data")
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        raw = fetcher.fetch(data[key], task_id, basic)
+        return load_image(raw, max_pixels=self.settings.max_image_pixels)
+
+    def _fetcher(self, record: ProjectRecord | None) -> TaskImageFetcher:
+        s = self.settings
+        url = s.label_studio_url or (record.hostname if record else None)
+        auth = (
+            LabelStudioAuth(url, s.label_studio_api_key, record.access_token if record else None, self.http)
+            if url
+            else None
+        )
+        limits = FetchLimits(s.max_image_bytes, s.fetch_timeout, s.allowed_hosts)
+        return TaskImageFetcher(url, auth, limits, self.http)
+
+    def _failed(self, task_id: object, reason: str) -> None:
+        log.warning("task %s: no prediction: %s", task_id, reason)
+        self.failures.append({"time": time.time(), "task": task_id, "reason": reason})
+
+    def _project_status(self, pid: str) -> dict[str, Any]:
+        record = self.projects.get(pid)
+        if record is None:
+            return {"error": "unreadable project record"}
+        try:
+            config = parse_label_config(record.label_config)
+        except LabelConfigError as exc:
+            return {"error": str(exc)}
+        choice = self.registry.choose(config)
+        status: dict[str, Any] = {"labels": list(config.label_values)}
+        if choice is None:
+            status.update(model_version=no_head_version(self.settings.sam_type), head=None,
+                          why=f"no head in {self.registry.folder} knows any of these labels")  # fmt: skip
+        else:
+            status.update(model_version=choice.version, head=choice.path.name, missing_labels=list(choice.missing))
+            if choice.missing:
+                status["why"] = f"the head does not know {', '.join(choice.missing)}: those labels are not predicted"
+        return status
+
+
+@dataclass(frozen=True)
+class Prompt:
+    label: Any  # ProjectLabel
+    image: str
+    points: list[tuple[float, float]]  # percent of width, height
+    point_labels: list[int]  # 1 positive, 0 negative
+    box: tuple[float, float, float, float] | None  # x, y, width, height in percent
+
+
+def _prompt(context: list[Any], config: LabelConfig) -> Prompt:
+    """Smart-tool context (keypoints, a rectangle) -> SAM prompt and the brush label to emit."""
+    points: list[tuple[float, float]] = []
+    point_labels: list[int] = []
+    box = None
+    label = None
+    image = None
+    for item in context:
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            continue
+        kind, value = item.get("type"), item["value"]
+        names = value.get(str(kind)) or []
+        if kind not in ("keypointlabels", "rectanglelabels") or not names:
+            continue
+        image = image or item.get("to_name")
+        label = label or config.brush_label(str(names[0]), str(item.get("to_name")))
+        try:
+            if kind == "keypointlabels":
+                points.append((float(value["x"]), float(value["y"])))
+                point_labels.append(0 if item.get("is_positive") is False else 1)
+            else:
+                box = (float(value["x"]), float(value["y"]), float(value["width"]), float(value["height"]))
+        except (KeyError, TypeError, ValueError):
+            raise PromptError(f"a {kind} prompt lacks numeric x, y (and width, height)") from None
+    if image is None or (not points and box is None):
+        raise PromptError("the interactive context holds no keypoint or rectangle with a label")
+    if image not in config.images:
+        raise PromptError(f"the prompt is on {image!r}, which has no BrushLabels in the label config")
+    if label is None:
+        raise PromptError("the prompt's label has no BrushLabels label of the same name on this image")
+    return Prompt(label, image, points, point_labels, box)
+
+
+def _basic_auth(params: dict[str, Any]) -> tuple[str, str] | None:
+    login, password = params.get("login"), params.get("password")
+    return (str(login), str(password)) if login and password else None

@@ -1,0 +1,120 @@
+"""Trained heads on disk, and which one serves a project's label set.
+
+Heads live in ``USAM_MODEL_DIR/heads/*.pt``; each file describes itself (classes, SAM type,
+metrics), so the folder is the registry. A head serves a project label when one of its classes
+is named like the label's value or one of its ``predicted_values``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.head import Head
+from usam_backend.errors import HeadError
+from usam_backend.label_config import LabelConfig, normalise
+
+log = logging.getLogger(__name__)
+
+
+def model_version(head: Head, sam_type: str) -> str:
+    """The model_version Label Studio sees: changes whenever the head does."""
+    suffix = "-random-sam" if head.info.get("random_weights") else ""
+    return f"usam-{sam_type}-{head.version}{suffix}"
+
+
+def no_head_version(sam_type: str) -> str:
+    return f"usam-{sam_type}-no-head-yet"
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """A head chosen for a label config.
+
+    Attributes:
+        served: project label value -> index of the head class that predicts it.
+        missing: project label values the head cannot predict.
+    """
+
+    head: Head
+    path: Path
+    version: str
+    served: dict[str, int]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    stamp: tuple[int, int]
+    head: Head | None
+    problem: str | None
+
+
+class HeadRegistry:
+    """Scans the heads folder (re-reading only files that changed) and matches heads to labels."""
+
+    def __init__(self, folder: Path, sam_type: str):
+        self.folder = folder
+        self.sam_type = sam_type
+        self._entries: dict[Path, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def heads(self) -> list[tuple[Path, Head]]:
+        """Readable heads for this SAM type, newest first."""
+        self._refresh()
+        usable = [(path, e.head) for path, e in self._entries.items() if e.head is not None and e.problem is None]
+        return sorted(usable, key=lambda item: item[0].stat().st_mtime_ns, reverse=True)
+
+    def problems(self) -> dict[str, str]:
+        """Files in the heads folder that cannot serve here, and why."""
+        self._refresh()
+        return {str(path): e.problem for path, e in self._entries.items() if e.problem}
+
+    def choose(self, config: LabelConfig) -> HeadChoice | None:
+        """The head that serves most of the config's labels (the newest among equals), if any."""
+        best: HeadChoice | None = None
+        for path, head in self.heads():
+            served = _match(head, config)
+            if served and (best is None or len(served) > len(best.served)):
+                missing = tuple(v for v in config.label_values if v not in served)
+                best = HeadChoice(head, path, model_version(head, self.sam_type), served, missing)
+        return best
+
+    def versions(self) -> list[str]:
+        return [model_version(head, self.sam_type) for _, head in self.heads()]
+
+    def _refresh(self) -> None:
+        with self._lock:
+            paths = sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
+            self._entries = {path: self._entry(path) for path in paths}
+
+    def _entry(self, path: Path) -> _Entry:
+        try:
+            stat = path.stat()
+        except OSError:
+            return _Entry((0, 0), None, "vanished while reading")
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        known = self._entries.get(path)
+        if known is not None and known.stamp == stamp:
+            return known
+        try:
+            head = Head.load(path)
+        except HeadError as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return _Entry(stamp, None, str(exc))
+        if head.sam_type not in (None, self.sam_type):
+            return _Entry(stamp, head, f"trained for SAM {head.sam_type}, this server runs {self.sam_type}")
+        return _Entry(stamp, head, None)
+
+
+def _match(head: Head, config: LabelConfig) -> dict[str, int]:
+    classes = {normalise(name): index for index, name in enumerate(head.class_names)}
+    served: dict[str, int] = {}
+    for label in config.labels:
+        for name in label.names:  # the label's own value first, then its aliases
+            if name in classes:
+                served.setdefault(label.value, classes[name])
+                break
+    return served
