@@ -3,8 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
+# Label Studio for the end-to-end tests lives in its own virtualenv, outside the project's, and is
+# kept between runs.
+LABEL_STUDIO_VERSION := 1.23.2
+LABEL_STUDIO_VENV ?= $(HOME)/.cache/usam-test/label-studio-$(LABEL_STUDIO_VERSION)
+LABEL_STUDIO := $(LABEL_STUDIO_VENV)/bin/label-studio
 
-.PHONY: serve test lint unit venv clean
+.PHONY: serve test lint unit venv label-studio clean
 
 venv: $(DEPS)
 
@@ -14,6 +19,13 @@ $(DEPS): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
+$(LABEL_STUDIO):
+	rm -rf $(LABEL_STUDIO_VENV)
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet label-studio==$(LABEL_STUDIO_VERSION)
+
+label-studio: $(LABEL_STUDIO)
+
 serve: $(DEPS)
 	$(BIN)/usam serve
 
@@ -22,8 +34,8 @@ lint: $(DEPS)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-unit: $(DEPS)
-	$(BIN)/python -m pytest
+unit: $(DEPS) $(LABEL_STUDIO)
+	USAM_TEST_LABEL_STUDIO=$(LABEL_STUDIO) USAM_REQUIRE_LABEL_STUDIO=1 $(BIN)/python -m pytest
 
 test: lint unit
 

@@ -129,9 +129,9 @@ def test_bench_reports_both_paths(tmp_path, capsys):
     report = tmp_path / "bench.json"
     assert main(["bench", "--size", "256", "--json", str(report), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "random weights" in printed and "naive / ours" in printed and "outputs identical" in printed
+    assert "random weights" in printed and "naive / ours" in printed and "outputs agree" in printed
     numbers = json.loads(report.read_text())
-    assert numbers["random_weights"] and numbers["agreement"]["identical"]
+    assert numbers["random_weights"] and numbers["agreement"]["agree"]
     assert numbers["ratio_naive_over_ours"] == pytest.approx(numbers["naive"]["total"] / numbers["ours"]["total"])
     assert set(numbers["ours"]["seconds"]) == {"encode", "decode", "head", "masks", "nms"}
 
@@ -148,3 +148,9 @@ def test_console_script_help_and_errors(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "usam: error: USAM_POINTS=7 is not valid: expected a perfect square such as 4 or 9"
+
+
+def test_bench_predict_times_first_and_cached_calls(capsys):
+    assert main(["bench-predict", "--size", "256", "--repeat", "1", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "first call" in printed and "cached embedding" in printed and "random weights" in printed

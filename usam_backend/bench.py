@@ -26,6 +26,9 @@ from usam_backend.timing import PeakMemory, StageTimer
 
 NAIVE_BATCH = 64
 """``SamAutomaticMaskGenerator``'s default ``points_per_batch``."""
+PIXEL_TOLERANCE = 1e-5
+"""Share of mask pixels allowed to differ: the two paths reassociate the same float32 arithmetic,
+so a logit within rounding of the 0 threshold may land on the other side."""
 STAGES = ("encode", "decode", "head", "masks", "nms")
 
 
@@ -111,7 +114,7 @@ def run_bench(settings: Settings, *, size: int = 1024, keep_fraction: float = 0.
     image = bench_image(size)
     head = random_head(engine)
     segmenter = SemanticSegmenter(engine, head, points=settings.points, nms_iou=settings.nms_iou)
-    segmenter.score_threshold, kept = _threshold_for(segmenter, image, keep_fraction)
+    segmenter.score_threshold, kept = keep_threshold(segmenter, image, keep_fraction)
 
     sync = engine.device.type == "cuda"
     timer = StageTimer(sync=sync)
@@ -171,9 +174,13 @@ def naive_segment(segmenter: SemanticSegmenter, image: np.ndarray, timer: StageT
 
 
 def compare(ours: Regions, naive: Regions) -> dict[str, Any]:
-    """How far two results are apart: region count, labels, scores, mask pixels."""
+    """How far two results are apart: region count, labels, scores, mask pixels.
+
+    ``agree``: the same regions with the same labels, scores within 1e-4, and at most
+    ``PIXEL_TOLERANCE`` of the mask pixels different (float rounding).
+    """
     same_count = len(ours) == len(naive)
-    result: dict[str, Any] = {"regions": [len(ours), len(naive)], "identical": False}
+    result: dict[str, Any] = {"regions": [len(ours), len(naive)], "agree": False}
     if not same_count:
         return result
     labels_equal = bool(np.array_equal(ours.class_ids, naive.class_ids))
@@ -184,7 +191,7 @@ def compare(ours: Regions, naive: Regions) -> dict[str, Any]:
         max_score_difference=score_diff,
         differing_mask_pixels=pixels,
         mask_pixels=int(ours.masks.size),
-        identical=labels_equal and score_diff < 1e-4 and pixels == 0,
+        agree=labels_equal and score_diff < 1e-4 and pixels <= PIXEL_TOLERANCE * max(ours.masks.size, 1),
     )
     return result
 
@@ -219,10 +226,11 @@ def format_report(report: BenchReport) -> str:
             f"naive {report.naive.peak_cuda_bytes / 2**20:.0f} MiB"
         )
     agreement = report.agreement
-    if agreement.get("identical"):
+    if agreement.get("agree"):
         lines.append(
-            f"outputs identical: {agreement['regions'][0]} regions, same labels, "
-            f"max score difference {agreement['max_score_difference']:.1e}, 0 mask pixels differ"
+            f"outputs agree: {agreement['regions'][0]} regions, same labels, max score difference "
+            f"{agreement['max_score_difference']:.1e}, {agreement['differing_mask_pixels']:,} of "
+            f"{agreement['mask_pixels']:,} mask pixels differ (float rounding)"
         )
     else:
         lines.append(f"outputs DIFFER: {json.dumps(agreement)}")
@@ -236,7 +244,7 @@ def _upscale_all(engine: SamEngine, logits: torch.Tensor, embedding: ImageEmbedd
     return (full > engine.model.mask_threshold).cpu().numpy().reshape(d, m, *embedding.original_size)
 
 
-def _threshold_for(segmenter: SemanticSegmenter, image: np.ndarray, keep_fraction: float) -> tuple[float, int]:
+def keep_threshold(segmenter: SemanticSegmenter, image: np.ndarray, keep_fraction: float) -> tuple[float, int]:
     """The score threshold that keeps ``keep_fraction`` of the grid (a random head has no other),
     and how many points it keeps. Also warms up the model before anything is timed."""
     engine = segmenter.engine

@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(bench)
     bench.set_defaults(command=_bench)
 
+    latency = commands.add_parser(
+        "bench-predict",
+        help="time /predict over HTTP: first call and cached image",
+        description="Start the backend on loopback with a random head (and random SAM weights when no checkpoint "
+        "is on disk), then time /predict for one image: the first call, and again with its embedding cached.",
+    )
+    latency.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    latency.add_argument("--repeat", type=int, default=3, help="cached calls to time (default 3)")
+    latency.add_argument("--keep", type=float, default=0.25, help="share of grid points over the threshold")
+    _model_flags(latency)
+    latency.set_defaults(command=_bench_predict)
+
     serve = commands.add_parser(
         "serve",
         help="run the Label Studio ML backend",
@@ -167,6 +179,13 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def _bench_predict(args: argparse.Namespace) -> int:
+    from usam_backend.bench_predict import run_predict_latency
+
+    print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=args.keep).report())
     return 0
 
 
