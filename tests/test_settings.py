@@ -31,9 +31,20 @@ def test_every_field_is_read_from_its_variable():
         "USAM_EMBEDDING_CACHE_SIZE": "3",
         "USAM_EMBEDDING_CACHE_DISK": "yes",
         "USAM_MAX_IMAGE_PIXELS": "1000",
+        "USAM_MAX_IMAGE_BYTES": "2000",
+        "USAM_FETCH_TIMEOUT": "2.5",
+        "LABEL_STUDIO_URL": "http://ls:8080",
+        "LABEL_STUDIO_API_KEY": "k" * 40,
+        "USAM_ALLOWED_HOSTS": "images.example.com, *.cdn.example.org",
+        "BASIC_AUTH_USER": "ann",
+        "BASIC_AUTH_PASS": "pw",
+        "USAM_WEBHOOK_SECRET": "hook",
     }
     settings = Settings.from_env(env)
     assert {env_name(f.name) for f in dataclasses.fields(Settings)} == set(env)
+    assert settings.allowed_hosts == ("images.example.com", "*.cdn.example.org")
+    assert settings.fetch_timeout == 2.5 and settings.label_studio_url == "http://ls:8080"
+    assert "k" * 40 not in repr(settings) and "hook" not in repr(settings)  # secrets stay out of logs
     assert settings.sam_checkpoint == Path("/ckpt/sam.pth")
     assert (settings.points, settings.score_threshold, settings.nms_iou) == (64, 0.7, 0.3)
     assert settings.embedding_cache_disk is True
@@ -49,12 +60,18 @@ def test_every_field_is_read_from_its_variable():
         ("USAM_SCORE_THRESHOLD", "1.5", "between 0 and 1"),
         ("USAM_DEVICE", "tpu", "auto, cpu, cuda"),
         ("USAM_EMBEDDING_CACHE_DISK", "maybe", "true or false"),
+        ("USAM_FETCH_TIMEOUT", "0", "positive number of seconds"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, expected):
     with pytest.raises(ConfigurationError, match=name) as info:
         Settings.from_env({name: value})
     assert expected in str(info.value)
+
+
+def test_basic_auth_needs_both_halves():
+    with pytest.raises(ConfigurationError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        Settings.from_env({"BASIC_AUTH_USER": "ann"})
 
 
 def test_replace_ignores_none_and_validates():
