@@ -12,7 +12,7 @@ from training.head import Head
 from usam_backend.sam.engine import SamEngine
 from usam_backend.settings import Settings
 
-CLASS_COLORS = {"tomato": (220, 40, 30), "sky": (40, 90, 230)}
+CLASS_COLORS = {"tomato": (220, 40, 30), "sky": (40, 90, 230), "grass": (40, 170, 40)}
 
 
 def scene(size: tuple[int, int], shapes: list[tuple[str, tuple[int, int, int, int]]], seed: int = 0) -> np.ndarray:
@@ -25,10 +25,12 @@ def scene(size: tuple[int, int], shapes: list[tuple[str, tuple[int, int, int, in
     return image.clip(0, 255).astype(np.uint8)
 
 
-def write_class_folders(root: Path, per_class: int = 6, size: int = 96) -> Path:
+def write_class_folders(
+    root: Path, per_class: int = 6, size: int = 96, names: tuple[str, ...] = ("tomato", "sky")
+) -> Path:
     """``root/<class>/NNN.png``: one object of the class per image, at a random place and size."""
     rng = np.random.default_rng(1)
-    for name in CLASS_COLORS:
+    for name in names:
         folder = root / name
         folder.mkdir(parents=True)
         for i in range(per_class):
@@ -67,3 +69,54 @@ def trained_head(tiny_settings: Settings, tiny_engine: SamEngine, class_dir: Pat
 def two_object_image() -> np.ndarray:
     """tomato on the left, sky on the right, grey elsewhere: 160 x 240."""
     return scene((160, 240), [("tomato", (20, 30, 100, 130)), ("sky", (140, 30, 220, 130))], seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion pipeline from diffusers' real classes, saved to a local folder.
+
+    The tokenizer is built offline from a small vocabulary (letters only), so nothing is downloaded.
+    """
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token="!"
+    )
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0, eos_token_id=2, hidden_size=8, intermediate_size=16, layer_norm_eps=1e-05,
+            num_attention_heads=2, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
+        )
+    )  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"

@@ -129,18 +129,26 @@ class TaskImageFetcher:
 
     def fetch(self, reference: str, task_id: int | None = None, basic_auth: tuple[str, str] | None = None) -> bytes:
         """Download a task image, following at most ``MAX_REDIRECTS`` redirects, each one checked."""
-        url = self.resolve(reference, task_id)
-        from_label_studio = False
+        return self._download(self.resolve(reference, task_id), basic_auth, public=False)
+
+    def fetch_public(self, url: str) -> bytes:
+        """Download from any public host (web class images); internal addresses only if allow-listed."""
+        if not url.startswith(("http://", "https://")):
+            raise ImageFetchError(f"unsupported image URL {url[:100]!r}")
+        return self._download(url, None, public=True)
+
+    def _download(self, url: str, basic_auth: tuple[str, str] | None, *, public: bool) -> bytes:
+        vouched = public
         renewed = False
         for _ in range(MAX_REDIRECTS + 1):
             trusted = self._is_label_studio(url)
-            self._check_destination(url, trusted=trusted, redirected_by_label_studio=from_label_studio)
+            self._check_destination(url, trusted=trusted, vouched=vouched)
             headers = self._headers(url, trusted, basic_auth)
             try:
                 with self.client.stream("GET", url, headers=headers, timeout=self.limits.timeout) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
-                        from_label_studio = trusted
+                        vouched = trusted or public
                         continue
                     if response.status_code == 401 and trusted and self.auth and self.auth.uses_pat and not renewed:
                         self.auth.header(renew=True)
@@ -151,7 +159,7 @@ class TaskImageFetcher:
                     return self._read(url, response)
             except httpx.HTTPError as exc:
                 raise ImageFetchError(f"could not download {_short(url)}: {type(exc).__name__} {exc}") from None
-        raise ImageFetchError(f"too many redirects fetching {_short(reference)}")
+        raise ImageFetchError(f"too many redirects fetching {_short(url)}")
 
     def _label_studio(self, reference: str) -> str:
         if not self.label_studio_url:
@@ -172,7 +180,9 @@ class TaskImageFetcher:
             return {"Authorization": f"Basic {token}"}
         return {}
 
-    def _check_destination(self, url: str, *, trusted: bool, redirected_by_label_studio: bool) -> None:
+    def _check_destination(self, url: str, *, trusted: bool, vouched: bool) -> None:
+        """Label Studio: fine. Otherwise the host must be allow-listed, unless Label Studio (or, for
+        web class images, the caller) vouches for public hosts; never an internal address."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageFetchError(f"refusing to fetch {_short(url)}: only http(s) URLs are fetched")
@@ -180,7 +190,7 @@ class TaskImageFetcher:
             return
         host = parts.hostname
         allowed = host_allowed(host, self.limits.allowed_hosts)
-        if not allowed and not redirected_by_label_studio:
+        if not allowed and not vouched:
             raise ImageFetchError(
                 f"refusing to fetch {_short(url)}: {host} is neither Label Studio's host nor in USAM_ALLOWED_HOSTS"
             )
