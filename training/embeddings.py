@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,25 +65,44 @@ def embed_files(
     max_pixels: int,
     desc: str = "embedding images",
     progress: bool = True,
+    on_image: Callable[[], None] | None = None,
+    lock: AbstractContextManager[Any] | None = None,
 ) -> EmbeddedImages:
-    """The (d, D) grid-point embeddings of each file; unreadable images are skipped, not fatal."""
+    """The (d, D) grid-point embeddings of each file; unreadable images are skipped, not fatal.
+
+    ``on_image`` is called after each file; ``lock`` is held around each SAM computation.
+    """
     bags: list[np.ndarray] = []
     kept: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(files, desc=desc, unit="img", disable=not progress):
-        digest = file_digest(path)
-        bag = store.get(digest)
-        if bag is None:
-            try:
-                image = load_image(path, max_pixels=max_pixels)
-            except ImageError as exc:
-                skipped.append((path, str(exc)))
-                continue
-            # Rounded like the cache stores it, so a first run and a cached run train identically.
-            bag = engine.point_embeddings(image, points, use_cache=False).astype(np.float16).astype(np.float32)
-            store.put(digest, bag)
-        bags.append(bag)
-        kept.append(path)
+        try:
+            bags.append(_bag(engine, path, points, store, max_pixels, lock))
+            kept.append(path)
+        except ImageError as exc:
+            skipped.append((path, str(exc)))
+        if on_image is not None:
+            on_image()
     dim = engine.embedding_dim
     stacked = np.stack(bags) if bags else np.zeros((0, points, dim), dtype=np.float32)
     return EmbeddedImages(stacked, kept, skipped)
+
+
+def _bag(
+    engine: SamEngine,
+    path: Path,
+    points: int,
+    store: BagStore,
+    max_pixels: int,
+    lock: AbstractContextManager[Any] | None,
+) -> np.ndarray:
+    digest = file_digest(path)
+    bag = store.get(digest)
+    if bag is None:
+        image = load_image(path, max_pixels=max_pixels)
+        with lock or nullcontext():
+            bag = engine.point_embeddings(image, points, use_cache=False)
+        # Rounded like the cache stores it, so a first run and a cached run train identically.
+        bag = bag.astype(np.float16).astype(np.float32)
+        store.put(digest, bag)
+    return bag

@@ -75,28 +75,54 @@ def train_from_folders(
         reasons = "; ".join(reason for _, reason in skipped[:3])
         raise DataError(f"no readable image for class(es) {unreadable} ({reasons})")
 
+    fit = fit_heads(per_class, negatives, val_fraction=val_fraction, seed=seed, distill=distill, progress=progress,
+                    **options)  # fmt: skip
+    head = fit.heads.final
+    describe_head(head, engine, settings.points, fit.metrics)
+    head.info["provenance"] = {
+        "source": "folder",
+        "data_dir": str(Path(data_dir).resolve()),
+        "classes": fit.counts,
+        "skipped": [{"file": str(path), "reason": reason} for path, reason in skipped],
+    }
+    path = head.save(out)
+    return TrainResult(head, path, fit.metrics, skipped)
+
+
+@dataclass
+class Fit:
+    heads: TrainedHeads
+    metrics: dict[str, Any]
+    counts: dict[str, dict[str, int]]
+
+
+def fit_heads(
+    per_class: dict[str, EmbeddedImages],
+    negatives: EmbeddedImages | None = None,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    distill: bool = True,
+    progress: bool = False,
+    **options: Any,
+) -> Fit:
+    """Hold out images per class, train teacher and student, and score both on the held-out images."""
     train, validation, counts = _split(per_class, negatives, val_fraction, seed)
-    heads = train_heads(
-        train.bags, train.targets, folders.class_names, distill=distill, seed=seed, progress=progress, **options
-    )
-    metrics = _metrics(heads, train, validation)
-    head = heads.final
+    names = tuple(per_class)
+    heads = train_heads(train.bags, train.targets, names, distill=distill, seed=seed, progress=progress, **options)
+    return Fit(heads, _metrics(heads, train, validation), counts)
+
+
+def describe_head(head: Head, engine: SamEngine, points: int, metrics: dict[str, Any]) -> None:
+    """Record in the head what it needs to be used safely: SAM type and weights, grid, metrics."""
     head.info.update(
         sam_type=engine.sam.sam_type,
         sam_weights=engine.sam.weights,
         random_weights=engine.sam.random_weights,
-        points=settings.points,
+        points=points,
         embedding_dim=engine.embedding_dim,
-        provenance={
-            "source": "folder",
-            "data_dir": str(Path(data_dir).resolve()),
-            "classes": counts,
-            "skipped": [{"file": str(path), "reason": reason} for path, reason in skipped],
-        },
         metrics=metrics,
     )
-    path = head.save(out)
-    return TrainResult(head, path, metrics, skipped)
 
 
 def _split(
