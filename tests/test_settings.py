@@ -39,6 +39,26 @@ def test_every_field_is_read_from_its_variable():
         "BASIC_AUTH_USER": "ann",
         "BASIC_AUTH_PASS": "pw",
         "USAM_WEBHOOK_SECRET": "hook",
+        "USAM_AUTO_TRAIN": "false",
+        "REDIS_URL": "redis://redis:6379/0",
+        "USAM_QUEUE": "gpu-jobs",
+        "USAM_JOB_TIMEOUT": "600",
+        "USAM_DATA_SOURCE": "folder",
+        "USAM_DATA_DIR": "/data/classes",
+        "USAM_IMAGES_PER_CLASS": "12",
+        "USAM_SEED": "7",
+        "USAM_TRAIN_EPOCHS": "9",
+        "USAM_SD_MODEL": "stabilityai/sd-turbo",
+        "USAM_SD_STEPS": "1",
+        "USAM_SD_GUIDANCE": "0",
+        "USAM_SD_SIZE": "512",
+        "USAM_SD_BATCH": "8",
+        "USAM_PROMPT_TEMPLATE": "a close-up photo of a {label}",
+        "USAM_OPENVERSE_URL": "http://replay:1",
+        "USAM_COMMONS_URL": "http://replay:2/w/api.php",
+        "USAM_WEB_LICENSES": "cc0",
+        "USAM_WEB_MIN_SIDE": "64",
+        "USAM_WEB_INTERVAL": "0.5",
     }
     settings = Settings.from_env(env)
     assert {env_name(f.name) for f in dataclasses.fields(Settings)} == set(env)
@@ -46,6 +66,8 @@ def test_every_field_is_read_from_its_variable():
     assert settings.fetch_timeout == 2.5 and settings.label_studio_url == "http://ls:8080"
     assert "k" * 40 not in repr(settings) and "hook" not in repr(settings)  # secrets stay out of logs
     assert settings.sam_checkpoint == Path("/ckpt/sam.pth")
+    assert settings.auto_train is False and settings.data_dir == Path("/data/classes")
+    assert (settings.sd_steps, settings.sd_guidance, settings.seed) == (1, 0.0, 7)
     assert (settings.points, settings.score_threshold, settings.nms_iou) == (64, 0.7, 0.3)
     assert settings.embedding_cache_disk is True
     assert settings.model_dir == Path("/srv/heads")
@@ -61,6 +83,9 @@ def test_every_field_is_read_from_its_variable():
         ("USAM_DEVICE", "tpu", "auto, cpu, cuda"),
         ("USAM_EMBEDDING_CACHE_DISK", "maybe", "true or false"),
         ("USAM_FETCH_TIMEOUT", "0", "positive number of seconds"),
+        ("USAM_DATA_SOURCE", "s3", "synthetic, web, folder"),
+        ("USAM_PROMPT_TEMPLATE", "a photo", "containing {label}"),
+        ("USAM_SD_BATCH", "0", "a positive number"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, expected):

@@ -156,6 +156,11 @@ def create_app(backend: Backend) -> FastAPI:
         action = backend.webhook(body.model_dump(by_alias=True))
         return WebhookResponse(status="ok", action=action)
 
+    @app.get("/jobs", dependencies=protected)
+    def jobs() -> dict[str, Any]:
+        """Training jobs: runner (rq or embedded), queue fault if any, and each job's stage and progress."""
+        return backend.training_status()
+
     @app.get("/versions", response_model=VersionsResponse, dependencies=protected)
     def versions() -> VersionsResponse:
         """model_versions of the heads this backend can serve."""

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,10 @@ from usam_backend.label_config import LabelConfig, LabelConfigError, ProjectLabe
 from usam_backend.ls_predictions import brush_region, prediction, region_id
 from usam_backend.projects import EventLog, ProjectRecord, ProjectStore, UnknownProjectError, project_id
 from usam_backend.registry import HeadChoice, HeadRegistry, no_head_version
+from usam_backend.runners import RunnerUnavailable, make_runner
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.models import resolve_device
+from usam_backend.sam.shared import compute_lock, shared_engine
 from usam_backend.settings import Settings
 from usam_backend.task_images import FetchLimits, LabelStudioAuth, TaskImageFetcher
 
@@ -54,11 +57,13 @@ class Backend:
         self.events = EventLog(settings.model_dir / "events")
         self.failures: deque[dict[str, Any]] = deque(maxlen=20)
         self.http = httpx.Client(follow_redirects=False)
+        self.runner = make_runner(settings)
+        self._submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usam-submit")
         self._engine: SamEngine | None = None
         self._engine_error: str | None = None
         self._engine_failed_at = 0.0
         self._engine_lock = threading.Lock()
-        self._compute_lock = threading.Lock()  # one model computation at a time
+        self._compute_lock = compute_lock  # one model computation at a time, in-process jobs included
         self._segmenters: dict[str, SemanticSegmenter] = {}
 
     # -- the SAM engine --------------------------------------------------------------------------
@@ -69,7 +74,7 @@ class Backend:
                 if self._engine_error and time.monotonic() - self._engine_failed_at < ENGINE_RETRY_SECONDS:
                     raise UsamError(self._engine_error)
                 try:
-                    self._engine = SamEngine.from_settings(self.settings)
+                    self._engine = shared_engine(self.settings)
                 except UsamError as exc:
                     self._engine_error, self._engine_failed_at = str(exc), time.monotonic()
                     raise
@@ -120,8 +125,17 @@ class Backend:
             "heads": heads,
             "unusable_heads": self.registry.problems(),
             "projects": {pid: self._project_status(pid) for pid in self.projects.ids()},
+            "training": self.training_status(limit=5),
             "recent_failures": list(self.failures),
         }
+
+    def training_status(self, limit: int = 50) -> dict[str, Any]:
+        status: dict[str, Any] = {"runner": self.runner.kind, "auto_train": self.settings.auto_train}
+        fault = self.runner.fault()
+        if fault:
+            status["fault"] = fault
+        status["jobs"] = self.runner.jobs()[:limit]
+        return status
 
     def setup(self, project: str, schema: str, hostname: str | None, access_token: str | None) -> str:
         config = parse_label_config(schema)
@@ -130,6 +144,8 @@ class Backend:
         choice = self.registry.choose(config)
         version = choice.version if choice else no_head_version(self.settings.sam_type)
         log.info("setup project %s: labels %s -> %s", pid, list(config.label_values), version)
+        if self.settings.auto_train and (choice is None or choice.missing):
+            self._train_later(pid, config, "setup")
         return version
 
     def versions(self) -> list[str]:
@@ -142,17 +158,44 @@ class Backend:
         if pid_source is None:
             return action
         pid = project_id(pid_source)
-        if action == "PROJECT_UPDATED" and isinstance(project, dict) and project.get("label_config"):
-            known = self.projects.get(pid)
-            self.projects.put(
-                ProjectRecord(
-                    pid, str(project["label_config"]), known.hostname if known else None,
-                    known.access_token if known else None,
-                )
-            )  # fmt: skip
+        known = self.projects.get(pid)
+        schema = project.get("label_config") if isinstance(project, dict) else None
+        if action == "PROJECT_UPDATED" and schema:
+            hostname, token = (known.hostname, known.access_token) if known else (None, None)
+            self.projects.put(ProjectRecord(pid, str(schema), hostname, token))
         event: dict[str, Any] = {key: payload[key] for key in ("annotation", "task", "annotations") if key in payload}
         self.events.append(pid, {"action": action, **event})
+        schema = schema or (known.label_config if known else None)
+        if action in ("PROJECT_UPDATED", "START_TRAINING") and schema:
+            try:
+                config = parse_label_config(str(schema))
+            except LabelConfigError as exc:
+                log.info("project %s: not training: %s", pid, exc)
+                return action
+            if action == "START_TRAINING":
+                self._train_later(pid, config, "start_training", force=True)
+            elif self.settings.auto_train:
+                choice = self.registry.choose(config)
+                if choice is None or choice.missing:
+                    self._train_later(pid, config, "project_updated")
         return action
+
+    def _train_later(self, pid: str, config: LabelConfig, trigger: str, *, force: bool = False) -> None:
+        """Queue a training job for the config's labels without making the request wait for it."""
+        self._submitter.submit(self._train, pid, config, trigger, force)
+
+    def _train(self, pid: str, config: LabelConfig, trigger: str, force: bool) -> None:
+        from training.jobs import job_id
+
+        labels = sorted(config.label_values)
+        cuda = resolve_device(self.settings.device).type == "cuda"
+        request = {"labels": labels, "project": pid, "trigger": trigger}
+        try:
+            self.runner.submit(request, job_id(self.settings, labels, cuda=cuda), force=force)
+        except RunnerUnavailable as exc:
+            log.error("project %s: training not queued: %s", pid, exc)
+        except Exception:  # never let a submission problem escape into a request thread
+            log.exception("project %s: training not queued", pid)
 
     def predict(self, request: PredictRequest) -> list[Any]:
         record = self.projects.get(project_id(request.project)) if request.project else None

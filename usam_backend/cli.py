@@ -93,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(latency)
     latency.set_defaults(command=_bench_predict)
 
+    labels = commands.add_parser(
+        "train-labels",
+        help="run a training job now, in this process, for the given labels",
+        description="What the backend queues when a project's labels have no head: class images from "
+        "USAM_DATA_SOURCE, SAM embeddings, teacher and student, validation, and an atomic publish into "
+        "USAM_MODEL_DIR/heads/. Every stage is cached, so a stopped run resumes; prints the stage timings.",
+    )
+    labels.add_argument("labels", nargs="+", metavar="LABEL")
+    labels.add_argument("--source", choices=["synthetic", "web", "folder"], help="USAM_DATA_SOURCE")
+    labels.add_argument("--images", type=int, help="class images per label (USAM_IMAGES_PER_CLASS)")
+    _model_flags(labels)
+    labels.set_defaults(command=_train_labels)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run an RQ worker for training jobs (needs REDIS_URL)",
+        description="Take training jobs from the USAM_QUEUE queue on REDIS_URL. The worker runs jobs in its own "
+        "process without forking, so CUDA is safe and SAM loads once. Start as many as you like, on any machine "
+        "that shares the Redis and USAM_MODEL_DIR.",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(command=_worker)
+
     serve = commands.add_parser(
         "serve",
         help="run the Label Studio ML backend",
@@ -186,6 +209,42 @@ def _bench_predict(args: argparse.Namespace) -> int:
     from usam_backend.bench_predict import run_predict_latency
 
     print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=args.keep).report())
+    return 0
+
+
+def _train_labels(args: argparse.Namespace) -> int:
+    from training.jobs import TrainRequest, train_labels
+
+    settings = _settings(args, data_source=args.source, images_per_class=args.images)
+    result = train_labels(settings, TrainRequest(list(args.labels), trigger="command line"))
+    for stage, seconds in result["stage_seconds"].items():
+        print(f"{stage:<26}{seconds:>9.2f} s")
+    print(f"{'total':<26}{sum(result['stage_seconds'].values()):>9.2f} s")
+    print(f"published {result['version']} as {settings.model_dir / 'heads' / result['file']}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from redis import Redis
+    from redis.exceptions import RedisError
+    from rq import Queue, SimpleWorker
+
+    from usam_backend.errors import ConfigurationError
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if not settings.redis_url:
+        raise ConfigurationError("usam worker needs REDIS_URL; without it, `usam serve` trains in its own process")
+    connection = Redis.from_url(settings.redis_url)
+    try:
+        connection.ping()
+    except RedisError as exc:
+        raise ConfigurationError(f"cannot reach Redis at REDIS_URL: {exc}") from None
+    worker = SimpleWorker([Queue(settings.queue, connection=connection)], connection=connection)
+    print(f"usam: worker {worker.name} on queue {settings.queue}")
+    worker.work(burst=args.burst, logging_level="INFO")
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from usam_backend.errors import ConfigurationError
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "tiny")
+DATA_SOURCES = ("auto", "synthetic", "web", "folder")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -83,6 +84,48 @@ class Settings:
         "USAM_WEBHOOK_SECRET", "if set, /webhook requires header X-Usam-Webhook-Secret with this value",
         default=None, secret=True,
     )  # fmt: skip
+    auto_train: bool = _env(
+        "USAM_AUTO_TRAIN",
+        "train a head when a project's labels have none; false: only on Start training",
+        default=True,
+    )
+    redis_url: str | None = _env(
+        "REDIS_URL", "train on RQ workers through this Redis; unset: train inside the server process", default=None
+    )
+    queue: str = _env("USAM_QUEUE", "RQ queue of training jobs", default="usam-train")
+    job_timeout: int = _env("USAM_JOB_TIMEOUT", "seconds a training job may run", default=6 * 3600)
+    data_source: str = _env(
+        "USAM_DATA_SOURCE",
+        "where class images come from: synthetic, web, folder; auto: synthetic with CUDA, else web",
+        default="auto",
+    )
+    data_dir: Path | None = _env("USAM_DATA_DIR", "the folder source: USAM_DATA_DIR/<label>/*.jpg", default=None)
+    images_per_class: int = _env(
+        "USAM_IMAGES_PER_CLASS", "class images to use; 0: 200 synthetic, 45 web, all in a folder", default=0
+    )
+    seed: int = _env("USAM_SEED", "seed for image generation and training", default=0)
+    train_epochs: int = _env("USAM_TRAIN_EPOCHS", "epochs for the teacher and again for the student", default=40)
+    sd_model: str = _env(
+        "USAM_SD_MODEL",
+        "Stable Diffusion model (hub id or local folder); fast: stabilityai/sd-turbo",
+        default="CompVis/stable-diffusion-v1-4",
+    )
+    sd_steps: int = _env("USAM_SD_STEPS", "denoising steps (sd-turbo: 1)", default=50)
+    sd_guidance: float = _env("USAM_SD_GUIDANCE", "classifier-free guidance scale (sd-turbo: 0)", default=7.5)
+    sd_size: int = _env("USAM_SD_SIZE", "generated image side in pixels", default=512)
+    sd_batch: int = _env("USAM_SD_BATCH", "images generated per batch", default=4)
+    prompt_template: str = _env(
+        "USAM_PROMPT_TEMPLATE", "text prompt for a class; {label} is replaced", default="a photo of a {label}"
+    )
+    openverse_url: str = _env("USAM_OPENVERSE_URL", "Openverse API base URL", default="https://api.openverse.org")
+    commons_url: str = _env(
+        "USAM_COMMONS_URL", "Wikimedia Commons API URL", default="https://commons.wikimedia.org/w/api.php"
+    )
+    web_licenses: str = _env(
+        "USAM_WEB_LICENSES", "Openverse licences to accept (comma-separated)", default="cc0,pdm,by,by-sa"
+    )
+    web_min_side: int = _env("USAM_WEB_MIN_SIDE", "web images with a shorter side are dropped", default=128)
+    web_interval: float = _env("USAM_WEB_INTERVAL", "seconds between requests to one image API", default=1.0)
 
     def __post_init__(self) -> None:
         self._check()
@@ -127,6 +170,15 @@ class Settings:
             raise _bad("max_image_bytes", self.max_image_bytes, "a positive number of bytes")
         if self.fetch_timeout <= 0:
             raise _bad("fetch_timeout", self.fetch_timeout, "a positive number of seconds")
+        if self.data_source not in DATA_SOURCES:
+            raise _bad("data_source", self.data_source, f"one of {', '.join(DATA_SOURCES)}")
+        if "{label}" not in self.prompt_template:
+            raise _bad("prompt_template", self.prompt_template, "a text containing {label}")
+        for name in ("images_per_class", "sd_steps", "sd_size", "sd_batch", "train_epochs", "job_timeout"):
+            if getattr(self, name) < (0 if name == "images_per_class" else 1):
+                raise _bad(
+                    name, getattr(self, name), "a positive number" if name != "images_per_class" else "0 or more"
+                )
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigurationError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         dev = self.device
