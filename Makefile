@@ -9,7 +9,7 @@ LABEL_STUDIO_VERSION := 1.23.2
 LABEL_STUDIO_VENV ?= $(HOME)/.cache/usam-test/label-studio-$(LABEL_STUDIO_VERSION)
 LABEL_STUDIO := $(LABEL_STUDIO_VENV)/bin/label-studio
 
-.PHONY: serve test lint unit venv label-studio clean
+.PHONY: serve test lint unit venv label-studio system-packages clean
 
 venv: $(DEPS)
 
@@ -26,6 +26,17 @@ $(LABEL_STUDIO):
 
 label-studio: $(LABEL_STUDIO)
 
+# Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file.
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing$$missing"; \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+
 serve: $(DEPS)
 	$(BIN)/usam serve
 
@@ -34,8 +45,9 @@ lint: $(DEPS)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-unit: $(DEPS) $(LABEL_STUDIO)
-	USAM_TEST_LABEL_STUDIO=$(LABEL_STUDIO) USAM_REQUIRE_LABEL_STUDIO=1 $(BIN)/python -m pytest
+unit: $(DEPS) $(LABEL_STUDIO) system-packages
+	USAM_TEST_LABEL_STUDIO=$(LABEL_STUDIO) USAM_REQUIRE_LABEL_STUDIO=1 USAM_REQUIRE_REDIS=1 \
+		USAM_REQUIRE_DOCKER_COMPOSE=1 $(BIN)/python -m pytest
 
 test: lint unit
 
