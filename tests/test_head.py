@@ -111,7 +111,7 @@ def test_negative_bags_switch_on_the_background_output():
         (lambda b, t, n: (b, t[:, :1], n), r"targets must have shape"),
         (lambda b, t, n: (b, t, ["cat", "cat"]), "unique"),
         (lambda b, t, n: (np.where(np.arange(b.size).reshape(b.shape) == 0, np.nan, b), t, n), "NaN"),
-        (lambda b, t, n: (b, np.stack([t[:, 0] + t[:, 1], 0 * t[:, 1]], 1), n), "no bag is labelled with class"),
+        (lambda b, t, n: (b, np.stack([t[:, 0] + t[:, 1], 0 * t[:, 1]], 1), n), "no bag or instance is labelled"),
         (lambda b, t, n: (b, t[:, :1] * 0 + 1, ["cat"]), "one class alone"),
     ],
 )

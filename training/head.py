@@ -88,9 +88,16 @@ class Head:
         return None if value is None else str(value)
 
     @property
+    def temperature(self) -> float:
+        """Logits are divided by this (fitted on annotated points, :mod:`training.calibration`)."""
+        return float((self.info.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
     def version(self) -> str:
         """Short content hash of the weights and class names: changes whenever the head does."""
         digest = hashlib.sha256("\x1f".join(self.class_names).encode())
+        if self.info.get("calibration"):
+            digest.update(repr(self.temperature).encode())
         for name, tensor in sorted(self.net.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -109,7 +116,8 @@ class Head:
         """Class probabilities (n, C) for point embeddings (n, D).
 
         With a background output, the softmax runs over C+1 outputs and the background column is
-        dropped, so a row sums to the probability that the point shows one of the classes.
+        dropped, so a row sums to the probability that the point shows one of the classes. A
+        calibrated head divides its logits by its :attr:`temperature` first.
         Returns a NumPy array for NumPy input, a tensor (on the head's device) for tensor input.
         """
         as_numpy = isinstance(x, np.ndarray)
@@ -117,7 +125,7 @@ class Head:
         if tensor.ndim != 2 or tensor.shape[1] != self.config.input_dim:
             raise HeadError(f"expected embeddings of shape (n, {self.config.input_dim}), got {tuple(tensor.shape)}")
         with torch.inference_mode():
-            probs = self.net(tensor).softmax(dim=-1)[:, : self.config.num_classes]
+            probs = (self.net(tensor) / self.temperature).softmax(dim=-1)[:, : self.config.num_classes]
         return probs.cpu().numpy() if as_numpy else probs
 
     def check_compatible(self, sam_type: str, embedding_dim: int) -> None:

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from training.embeddings import BagStore, EmbeddedImages, embed_files
+from training.feedback import Instances
 from training.head import Head
-from training.pipeline import describe_head, fit_heads
+from training.pipeline import Fit, describe_head, fit_heads
 from training.progress import Progress, Publish
-from training.sources import make_source, resolve_source_name
-from usam_backend.errors import DataError
+from training.sources import ClassSource, make_source, resolve_source_name
+from usam_backend.errors import DataError, UsamError
+from usam_backend.feedback import FeedbackStore, TaskFeedback
 from usam_backend.label_config import normalise
 from usam_backend.registry import model_version
 from usam_backend.sam.engine import SamEngine
@@ -48,9 +50,13 @@ source uses USAM_DATA_DIR/_background instead)."""
 
 @dataclass(frozen=True)
 class TrainRequest:
+    """What to train. ``kind``: ``labels`` (class images only; shared by every project with these
+    labels) or ``feedback`` (class images plus the project's annotations; that project only)."""
+
     labels: list[str]
     project: str | None = None
     trigger: str = "manual"
+    kind: str = "labels"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +66,13 @@ def job_id(settings: Settings, labels: list[str], *, cuda: bool, nonce: str = ""
     parts = sorted({normalise(label) for label in labels})
     shaping = [*parts, source, settings.sam_type, str(settings.points), str(settings.seed), nonce]
     return "usam-train-" + hashlib.sha256("\x1f".join(shaping).encode()).hexdigest()[:16]
+
+
+def feedback_job_id(settings: Settings, project: str, labels: list[str], tasks: list[TaskFeedback], *,
+                    cuda: bool) -> str:  # fmt: skip
+    """The same annotations of a project, for the same labels and settings, are the same job."""
+    digest = hashlib.sha256("\x1f".join(t.digest() for t in tasks).encode()).hexdigest()[:16]
+    return job_id(settings, labels, cuda=cuda, nonce=f"feedback/{project}/{digest}").replace("-train-", "-feedback-")
 
 
 def run_job(request: dict[str, Any]) -> dict[str, Any]:
@@ -84,21 +97,99 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     save()
     threading.Thread(target=beat, name="usam-heartbeat", daemon=True).start()
     try:
-        return train_labels(get_settings(), TrainRequest(**request), publish=lambda snapshot: save(progress=snapshot))
+        return execute(get_settings(), request, publish=lambda snapshot: save(progress=snapshot))
     finally:
         stop.set()
+
+
+def execute(settings: Settings, request: dict[str, Any], *, publish: Publish | None = None) -> dict[str, Any]:
+    """Run any usam job (both runners call this): training (``kind`` ``labels`` or ``feedback``)
+    or a chunk of batch pre-annotation (``preannotate``)."""
+    if request.get("kind") == "preannotate":
+        from usam_backend.preannotate import preannotate_chunk
+
+        tasks = [int(t) for t in (request.get("extra") or {}).get("tasks", [])]
+        progress = Progress(publish)
+        progress.stage("pre-annotating", len(tasks))
+        result = preannotate_chunk(settings, str(request["project"]), tasks, progress)
+        progress.close()
+        return result
+    return train_labels(settings, TrainRequest(**request), publish=publish)
 
 
 def train_labels(
     settings: Settings, request: TrainRequest, *, publish: Publish | None = None, engine: SamEngine | None = None
 ) -> dict[str, Any]:
     """Run the five stages; returns what was published and how long each stage took."""
+    if request.kind == "feedback":
+        return train_feedback(settings, request, publish=publish, engine=engine)
     labels = list(dict.fromkeys(request.labels))
     if not labels:
         raise DataError("a training job needs at least one label")
     progress = Progress(publish)
     seconds: dict[str, float] = {}
     engine = engine or shared_engine(settings)
+    data = _class_data(settings, labels, engine, progress, seconds)
+    started = time.perf_counter()
+    progress.stage("training")
+    fit = fit_heads(data.per_class, data.negatives, seed=settings.seed, epochs=settings.train_epochs)
+    seconds["training_and_validation"] = time.perf_counter() - started
+    return _publish(settings, request, labels, data, fit, engine, progress, seconds)
+
+
+def train_feedback(
+    settings: Settings, request: TrainRequest, *, publish: Publish | None = None, engine: SamEngine | None = None
+) -> dict[str, Any]:
+    """A project's head: its labels' class images (MIL) plus the points of its annotated tasks
+    (:mod:`training.feedback`), calibrated on those points. It serves that project only."""
+    from training.calibration import calibrate
+
+    pid = request.project
+    labels = list(dict.fromkeys(request.labels))
+    if not pid or not labels:
+        raise DataError("a feedback training job needs a project and its labels")
+    progress = Progress(publish)
+    seconds: dict[str, float] = {}
+    engine = engine or shared_engine(settings)
+    store = FeedbackStore.for_settings(settings)
+    store.catch_up(pid)
+    tasks = store.tasks(pid)
+    data = _class_data(settings, labels, engine, progress, seconds)
+
+    started = time.perf_counter()
+    progress.stage("annotated tasks", len(tasks))
+    instances, used, problems = _feedback_instances(settings, pid, tasks, labels, engine, progress)
+    seconds["annotated_tasks"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    progress.stage("training")
+    extra: dict[str, Any] = {}
+    if len(instances.y):
+        extra = {"instances": instances.x, "instance_targets": instances.y}
+    fit = fit_heads(data.per_class, data.negatives, seed=settings.seed, epochs=settings.train_epochs, **extra)
+    calibration = calibrate(fit.heads.final, instances.x, instances.y) if len(instances.y) else None
+    seconds["training_and_validation"] = time.perf_counter() - started
+    fit.heads.final.info["feedback"] = {
+        "project": pid,
+        "annotated_tasks": used,
+        "tasks_not_used": problems,
+        "instances": instances.counts(labels),
+        "calibration": calibration,
+    }
+    return _publish(settings, request, labels, data, fit, engine, progress, seconds)
+
+
+@dataclass
+class _ClassData:
+    source: ClassSource
+    per_class: dict[str, EmbeddedImages]
+    negatives: EmbeddedImages | None
+
+
+def _class_data(
+    settings: Settings, labels: list[str], engine: SamEngine, progress: Progress, seconds: dict[str, float]
+) -> _ClassData:
+    """Stages 1 and 2: class images, then their point embeddings (both reused across jobs)."""
     cuda = engine.device.type == "cuda"
     source = make_source(settings, cuda=cuda)
     count = settings.images_per_class or source.default_count()
@@ -118,21 +209,75 @@ def train_labels(
     negatives = _embed(engine, negative_files, settings, store, progress) if negative_files else None
     seconds["embeddings"] = time.perf_counter() - started
     _check_usable(per_class)
+    return _ClassData(source, per_class, negatives)
 
-    started = time.perf_counter()
-    progress.stage("training")
-    fit = fit_heads(per_class, negatives, seed=settings.seed, epochs=settings.train_epochs)
-    seconds["training_and_validation"] = time.perf_counter() - started
 
+def _feedback_instances(
+    settings: Settings, pid: str, tasks: list[TaskFeedback], labels: list[str], engine: SamEngine,
+    progress: Progress,
+) -> tuple[Instances, int, list[dict[str, Any]]]:  # fmt: skip
+    """Labelled grid points of every annotated task whose image can be fetched."""
+    import httpx
+
+    from training.feedback import IGNORE, InstanceCache, point_labels
+    from usam_backend.images import load_image
+    from usam_backend.label_config import parse_label_config
+    from usam_backend.projects import ProjectStore
+    from usam_backend.task_images import fetcher_for
+
+    record = ProjectStore(settings.model_dir / "projects").get(pid)
+    if record is None:
+        raise DataError(f"project {pid} is unknown to this worker: is USAM_MODEL_DIR shared with the backend?")
+    config = parse_label_config(record.label_config)
+    label_index = {label: i for i, label in enumerate(labels)}
+    cache = InstanceCache(settings.cache_dir / "feedback", engine.sam.fingerprint, settings.points,
+                          settings.feedback_iou)  # fmt: skip
+    parts: list[Instances] = []
+    problems: list[dict[str, Any]] = []
+    used = 0
+    with httpx.Client(follow_redirects=False) as client:
+        fetcher = fetcher_for(settings, record.hostname, record.access_token, client)
+        for task in tasks:
+            try:
+                for image_name, field_ in config.images.items():
+                    regions = [r for r in task.regions if r.image == image_name]
+                    if field_.key not in task.data:
+                        raise DataError(f"task {task.task} has no '{field_.key}' in its data")
+                    raw = fetcher.fetch(task.data[field_.key], task.task)
+                    key = cache.key(hashlib.sha256(raw).hexdigest(), regions)
+                    found = cache.get(key)
+                    if found is None:
+                        image = load_image(raw, max_pixels=settings.max_image_pixels)
+                        with compute_lock:
+                            found = point_labels(engine, image, regions, label_index, points=settings.points,
+                                                 match_iou=settings.feedback_iou)  # fmt: skip
+                        cache.put(key, *found)
+                    x, y = found
+                    keep = y != IGNORE
+                    parts.append(Instances(x[keep], y[keep]))
+                used += 1
+            except UsamError as exc:
+                log.warning("project %s task %s: not learned from: %s", pid, task.task, exc)
+                problems.append({"task": task.task, "reason": str(exc)})
+            progress.advance()
+    return Instances.concat(parts, engine.embedding_dim), used, problems
+
+
+def _publish(
+    settings: Settings, request: TrainRequest, labels: list[str], data: _ClassData, fit: Fit, engine: SamEngine,
+    progress: Progress, seconds: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """Stage 5: describe the head and publish it atomically."""
     started = time.perf_counter()
     progress.stage("publishing")
     head = fit.heads.final
     describe_head(head, engine, settings.points, fit.metrics)
+    source = data.source
     head.info["provenance"] = {
         "source": source.name,
         "source_key": source.key(),
         "classes": {label: {**fit.counts[label], **source.describe(label)} for label in labels},
-        "skipped": [{"file": str(p), "reason": r} for e in per_class.values() for p, r in e.skipped],
+        "skipped": [{"file": str(p), "reason": r} for e in data.per_class.values() for p, r in e.skipped],
     }
     seconds["publishing"] = time.perf_counter() - started
     head.info["registry"] = {**asdict(request), "labels": labels, "stage_seconds": seconds, "created": time.time()}
@@ -140,13 +285,19 @@ def train_labels(
     progress.close()
     version = model_version(head, engine.sam.sam_type)
     log.info("published %s (%s) to %s", version, ", ".join(labels), path)
-    return {"version": version, "file": path.name, "labels": labels, "stage_seconds": seconds, "metrics": fit.metrics}
+    result = {"version": version, "file": path.name, "labels": labels, "stage_seconds": seconds,
+              "metrics": fit.metrics}  # fmt: skip
+    if "feedback" in head.info:
+        result["feedback"] = head.info["feedback"]
+    return result
 
 
 def publish_head(head: Head, folder: Path) -> Path:
     """Write the head under a name that tells its labels and version; atomic, so never half there."""
     slug = re.sub(r"[^a-z0-9]+", "-", "-".join(normalise(n) for n in head.class_names)).strip("-")[:60] or "head"
-    return head.save(folder / f"{slug}-{head.version}.pt")
+    project = (head.info.get("feedback") or {}).get("project")
+    prefix = f"project-{project}-" if project else ""
+    return head.save(folder / f"{prefix}{slug}-{head.version}.pt")
 
 
 def _embed(

@@ -71,7 +71,10 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    results: list[Prediction] = Field(description="exactly one prediction per task, in the order of the tasks")
+    results: list[Prediction | list[Prediction]] = Field(
+        description="exactly one element per task, in the order of the tasks: its prediction, or an empty list "
+        "(no prediction yet) for a task handed to pre-annotation jobs because the batch ran out of time"
+    )
 
 
 class WebhookBody(_Open):
@@ -145,7 +148,12 @@ def create_app(backend: Backend) -> FastAPI:
             label_config=body.label_config,
             params=params,
         )
-        return PredictResponse(results=[Prediction(**p) for p in backend.predict(request)])
+        return PredictResponse(
+            results=[
+                [Prediction(**q) for q in p] if isinstance(p, list) else Prediction(**p)
+                for p in backend.predict(request)
+            ]
+        )
 
     @app.post("/webhook", response_model=WebhookResponse)
     def webhook(body: WebhookBody, secret: str | None = Header(None, alias=WEBHOOK_SECRET_HEADER)) -> WebhookResponse:

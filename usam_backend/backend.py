@@ -18,10 +18,12 @@ import httpx
 import numpy as np
 
 from usam_backend.errors import UsamError
+from usam_backend.feedback import ANNOTATION_ACTIONS, FeedbackStore, Region
 from usam_backend.images import load_image
 from usam_backend.inference import SemanticSegmenter
 from usam_backend.label_config import LabelConfig, LabelConfigError, ProjectLabel, parse_label_config
 from usam_backend.ls_predictions import brush_region, prediction, region_id
+from usam_backend.masks import mask_to_rle
 from usam_backend.projects import EventLog, ProjectRecord, ProjectStore, UnknownProjectError, project_id
 from usam_backend.registry import HeadChoice, HeadRegistry, no_head_version
 from usam_backend.runners import RunnerUnavailable, make_runner
@@ -29,7 +31,7 @@ from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.models import resolve_device
 from usam_backend.sam.shared import compute_lock, shared_engine
 from usam_backend.settings import Settings
-from usam_backend.task_images import FetchLimits, LabelStudioAuth, TaskImageFetcher
+from usam_backend.task_images import TaskImageFetcher, fetcher_for
 
 log = logging.getLogger("usam.backend")
 
@@ -55,6 +57,7 @@ class Backend:
         self.registry = HeadRegistry(settings.model_dir / "heads", settings.sam_type)
         self.projects = ProjectStore(settings.model_dir / "projects")
         self.events = EventLog(settings.model_dir / "events")
+        self.feedback = FeedbackStore.for_settings(settings)
         self.failures: deque[dict[str, Any]] = deque(maxlen=20)
         self.http = httpx.Client(follow_redirects=False)
         self.runner = make_runner(settings)
@@ -141,7 +144,7 @@ class Backend:
         config = parse_label_config(schema)
         pid = project_id(project)
         self.projects.put(ProjectRecord(pid, schema, hostname, access_token))
-        choice = self.registry.choose(config)
+        choice = self.registry.choose(config, pid)
         version = choice.version if choice else no_head_version(self.settings.sam_type)
         log.info("setup project %s: labels %s -> %s", pid, list(config.label_values), version)
         if self.settings.auto_train and (choice is None or choice.missing):
@@ -165,6 +168,8 @@ class Backend:
             self.projects.put(ProjectRecord(pid, str(schema), hostname, token))
         event: dict[str, Any] = {key: payload[key] for key in ("annotation", "task", "annotations") if key in payload}
         self.events.append(pid, {"action": action, **event})
+        if action in (*ANNOTATION_ACTIONS, "ANNOTATIONS_DELETED"):
+            self._submitter.submit(self._take_feedback, pid)
         schema = schema or (known.label_config if known else None)
         if action in ("PROJECT_UPDATED", "START_TRAINING") and schema:
             try:
@@ -173,12 +178,51 @@ class Backend:
                 log.info("project %s: not training: %s", pid, exc)
                 return action
             if action == "START_TRAINING":
-                self._train_later(pid, config, "start_training", force=True)
+                self._submitter.submit(self._start_training, pid, config)
             elif self.settings.auto_train:
-                choice = self.registry.choose(config)
+                choice = self.registry.choose(config, pid)
                 if choice is None or choice.missing:
                     self._train_later(pid, config, "project_updated")
         return action
+
+    def _take_feedback(self, pid: str) -> None:
+        """Turn new annotation events into feedback; retrain every USAM_RETRAIN_EVERY annotations."""
+        try:
+            state = self.feedback.catch_up(pid)
+            every = self.settings.retrain_every
+            if every and state.since_training >= every:
+                self._train_on_feedback(pid, None, f"{state.since_training} new annotations", force=False)
+        except Exception:  # a background task: log, never raise into the executor
+            log.exception("project %s: feedback not processed", pid)
+
+    def _start_training(self, pid: str, config: LabelConfig) -> None:
+        """Start training: learn from the project's annotations if it has any, else class images."""
+        try:
+            self.feedback.catch_up(pid)
+            if not self._train_on_feedback(pid, config, "start_training", force=True):
+                self._train(pid, config, "start_training", True)
+        except Exception:
+            log.exception("project %s: training not started", pid)
+
+    def _train_on_feedback(self, pid: str, config: LabelConfig | None, trigger: str, *, force: bool) -> bool:
+        """Queue a feedback job for the project; False when it has no annotated task yet."""
+        from training.jobs import feedback_job_id
+
+        tasks = self.feedback.tasks(pid)
+        record = self.projects.get(pid)
+        if not tasks or (config is None and record is None):
+            return False
+        config = config or parse_label_config(record.label_config)  # type: ignore[union-attr]
+        labels = sorted(config.label_values)
+        cuda = resolve_device(self.settings.device).type == "cuda"
+        request = {"labels": labels, "project": pid, "trigger": trigger, "kind": "feedback"}
+        try:
+            self.runner.submit(request, feedback_job_id(self.settings, pid, labels, tasks, cuda=cuda), force=force)
+        except RunnerUnavailable as exc:
+            log.error("project %s: feedback training not queued: %s", pid, exc)
+            return True
+        self.feedback.training_queued(pid)
+        return True
 
     def _train_later(self, pid: str, config: LabelConfig, trigger: str, *, force: bool = False) -> None:
         """Queue a training job for the config's labels without making the request wait for it."""
@@ -198,7 +242,11 @@ class Backend:
             log.exception("project %s: training not queued", pid)
 
     def predict(self, request: PredictRequest) -> list[Any]:
-        record = self.projects.get(project_id(request.project)) if request.project else None
+        """One element per task: a prediction, or ``[]`` (no prediction yet) for tasks handed off
+        to pre-annotation jobs because the batch ran out of time (``USAM_PREDICT_BUDGET``)."""
+        started = time.monotonic()
+        pid = project_id(request.project) if request.project else None
+        record = self.projects.get(pid) if pid else None
         schema = request.label_config or (record.label_config if record else None)
         if not schema:
             raise UnknownProjectError(
@@ -206,7 +254,7 @@ class Backend:
                 "/setup first"
             )
         config = parse_label_config(schema)
-        choice = self.registry.choose(config)
+        choice = self.registry.choose(config, pid)
         fetcher = self._fetcher(record)
         basic = _basic_auth(request.params)
         context = request.params.get("context") if isinstance(request.params, dict) else None
@@ -218,16 +266,47 @@ class Backend:
         if choice is None:
             log.info("no head serves labels %s yet: empty predictions", list(config.label_values))
             return [prediction([], no_head_version(self.settings.sam_type)) for _ in request.tasks]
-        return [self._predict_task(task, config, choice, fetcher, basic) for task in request.tasks]
+        results: list[Any] = []
+        for i, task in enumerate(request.tasks):
+            if i and time.monotonic() - started > self.settings.predict_budget:
+                rest = request.tasks[i:]
+                self._hand_off(pid, config, rest, len(results))
+                results += [[] for _ in rest]
+                break
+            results.append(self.predict_task(task, config, choice, fetcher, basic, pid))
+        return results
+
+    def _hand_off(self, pid: str | None, config: LabelConfig, rest: list[dict[str, Any]], done: int) -> None:
+        ids = [int(t["id"]) for t in rest if isinstance(t.get("id"), int)]
+        log.warning(
+            "predicted %d task(s) in USAM_PREDICT_BUDGET=%.0f s; %d left for pre-annotation jobs",
+            done, self.settings.predict_budget, len(rest),
+        )  # fmt: skip
+        if pid is None or not ids:
+            return
+        from usam_backend.preannotate import submit_chunks
+
+        def submit() -> None:
+            try:
+                submit_chunks(self.settings, self.runner, pid, sorted(config.label_values), ids, trigger="predict")
+            except Exception:
+                log.exception(
+                    "project %s: the rest of the batch was not handed off; run Retrieve predictions again", pid
+                )
+
+        self._submitter.submit(submit)
 
     # -- prediction ------------------------------------------------------------------------------
 
-    def _predict_task(
+    def predict_task(
         self, task: dict[str, Any], config: LabelConfig, choice: HeadChoice, fetcher: TaskImageFetcher,
-        basic: tuple[str, str] | None,
+        basic: tuple[str, str] | None = None, pid: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        """A task's prediction (empty, with the reason logged, when its image cannot be used)."""
         task_id = task.get("id")
         results: list[dict[str, Any]] = []
+        logged: list[Region] = []
+        confidences: list[float] = []
         try:
             for image_name, field_ in config.images.items():
                 image = self._task_image(task, field_.key, fetcher, basic)
@@ -240,14 +319,24 @@ class Backend:
                 head_classes = {choice.head.class_names[i] for i in by_class}
                 with self._compute_lock:
                     regions = self._segmenter(choice).segment(image, classes=head_classes)
+                confidences.append(regions.confidence)
                 for i in range(len(regions)):
                     label = by_class[int(regions.class_ids[i])]
                     rid = region_id(choice.version, task_id, image_name, i)
-                    results.append(brush_region(regions.masks[i], label, float(regions.scores[i]), rid))
+                    score = float(regions.scores[i])
+                    results.append(brush_region(regions.masks[i], label, score, rid))
+                    logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(regions.masks[i]),
+                                         score))  # fmt: skip
         except UsamError as exc:
             self._failed(task_id, str(exc))
             return prediction([], choice.version)
-        return prediction(results, choice.version)
+        if pid is not None and isinstance(task_id, int):
+            try:
+                self.feedback.record_prediction(pid, task_id, choice.version, logged)
+            except OSError as exc:
+                log.warning("task %s: prediction not logged for feedback: %s", task_id, exc)
+        confidence = float(np.nanmean(confidences)) if confidences and not np.isnan(confidences).all() else None
+        return prediction(results, choice.version, confidence)
 
     def _interactive(
         self, task: dict[str, Any], context: list[Any], config: LabelConfig, fetcher: TaskImageFetcher,
@@ -304,15 +393,8 @@ class Backend:
         return load_image(raw, max_pixels=self.settings.max_image_pixels)
 
     def _fetcher(self, record: ProjectRecord | None) -> TaskImageFetcher:
-        s = self.settings
-        url = s.label_studio_url or (record.hostname if record else None)
-        auth = (
-            LabelStudioAuth(url, s.label_studio_api_key, record.access_token if record else None, self.http)
-            if url
-            else None
-        )
-        limits = FetchLimits(s.max_image_bytes, s.fetch_timeout, s.allowed_hosts)
-        return TaskImageFetcher(url, auth, limits, self.http)
+        return fetcher_for(self.settings, record.hostname if record else None,
+                           record.access_token if record else None, self.http)  # fmt: skip
 
     def _failed(self, task_id: object, reason: str) -> None:
         log.warning("task %s: no prediction: %s", task_id, reason)
@@ -326,8 +408,8 @@ class Backend:
             config = parse_label_config(record.label_config)
         except LabelConfigError as exc:
             return {"error": str(exc)}
-        choice = self.registry.choose(config)
-        status: dict[str, Any] = {"labels": list(config.label_values)}
+        choice = self.registry.choose(config, pid)
+        status: dict[str, Any] = {"labels": list(config.label_values), "feedback": self.feedback.summary(pid)}
         if choice is None:
             status.update(model_version=no_head_version(self.settings.sam_type), head=None,
                           why=f"no head in {self.registry.folder} knows any of these labels")  # fmt: skip

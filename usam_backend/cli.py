@@ -106,12 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(labels)
     labels.set_defaults(command=_train_labels)
 
+    pre = commands.add_parser(
+        "preannotate",
+        help="pre-annotate a whole Label Studio project with jobs that write predictions back",
+        description="List the project's tasks through Label Studio's API (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), "
+        "keep those without a prediction of the current model_version, and predict them in chunks of "
+        "USAM_PREANNOTATE_CHUNK tasks: as RQ jobs when REDIS_URL is set (run `usam worker` on as many machines as "
+        "you like), else in this process. Each prediction is posted to Label Studio as soon as it is made; run the "
+        "command again to resume.",
+    )
+    pre.add_argument("--project", required=True, help="Label Studio project id")
+    pre.add_argument("--chunk", type=int, help="tasks per job (USAM_PREANNOTATE_CHUNK)")
+    pre.add_argument("--no-wait", action="store_true", help="queue the jobs and return (with REDIS_URL)")
+    pre.add_argument("--timeout", type=float, help="stop waiting after this many seconds")
+    pre.set_defaults(command=_preannotate)
+
     worker = commands.add_parser(
         "worker",
-        help="run an RQ worker for training jobs (needs REDIS_URL)",
-        description="Take training jobs from the USAM_QUEUE queue on REDIS_URL. The worker runs jobs in its own "
-        "process without forking, so CUDA is safe and SAM loads once. Start as many as you like, on any machine "
-        "that shares the Redis and USAM_MODEL_DIR.",
+        help="run an RQ worker for training and pre-annotation jobs (needs REDIS_URL)",
+        description="Take training and pre-annotation jobs from the USAM_QUEUE queue on REDIS_URL. The worker runs "
+        "jobs in its own process without forking, so CUDA is safe and SAM loads once. Start as many as you like, "
+        "on any machine that shares the Redis and USAM_MODEL_DIR.",
     )
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(command=_worker)
@@ -222,6 +237,13 @@ def _train_labels(args: argparse.Namespace) -> int:
     print(f"{'total':<26}{sum(result['stage_seconds'].values()):>9.2f} s")
     print(f"published {result['version']} as {settings.model_dir / 'heads' / result['file']}")
     return 0
+
+
+def _preannotate(args: argparse.Namespace) -> int:
+    from usam_backend.preannotate import run_preannotate
+
+    settings = get_settings().replace(preannotate_chunk=args.chunk)
+    return run_preannotate(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from training.head import Head
 from usam_backend.masks import mask_nms
-from usam_backend.regions import Regions
+from usam_backend.regions import Regions, decision_confidence
 from usam_backend.sam.cache import ImageEmbedding
 from usam_backend.sam.engine import SamEngine
 from usam_backend.timing import StageTimer
@@ -31,6 +32,7 @@ class Candidates:
     points: np.ndarray  # k, 2
     sam_scores: torch.Tensor  # k
     logits: torch.Tensor  # k, 256, 256
+    confidence: float = float("nan")  # of the whole grid, regions.decision_confidence
 
 
 class SemanticSegmenter:
@@ -69,8 +71,8 @@ class SemanticSegmenter:
     ) -> Regions:
         timer = timer or StageTimer()
         candidates = self.candidates(embedding, classes=classes, timer=timer)
-        if candidates is None:
-            return Regions.empty(embedding.original_size, self.class_names)
+        if len(candidates.scores) == 0:
+            return Regions.empty(embedding.original_size, self.class_names, candidates.confidence)
         with timer.stage("masks"):
             masks = self.engine.upscale(candidates.logits, embedding)
         regions = Regions(
@@ -80,6 +82,7 @@ class SemanticSegmenter:
             points=candidates.points,
             sam_scores=candidates.sam_scores.float().cpu().numpy(),
             class_names=self.class_names,
+            confidence=candidates.confidence,
         )
         with timer.stage("nms"):
             return finish(regions, self.nms_iou)
@@ -87,12 +90,14 @@ class SemanticSegmenter:
     @torch.inference_mode()
     def candidates(
         self, embedding: ImageEmbedding, *, classes: set[str] | None = None, timer: StageTimer | None = None
-    ) -> Candidates | None:
-        """Steps 2-4: the kept grid points and their chosen low-res mask logits (None if none)."""
+    ) -> Candidates:
+        """Steps 2-4: the kept grid points and their chosen low-res mask logits (maybe none), and
+        the grid's :func:`~usam_backend.regions.decision_confidence`."""
         timer = timer or StageTimer()
         allowed = self._allowed(classes)
         grid = self.engine.grid_points(embedding.original_size, self.points)
         kept: list[Candidates] = []
+        best_probs: list[torch.Tensor] = []
         chunks = self.engine.decode(embedding, grid)
         while True:
             with timer.stage("decode"):
@@ -102,6 +107,7 @@ class SemanticSegmenter:
             with timer.stage("head"):
                 probs = self.head.predict_proba(chunk.decoded.tokens) * allowed
                 scores, class_ids = probs.max(dim=1)
+                best_probs.append(scores.float().cpu())
                 index = torch.nonzero(scores >= self.score_threshold).squeeze(1)
             if len(index) == 0:
                 continue
@@ -117,14 +123,26 @@ class SemanticSegmenter:
                     logits=multimask[torch.arange(len(index), device=multimask.device), best],
                 )
             )
+        confidence = (
+            decision_confidence(torch.cat(best_probs).numpy(), self.score_threshold) if best_probs else math.nan
+        )
         if not kept:
-            return None
+            device = self.engine.device
+            return Candidates(
+                class_ids=torch.zeros(0, dtype=torch.long, device=device),
+                scores=torch.zeros(0, device=device),
+                points=np.zeros((0, 2), np.float32),
+                sam_scores=torch.zeros(0, device=device),
+                logits=torch.zeros(0, 256, 256, device=device),
+                confidence=confidence,
+            )
         return Candidates(
             class_ids=torch.cat([c.class_ids for c in kept]),
             scores=torch.cat([c.scores for c in kept]),
             points=np.concatenate([c.points for c in kept]),
             sam_scores=torch.cat([c.sam_scores for c in kept]),
             logits=torch.cat([c.logits for c in kept]),
+            confidence=confidence,
         )
 
     def _allowed(self, classes: set[str] | None) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """Label Studio's prediction format: brush regions (RLE), region scores and the task score.
 
-Task score (Label Studio sorts by it for uncertainty sampling, lowest first): the mean class
-probability of the task's regions, 0 for a task without regions. A task whose regions the head
-is unsure of, or where it found nothing it knows, is shown to annotators first.
+Task score (Label Studio sorts by it for uncertainty sampling, lowest first): the expected share
+of the head's grid-point decisions that are right (:func:`usam_backend.regions.decision_confidence`),
+averaged over the task's images. Every grid point is a decision, "this is class c" (right with
+probability p, its best class probability) or "background" (right with probability 1 - p), so
+the score is low when many points sit near the score threshold. Probabilities are calibrated by
+temperature on the project's annotated points once it has some. When no confidence is known
+(an interactive mask), the score is the mean of the region scores.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ def task_score(region_scores: list[float]) -> float:
     return round(float(np.mean(region_scores)), 6) if region_scores else 0.0
 
 
-def prediction(results: list[dict[str, Any]], model_version: str) -> dict[str, Any]:
-    """One task's prediction; its score is :func:`task_score` of its regions."""
-    return {
-        "result": results,
-        "score": task_score([float(r["score"]) for r in results]),
-        "model_version": model_version,
-    }
+def prediction(results: list[dict[str, Any]], model_version: str, confidence: float | None = None) -> dict[str, Any]:
+    """One task's prediction, scored by ``confidence`` when known, else :func:`task_score`."""
+    if confidence is not None and np.isfinite(confidence):
+        score = round(float(confidence), 6)
+    else:
+        score = task_score([float(r["score"]) for r in results])
+    return {"result": results, "score": score, "model_version": model_version}
 
 
 def region_id(*parts: object) -> str:

@@ -20,6 +20,7 @@ class Regions:
         points: (n, 2) float32 XY pixel of the grid point (or prompt) that produced the mask.
         sam_scores: (n,) float32 SAM's predicted IoU of the chosen mask.
         class_names: every class the head knows.
+        confidence: the image's confidence, :func:`decision_confidence` (NaN when unknown).
     """
 
     masks: np.ndarray
@@ -28,6 +29,7 @@ class Regions:
     points: np.ndarray
     sam_scores: np.ndarray
     class_names: tuple[str, ...]
+    confidence: float = float("nan")
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3 or self.masks.dtype != np.bool_:
@@ -41,7 +43,9 @@ class Regions:
             raise ValueError(f"class_ids must index the {len(self.class_names)} class names")
 
     @classmethod
-    def empty(cls, image_size: tuple[int, int], class_names: tuple[str, ...]) -> Regions:
+    def empty(
+        cls, image_size: tuple[int, int], class_names: tuple[str, ...], confidence: float = float("nan")
+    ) -> Regions:
         return cls(
             masks=np.zeros((0, *image_size), dtype=bool),
             class_ids=np.zeros(0, dtype=np.int64),
@@ -49,6 +53,7 @@ class Regions:
             points=np.zeros((0, 2), dtype=np.float32),
             sam_scores=np.zeros(0, dtype=np.float32),
             class_names=class_names,
+            confidence=confidence,
         )
 
     def __len__(self) -> int:
@@ -77,6 +82,7 @@ class Regions:
             points=self.points[index],
             sam_scores=self.sam_scores[index],
             class_names=self.class_names,
+            confidence=self.confidence,
         )
 
     def label_map(self) -> np.ndarray:
@@ -88,3 +94,18 @@ class Regions:
         for i in np.argsort(self.scores, kind="stable"):
             label_map[self.masks[i]] = self.class_ids[i] + 1
         return label_map
+
+
+def decision_confidence(best_probs: np.ndarray, threshold: float) -> float:
+    """The expected share of an image's grid-point decisions that are right.
+
+    Each grid point is either claimed by a class (its best class probability ``p`` reaches the
+    score threshold: right with probability ``p``) or left as background (right with probability
+    ``1 - p``). The mean over the grid is the image's confidence, in [0, 1]: low when many points
+    sit near the threshold, i.e. when the head cannot tell object from background or one class
+    from another. With a calibrated head (:mod:`training.calibration`) ``p`` means what it says.
+    """
+    p = np.asarray(best_probs, dtype=np.float64)
+    if p.size == 0:
+        return float("nan")
+    return float(np.where(p >= threshold, p, 1.0 - p).mean())

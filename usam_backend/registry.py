@@ -3,6 +3,9 @@
 Heads live in ``USAM_MODEL_DIR/heads/*.pt``; each file describes itself (classes, SAM type,
 metrics), so the folder is the registry. A head serves a project label when one of its classes
 is named like the label's value or one of its ``predicted_values``.
+
+Heads trained on a project's annotations (``info["feedback"]["project"]``) serve that project
+only, and it prefers them to shared heads that serve no more of its labels.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ def model_version(head: Head, sam_type: str) -> str:
     """The model_version Label Studio sees: changes whenever the head does."""
     suffix = "-random-sam" if head.info.get("random_weights") else ""
     return f"usam-{sam_type}-{head.version}{suffix}"
+
+
+def head_project(head: Head) -> str | None:
+    """The project whose annotations trained this head (it serves that project only), if any."""
+    project = (head.info.get("feedback") or {}).get("project")
+    return None if project is None else str(project)
 
 
 def no_head_version(sam_type: str) -> str:
@@ -72,14 +81,20 @@ class HeadRegistry:
         self._refresh()
         return {str(path): e.problem for path, e in self._entries.items() if e.problem}
 
-    def choose(self, config: LabelConfig) -> HeadChoice | None:
-        """The head that serves most of the config's labels (the newest among equals), if any."""
+    def choose(self, config: LabelConfig, project: str | None = None) -> HeadChoice | None:
+        """The head that serves most of the config's labels, if any: among equals, the project's
+        own (trained on its annotations) first, then the newest."""
         best: HeadChoice | None = None
+        best_rank = (0, False)
         for path, head in self.heads():
+            owner = head_project(head)
+            if owner is not None and owner != project:
+                continue
             served = _match(head, config)
-            if served and (best is None or len(served) > len(best.served)):
+            rank = (len(served), owner is not None)
+            if served and rank > best_rank:
                 missing = tuple(v for v in config.label_values if v not in served)
-                best = HeadChoice(head, path, model_version(head, self.sam_type), served, missing)
+                best, best_rank = HeadChoice(head, path, model_version(head, self.sam_type), served, missing), rank
         return best
 
     def versions(self) -> list[str]:

@@ -41,6 +41,7 @@ class JobInfo:
     labels: list[str]
     project: str | None
     trigger: str
+    kind: str = "labels"
     status: str = "queued"
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -58,6 +59,8 @@ class Runner(Protocol):
     def submit(self, request: dict[str, Any], job_id: str, *, force: bool = False) -> JobInfo: ...
 
     def jobs(self) -> list[dict[str, Any]]: ...
+
+    def get(self, job_ids: list[str]) -> list[dict[str, Any]]: ...
 
     def fault(self) -> str | None: ...
 
@@ -88,7 +91,10 @@ class EmbeddedRunner:
             known = self._jobs.get(job_id)
             if known is not None and not should_resubmit(known.status, known.ended_at, force=force):
                 return known
-            info = JobInfo(job_id, list(request["labels"]), request.get("project"), request.get("trigger", "manual"))
+            info = JobInfo(
+                job_id, list(request["labels"]), request.get("project"), request.get("trigger", "manual"),
+                request.get("kind", "labels"),
+            )  # fmt: skip
             self._jobs[job_id] = info
             self._requests[job_id] = request
             self._queue.put(job_id)
@@ -114,8 +120,12 @@ class EmbeddedRunner:
             time.sleep(0.05)
         raise TimeoutError("training jobs still running")
 
+    def get(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._jobs[j].public() for j in job_ids if j in self._jobs]
+
     def _work(self) -> None:
-        from training.jobs import TrainRequest, train_labels
+        from training.jobs import execute
 
         while True:
             job_id = self._queue.get()
@@ -126,7 +136,7 @@ class EmbeddedRunner:
                 info.progress = snapshot
 
             try:
-                info.result = train_labels(self.settings, TrainRequest(**self._requests[job_id]), publish=publish)
+                info.result = execute(self.settings, self._requests[job_id], publish=publish)
                 info.status = "finished"
             except UsamError as exc:
                 info.status, info.error = "failed", str(exc)
@@ -179,7 +189,7 @@ class RQRunner:
                 job_timeout=self.settings.job_timeout,
                 result_ttl=7 * 86400,
                 failure_ttl=7 * 86400,
-                description=f"train a usam head for {', '.join(request['labels'])}",
+                description=_describe(request),
                 meta={"request": request},
             )
         except RedisError as exc:
@@ -206,6 +216,19 @@ class RQRunner:
             return []
         return [_info(job).public() for job in sorted(jobs, key=lambda j: j.enqueued_at or 0, reverse=True)[:50]]
 
+    def get(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        """These jobs (those that still exist), however many."""
+        from redis.exceptions import RedisError
+        from rq.job import Job
+
+        try:
+            found = []
+            for start in range(0, len(job_ids), 500):
+                found += [j for j in Job.fetch_many(job_ids[start : start + 500], connection=self.redis) if j]
+        except RedisError as exc:
+            raise RunnerUnavailable(f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}") from None
+        return [_info(job).public() for job in found]
+
     def fault(self) -> str | None:
         from redis.exceptions import RedisError
 
@@ -217,6 +240,15 @@ class RQRunner:
             except RedisError as exc:
                 self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
         return self._fault
+
+
+def _describe(request: dict[str, Any]) -> str:
+    kind = request.get("kind", "labels")
+    if kind == "preannotate":
+        tasks = (request.get("extra") or {}).get("tasks", [])
+        return f"pre-annotate {len(tasks)} task(s) of project {request.get('project')}"
+    what = f"project {request.get('project')}'s annotations and " if kind == "feedback" else ""
+    return f"train a usam head on {what}{', '.join(request['labels'])}"
 
 
 def make_runner(settings: Settings) -> Runner:
@@ -246,6 +278,7 @@ def _info(job: Any) -> JobInfo:
         labels=list(request.get("labels", [])),
         project=request.get("project"),
         trigger=request.get("trigger", "manual"),
+        kind=request.get("kind", "labels"),
         status=status,
         progress=dict((job.meta or {}).get("progress") or {}),
         error=error,

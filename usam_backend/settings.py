@@ -89,6 +89,22 @@ class Settings:
         "train a head when a project's labels have none; false: only on Start training",
         default=True,
     )
+    retrain_every: int = _env(
+        "USAM_RETRAIN_EVERY",
+        "retrain a project's head on its annotations after this many new ones (0: only on Start training)",
+        default=10,
+    )
+    feedback_iou: float = _env(
+        "USAM_FEEDBACK_IOU",
+        "a grid point learns an annotated region's label when its SAM mask overlaps the region by this IoU",
+        default=0.5,
+    )
+    predict_budget: float = _env(
+        "USAM_PREDICT_BUDGET",
+        "seconds a /predict batch may take (Label Studio waits 100); the rest goes to preannotate jobs",
+        default=75.0,
+    )
+    preannotate_chunk: int = _env("USAM_PREANNOTATE_CHUNK", "tasks per batch pre-annotation job", default=25)
     redis_url: str | None = _env(
         "REDIS_URL", "train on RQ workers through this Redis; unset: train inside the server process", default=None
     )
@@ -156,7 +172,7 @@ class Settings:
         if self.points < 1 or side * side != self.points:
             near = sorted({max(1, side) ** 2, (side + 1) ** 2})
             raise _bad("points", self.points, f"a perfect square such as {' or '.join(map(str, near))}")
-        for name in ("score_threshold", "nms_iou"):
+        for name in ("score_threshold", "nms_iou", "feedback_iou"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise _bad(name, value, "a number between 0 and 1")
@@ -179,6 +195,12 @@ class Settings:
                 raise _bad(
                     name, getattr(self, name), "a positive number" if name != "images_per_class" else "0 or more"
                 )
+        if self.retrain_every < 0:
+            raise _bad("retrain_every", self.retrain_every, "0 (off) or a positive number of annotations")
+        if self.predict_budget <= 0:
+            raise _bad("predict_budget", self.predict_budget, "a positive number of seconds")
+        if self.preannotate_chunk < 1:
+            raise _bad("preannotate_chunk", self.preannotate_chunk, "a positive number of tasks")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigurationError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         dev = self.device

@@ -23,6 +23,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from usam_backend.errors import UsamError
+from usam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +261,14 @@ def _json(response: httpx.Response) -> dict[str, object]:
 
 def _short(url: str, limit: int = 160) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+def fetcher_for(
+    settings: Settings, hostname: str | None, access_token: str | None, client: httpx.Client
+) -> TaskImageFetcher:
+    """A fetcher for one project: Label Studio at ``LABEL_STUDIO_URL`` (else the hostname its
+    /setup sent), with ``LABEL_STUDIO_API_KEY`` (else the project's /setup token)."""
+    url = settings.label_studio_url or hostname
+    auth = LabelStudioAuth(url, settings.label_studio_api_key, access_token, client) if url else None
+    limits = FetchLimits(settings.max_image_bytes, settings.fetch_timeout, settings.allowed_hosts)
+    return TaskImageFetcher(url, auth, limits, client)

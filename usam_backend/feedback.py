@@ -1,0 +1,315 @@
+"""What annotators did with usam's pre-annotations, per project, on disk.
+
+Layout under ``USAM_MODEL_DIR/feedback/<project>/``:
+
+- ``predictions/<task>.json``: the regions usam last predicted for a task (label, mask RLE, id);
+- ``tasks/<task>.json``: the task's latest annotation (brush regions, the task data that says
+  where its image is) and how it compares with the prediction: which predicted regions the
+  annotator ``kept``, ``removed`` or ``changed`` (label or outline), and which regions they
+  ``added``;
+- ``state.json``: how far the webhook event log has been read, and how many annotations arrived
+  since the last training.
+
+The webhook handler only appends the event to the project's event log (durable before Label
+Studio gets its answer); :meth:`FeedbackStore.catch_up` turns new events into task records later,
+in the background. Everything here is derived from that log, so a crash loses nothing: the next
+``catch_up`` replays what was not processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+from usam_backend.fileio import atomic_path
+from usam_backend.masks import mask_to_rle, rle_to_mask
+from usam_backend.projects import EventLog
+from usam_backend.settings import Settings
+
+log = logging.getLogger("usam.feedback")
+
+SAME_OUTLINE_IOU = 0.95
+"""A region kept with at least this IoU to its prediction counts as kept unchanged."""
+
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+@dataclass
+class Region:
+    """One brush region: its label and mask (COCO RLE, :func:`usam_backend.masks.mask_to_rle`)."""
+
+    id: str
+    label: str
+    control: str
+    image: str
+    rle: dict[str, list[int]]
+    score: float | None = None
+
+    def mask(self) -> np.ndarray:
+        return rle_to_mask(self.rle)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Region:
+        return cls(**{key: raw[key] for key in ("id", "label", "control", "image", "rle", "score") if key in raw})
+
+
+@dataclass
+class Comparison:
+    """Predicted regions the annotator kept, removed or changed; regions they added."""
+
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[dict[str, Any]] = field(default_factory=list)  # {id, label_from, label_to, iou}
+    added: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {key: len(value) for key, value in asdict(self).items()}
+
+
+@dataclass
+class TaskFeedback:
+    task: int
+    annotation: int | None
+    data: dict[str, Any]
+    regions: list[Region]
+    comparison: Comparison
+    model_version: str | None  # of the prediction compared with, if any
+    updated: float = 0.0
+
+    def digest(self) -> str:
+        """Changes whenever what a head would learn from this task changes."""
+        content = json.dumps(
+            [self.task, self.data, [asdict(r) | {"score": None} for r in self.regions]], sort_keys=True
+        )
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TaskFeedback:
+        return cls(
+            task=int(raw["task"]),
+            annotation=raw.get("annotation"),
+            data=dict(raw.get("data") or {}),
+            regions=[Region.from_dict(r) for r in raw.get("regions", [])],
+            comparison=Comparison(**raw.get("comparison", {})),
+            model_version=raw.get("model_version"),
+            updated=float(raw.get("updated", 0.0)),
+        )
+
+
+@dataclass
+class FeedbackState:
+    offset: int = 0  # events of the log already processed
+    since_training: int = 0  # annotations created or updated since the last training was queued
+    annotations: int = 0  # annotation events processed in all
+
+
+class FeedbackStore:
+    """Per-project prediction log and annotation feedback (see the module docs for the layout)."""
+
+    def __init__(self, folder: Path, events: EventLog, *, match_iou: float = 0.5):
+        self.folder = folder
+        self.events = events
+        self.match_iou = match_iou
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> FeedbackStore:
+        model_dir = settings.model_dir
+        return cls(model_dir / "feedback", EventLog(model_dir / "events"), match_iou=settings.feedback_iou)
+
+    # -- predictions ---------------------------------------------------------------------------
+
+    def record_prediction(self, pid: str, task_id: int, model_version: str, regions: list[Region]) -> None:
+        payload = {"task": task_id, "model_version": model_version, "regions": [asdict(r) for r in regions]}
+        with atomic_path(self._dir(pid, "predictions") / f"{task_id}.json") as tmp:
+            tmp.write_text(json.dumps(payload, separators=(",", ":")))
+
+    def prediction(self, pid: str, task_id: int) -> tuple[str | None, list[Region]]:
+        raw = _read_json(self._dir(pid, "predictions") / f"{task_id}.json")
+        if raw is None:
+            return None, []
+        return raw.get("model_version"), [Region.from_dict(r) for r in raw.get("regions", [])]
+
+    # -- annotations ---------------------------------------------------------------------------
+
+    def tasks(self, pid: str) -> list[TaskFeedback]:
+        """Every annotated task's latest feedback, by task id."""
+        folder = self._dir(pid, "tasks", create=False)
+        found = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            raw = _read_json(path)
+            if raw is not None:
+                try:
+                    found.append(TaskFeedback.from_dict(raw))
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping unreadable feedback %s: %s", path, exc)
+        return sorted(found, key=lambda f: f.task)
+
+    def state(self, pid: str) -> FeedbackState:
+        raw = _read_json(self._dir(pid, create=False) / "state.json")
+        try:
+            return FeedbackState(**raw) if raw else FeedbackState()
+        except TypeError:
+            return FeedbackState()
+
+    def catch_up(self, pid: str) -> FeedbackState:
+        """Process the project's webhook events not processed yet; returns the new state."""
+        with self._lock(pid):
+            state = self.state(pid)
+            events = self.events.read(pid)
+            for event in events[state.offset :]:
+                try:
+                    if self._apply(pid, event):
+                        state.since_training += 1
+                        state.annotations += 1
+                except Exception:  # one odd event must not block the ones after it
+                    log.exception("project %s: could not use event %s", pid, str(event)[:200])
+            state.offset = len(events)
+            self._save_state(pid, state)
+            return state
+
+    def training_queued(self, pid: str) -> None:
+        """Reset the count of annotations since the last training."""
+        with self._lock(pid):
+            state = self.state(pid)
+            state.since_training = 0
+            self._save_state(pid, state)
+
+    def summary(self, pid: str) -> dict[str, Any]:
+        tasks = self.tasks(pid)
+        totals = Comparison().counts()
+        for task in tasks:
+            for key, n in task.comparison.counts().items():
+                totals[key] += n
+        state = self.state(pid)
+        return {"annotated_tasks": len(tasks), "regions": totals, "since_training": state.since_training}
+
+    def _apply(self, pid: str, event: dict[str, Any]) -> bool:
+        action = event.get("action")
+        if action in ANNOTATION_ACTIONS:
+            annotation = event.get("annotation") or {}
+            task = event.get("task") or {}
+            task_id = task.get("id") if isinstance(task, dict) else task
+            task_id = task_id if task_id is not None else annotation.get("task")
+            if task_id is None:
+                return False
+            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {})
+            return True
+        if action == "ANNOTATIONS_DELETED":
+            deleted = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
+            for feedback in self.tasks(pid):
+                if feedback.annotation in deleted:
+                    (self._dir(pid, "tasks") / f"{feedback.task}.json").unlink(missing_ok=True)
+                    log.info("project %s: annotation %s of task %s deleted", pid, feedback.annotation, feedback.task)
+        return False
+
+    def _record_annotation(self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any]) -> None:
+        if annotation.get("was_cancelled"):
+            (self._dir(pid, "tasks") / f"{task_id}.json").unlink(missing_ok=True)  # skipped: teaches nothing
+            return
+        regions = annotation_regions(annotation.get("result") or [])
+        version, predicted = self.prediction(pid, task_id)
+        comparison = compare(predicted, regions, self.match_iou)
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        if not data:  # keep what an earlier event said about the task's image
+            known = _read_json(self._dir(pid, "tasks") / f"{task_id}.json") or {}
+            data = dict(known.get("data") or {})
+        record = TaskFeedback(task_id, annotation.get("id"), data, regions, comparison, version, time.time())
+        with atomic_path(self._dir(pid, "tasks") / f"{task_id}.json") as tmp:
+            tmp.write_text(json.dumps(asdict(record), separators=(",", ":")))
+        log.info("project %s task %s: feedback %s", pid, task_id, comparison.counts())
+
+    def _save_state(self, pid: str, state: FeedbackState) -> None:
+        with atomic_path(self._dir(pid) / "state.json") as tmp:
+            tmp.write_text(json.dumps(asdict(state)))
+
+    def _dir(self, pid: str, *parts: str, create: bool = True) -> Path:
+        folder = self.folder.joinpath(pid, *parts)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _lock(self, pid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(pid, threading.Lock())
+
+
+def annotation_regions(result: list[Any]) -> list[Region]:
+    """The brush regions of an annotation's result (other result types are not usam's)."""
+    regions: list[Region] = []
+    for item in result:
+        if not isinstance(item, dict) or item.get("type") != "brushlabels":
+            continue
+        value = item.get("value") or {}
+        labels = value.get("brushlabels") or []
+        height, width = item.get("original_height"), item.get("original_width")
+        if not labels or value.get("format", "rle") != "rle" or not value.get("rle") or not height or not width:
+            continue
+        try:
+            mask = decode_rle(value["rle"]).reshape(int(height), int(width), 4)[:, :, 3] > 127
+        except (ValueError, TypeError, IndexError) as exc:
+            log.warning("skipping a brush region whose RLE does not decode: %s", exc)
+            continue
+        regions.append(
+            Region(
+                id=str(item.get("id") or len(regions)),
+                label=str(labels[0]),
+                control=str(item.get("from_name")),
+                image=str(item.get("to_name")),
+                rle=mask_to_rle(mask),
+            )
+        )
+    return regions
+
+
+def compare(predicted: list[Region], annotated: list[Region], match_iou: float) -> Comparison:
+    """Match predicted to annotated regions: by region id (Label Studio keeps the ids of the
+    prediction regions an annotator accepts), then greedily by mask IoU >= ``match_iou``."""
+    result = Comparison()
+    masks_p = {r.id: r.mask() for r in predicted}
+    masks_a = {r.id: r.mask() for r in annotated}
+    left_p = {r.id: r for r in predicted}
+    left_a = {r.id: r for r in annotated}
+    pairs: list[tuple[Region, Region, float]] = []
+    for rid in list(left_p):
+        if rid in left_a:
+            pairs.append((left_p.pop(rid), left_a.pop(rid), _iou(masks_p[rid], masks_a[rid])))
+    candidates = sorted(((_iou(masks_p[p], masks_a[a]), p, a) for p in left_p for a in left_a), key=lambda c: -c[0])
+    for iou, p, a in candidates:
+        if iou >= match_iou and p in left_p and a in left_a:
+            pairs.append((left_p.pop(p), left_a.pop(a), iou))
+    for pred, ann, iou in pairs:
+        if pred.label == ann.label and iou >= SAME_OUTLINE_IOU:
+            result.kept.append(pred.id)
+        else:
+            result.changed.append(
+                {"id": pred.id, "label_from": pred.label, "label_to": ann.label, "iou": round(iou, 4)}
+            )
+    result.removed = list(left_p)
+    result.added = list(left_a)
+    return result
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
