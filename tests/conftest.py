@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ from PIL import Image
 from training.head import Head
 from usam_backend.sam.engine import SamEngine
 from usam_backend.settings import Settings
+
+from helpers import free_port, wait_until
 
 CLASS_COLORS = {"tomato": (220, 40, 30), "sky": (40, 90, 230), "grass": (40, 170, 40)}
 
@@ -120,3 +125,23 @@ def tiny_sd_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     pipeline.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("USAM_REQUIRE_REDIS"):
+            pytest.fail("redis-server is not installed: run `make test` (it installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed here; `make test` installs it")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*command, "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    from redis import Redis
+
+    client = Redis(port=port)
+    wait_until(lambda: bool(client.ping()), 20, "redis-server")
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)

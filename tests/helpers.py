@@ -141,3 +141,9 @@ def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None,
         handler.close_connection = True
 
     return route
+
+
+def run_worker(env: dict[str, str], *, burst: bool = True, log=None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "usam_backend.cli", "worker", *(["--burst"] if burst else [])]
+    return subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=log or subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip

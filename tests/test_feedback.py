@@ -30,10 +30,10 @@ def region(rid, label, box, shape=(40, 60)):
 def ls_brush(label, box, shape=(40, 60), rid=None):
     from label_studio_sdk.converter.brush import mask2rle
 
+    rle = mask2rle(box_mask(box, shape).astype(np.uint8) * 255)
     item = {
         "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_height": shape[0],
-        "original_width": shape[1],
-        "value": {"format": "rle", "rle": mask2rle(box_mask(box, shape).astype(np.uint8) * 255), "brushlabels": [label]},
+        "original_width": shape[1], "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
     }  # fmt: skip
     if rid:
         item["id"] = rid
@@ -138,7 +138,7 @@ def test_instances_need_the_right_shapes_and_a_background_output():
     fast = {"epochs": 2, "hidden": (8, 8, 8)}
     with pytest.raises(DataError, match=r"shape \(M, 4\)"):
         train_head(bags, targets, ["a", "b"], instances=np.zeros((3, 5)), instance_targets=np.zeros(3, int), **fast)
-    with pytest.raises(DataError, match="-1 \\(background\\) .. 1"):
+    with pytest.raises(DataError, match=r"-1 \(background\) \.\. 1"):
         train_head(bags, targets, ["a", "b"], instances=np.zeros((3, 4)), instance_targets=np.array([0, 2, 1]), **fast)
     with pytest.raises(DataError, match="need the background output"):
         train_head(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,7 +30,7 @@ from usam_backend.inference import SemanticSegmenter
 from usam_backend.registry import model_version
 
 from conftest import scene
-from helpers import ROOT, UsamServer, free_port, wait_until
+from helpers import ROOT, UsamServer, free_port, run_worker, wait_until
 
 pytestmark = pytest.mark.labelstudio
 
@@ -157,7 +159,7 @@ def s3(images):
 
 
 @pytest.fixture(scope="module")
-def usam(label_studio, trained_head, tmp_path_factory):
+def usam(label_studio, trained_head, class_dir, tmp_path_factory):
     """usam with a personal access token (the modern path) and the trained tiny head."""
     response = label_studio.http.post("/api/token/")
     assert response.status_code == 201, response.text
@@ -172,9 +174,15 @@ def usam(label_studio, trained_head, tmp_path_factory):
         "USAM_ALLOWED_HOSTS": "127.0.0.1",  # the S3 stand-in listens on loopback
         "LABEL_STUDIO_API_KEY": response.json()["token"],
         "USAM_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "USAM_DATA_SOURCE": "folder",  # feedback training reuses the class images the head was trained on
+        "USAM_DATA_DIR": str(class_dir),
+        "USAM_AUTO_TRAIN": "false",
+        "USAM_RETRAIN_EVERY": "0",  # retrain on Start training only
+        "USAM_TRAIN_EPOCHS": "30",
     }
     server = UsamServer(env, models / "serve.log")
     server.models = models  # type: ignore[attr-defined]
+    server.env = env  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -200,8 +208,14 @@ def project(label_studio, usam, images, s3):
     sdk.import_storage.s3.sync(id=cloud.id)
     sdk.projects.import_tasks(id=pid, request=[{"image": f"{label_studio.url}/data/upload/{pid}/missing.png"}])
     wait_until(lambda: len(list(sdk.tasks.list(project=pid))) == 4, 60, "4 tasks")
-    backend = sdk.ml.create(url=usam.url, project=pid, title="usam", is_interactive=True)
-    # Label Studio registered <backend>/webhook on its own; give it the secret header, as the README says.
+    backend = connect(label_studio, usam, pid, interactive=True)
+    return {"id": pid, "config": config, "backend": backend}
+
+
+def connect(label_studio, usam, pid: int, *, interactive: bool = False) -> int:
+    """Add usam as the project's ML backend; give the webhook Label Studio registered on its own the
+    secret header, as the README says."""
+    backend = label_studio.sdk.ml.create(url=usam.url, project=pid, title="usam", is_interactive=interactive)
     (hook,) = [
         h for h in label_studio.http.get("/api/webhooks/", params={"project": pid}).json() if "/webhook" in h["url"]
     ]
@@ -209,7 +223,7 @@ def project(label_studio, usam, images, s3):
         f"/api/webhooks/{hook['id']}/", json={"headers": {"X-Usam-Webhook-Secret": WEBHOOK_SECRET}}
     )
     assert patched.status_code == 200, patched.text
-    return {"id": pid, "config": config, "backend": backend.id}
+    return int(backend.id)
 
 
 def tasks_by_kind(sdk, pid):
@@ -302,6 +316,110 @@ def test_annotations_reach_the_webhook(label_studio, usam, project):
     wait_until(lambda: "ANNOTATIONS_DELETED" in events.read_text(), 10, "the ANNOTATIONS_DELETED webhook")
     text = events.read_text()
     assert "ANNOTATION_CREATED" in text and f'"task":{{"id":{task.id}' in text
+
+
+def region_mask(region: dict) -> np.ndarray:
+    height, width = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_annotations_teach_the_next_head(label_studio, usam, images):
+    """Predict -> the annotator relabels the predicted region -> webhook -> feedback stored ->
+    Start training -> a new head version -> the re-predicted task carries the correction."""
+    sdk = label_studio.sdk
+    pid = sdk.projects.create(title="feedback", label_config=project_config("semantic_brush.xml", LABELS)).id
+    label_studio.upload(pid, images["local"])
+    backend = connect(label_studio, usam, pid)
+    select_all = {"all": True, "excluded": []}
+    sdk.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items=select_all)
+    (task,) = sdk.tasks.list(project=pid)
+    (first,) = sdk.predictions.list(task=task.id)
+    assert first.result, "the test needs a predicted region to correct"
+    region = first.result[0]
+    (wrong,) = region["value"]["brushlabels"]
+    right = "Sky" if wrong == "tomato" else "tomato"
+    corrected = {**region, "value": {**region["value"], "brushlabels": [right]}}
+    sdk.annotations.create(id=task.id, result=[corrected])  # Label Studio keeps the prediction's region id
+
+    status = lambda: usam.health()["projects"][str(pid)]["feedback"]  # noqa: E731
+    wait_until(lambda: status()["annotated_tasks"] == 1, 20, "the annotation in the feedback store")
+    removed = len(first.result) - 1
+    assert status()["regions"] == {"kept": 0, "removed": removed, "changed": 1, "added": 0}
+
+    sdk.ml.train(id=backend)  # Start training -> START_TRAINING webhook -> a feedback job
+
+    def feedback_job() -> dict | None:
+        found = [
+            j for j in usam.client.get("/jobs").json()["jobs"] if j["kind"] == "feedback" and j["project"] == str(pid)
+        ]
+        return found[0] if found and found[0]["status"] in ("finished", "failed") else None
+
+    wait_until(lambda: feedback_job() is not None, 240, "the feedback training job")
+    job = feedback_job()
+    assert job["status"] == "finished", job
+    assert job["result"]["feedback"]["annotated_tasks"] == 1
+    assert job["result"]["feedback"]["instances"].get(right, 0) > 0
+    new_version = job["result"]["version"]
+    assert new_version != first.model_version
+    assert sdk.ml.get(id=backend).model_version == new_version  # /setup serves the project's own head
+
+    sdk.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items=select_all)
+    (second,) = [p for p in sdk.predictions.list(task=task.id) if p.model_version == new_version]
+    there = [r for r in second.result if iou(region_mask(r), region_mask(region)) >= 0.5]
+    assert there, "the corrected region is predicted again"
+    assert all(r["value"]["brushlabels"] == [right] for r in there), "it carries the annotator's label"
+    serving = [p for p in usam.health()["projects"].values() if p.get("model_version") == new_version]
+    assert len(serving) == 1  # the feedback head serves its own project only
+
+
+def test_preannotate_a_project_with_two_rq_workers(label_studio, usam, images, redis_url, tmp_path):
+    sdk = label_studio.sdk
+    pid = sdk.projects.create(title="bulk", label_config=project_config("semantic_brush.xml", LABELS)).id
+    for i in range(6):
+        copy = tmp_path / f"bulk{i}.png"
+        shutil.copy(images["local" if i % 2 else "upload"], copy)
+        label_studio.upload(pid, copy)
+    tasks = sorted(t.id for t in sdk.tasks.list(project=pid))
+    version = model_version(Head.load(usam.models / "heads" / "head.pt"), "tiny")
+    label_studio.http.post("/api/predictions/", json={"task": tasks[0], "result": [], "model_version": version})
+    env = {
+        **{k: v for k, v in usam.env.items() if k != "USAM_WEBHOOK_SECRET"},
+        "REDIS_URL": redis_url, "USAM_QUEUE": "usam-bulk", "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": LEGACY_TOKEN, "USAM_PREANNOTATE_CHUNK": "1",
+    }  # fmt: skip
+    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(2)]
+    workers = [run_worker(env, burst=False, log=log) for log in logs]
+    try:
+        from redis import Redis
+        from rq import Worker
+
+        connection = Redis.from_url(redis_url)
+        wait_until(lambda: len(Worker.all(connection=connection)) >= 2, 60, "two RQ workers")
+        command = [sys.executable, "-m", "usam_backend.cli", "preannotate", "--project", str(pid), "--timeout", "240"]
+        run = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "5 of 6 task(s) lack" in run.stdout and "predicted 5, already done 0, failed 0" in run.stdout
+        assert "pre-annotating" in run.stderr  # the progress bar
+        again = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 0 and "0 of 6 task(s) lack" in again.stdout  # resumable: nothing left to do
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait(timeout=30)
+        for log in logs:
+            log.close()
+    for task_id in tasks:
+        (stored,) = sdk.predictions.list(task=task_id)
+        assert stored.model_version == version
+    assert sum(len(sdk.predictions.list(task=t)[0].result) > 0 for t in tasks[1:]) == 5
+    worked = [(tmp_path / f"worker{i}.log").read_text().count("Job OK") for i in range(2)]
+    print(f"\njobs per worker: {worked}")
+    assert sum(worked) == 5 and min(worked) >= 1, worked
 
 
 def test_legacy_token_from_setup_and_its_refusal(label_studio, trained_head, images, tmp_path_factory):

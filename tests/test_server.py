@@ -119,7 +119,8 @@ def test_batch_prediction(server, images, tiny_engine, model_dir):
             decoded = decode_rle(region["value"]["rle"]).reshape(160, 240, 4)[:, :, 3]
             assert np.array_equal(decoded > 0, mask)
             assert (region["original_width"], region["original_height"]) == (240, 160)
-        assert result["score"] == pytest.approx(np.mean([r["score"] for r in regions]), abs=1e-5)
+        assert result["score"] == pytest.approx(expected.confidence, abs=1e-5)  # decision confidence of the grid
+        assert 0.0 <= result["score"] <= 1.0
 
 
 def test_interactive_prompts_reuse_the_image_embedding(server, images):
@@ -290,3 +291,7 @@ def test_basic_auth_guards_everything_but_the_webhook(guarded):
     assert bad.status_code == 401 and "X-Usam-Webhook-Secret" in bad.json()["error"]
     good = anonymous.post("/webhook", json=event, headers={"X-Usam-Webhook-Secret": "hook-secret"})
     assert good.status_code == 200
+    # Start training arrives as an ML-backend call: basic auth, no webhook headers
+    start = {"action": "START_TRAINING", "project": {"id": 3}}
+    assert anonymous.post("/webhook", json=start).status_code == 401
+    assert guarded.client.post("/webhook", json=start).status_code == 200

@@ -3,11 +3,7 @@ in predictions; and the faults: a killed worker, Redis gone, a failing job."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import scene, write_class_folders
-from helpers import ROOT, UsamServer, WebHost, free_port, wait_until
+from helpers import UsamServer, WebHost, free_port, run_worker, wait_until
 
 CONFIG = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
 {labels}</BrushLabels></View>"""
@@ -23,26 +19,6 @@ CONFIG = """<View><Image name="image" value="$image"/><BrushLabels name="tag" to
 
 def config_for(*labels: str) -> str:
     return CONFIG.format(labels="".join(f'<Label value="{label}"/>' for label in labels))
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("USAM_REQUIRE_REDIS"):
-            pytest.fail("redis-server is not installed: run `make test` (it installs Debian's redis-server)")
-        pytest.skip("redis-server is not installed here; `make test` installs it")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen([*command, "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    from redis import Redis
-
-    client = Redis(port=port)
-    wait_until(lambda: bool(client.ping()), 20, "redis-server")
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +48,6 @@ def base_env(tmp_path_factory, redis_url: str, **extra: str) -> dict[str, str]:
         "REDIS_URL": redis_url,
         **extra,
     }
-
-
-def run_worker(env: dict[str, str], *, burst: bool = True, log=None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "usam_backend.cli", "worker", *(["--burst"] if burst else [])]
-    return subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=log or subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def burst(env: dict[str, str]) -> str:

@@ -156,10 +156,20 @@ def create_app(backend: Backend) -> FastAPI:
         )
 
     @app.post("/webhook", response_model=WebhookResponse)
-    def webhook(body: WebhookBody, secret: str | None = Header(None, alias=WEBHOOK_SECRET_HEADER)) -> WebhookResponse:
-        """Every Label Studio webhook event is accepted and recorded; nothing is trained here."""
+    def webhook(
+        body: WebhookBody,
+        secret: str | None = Header(None, alias=WEBHOOK_SECRET_HEADER),
+        credentials: HTTPBasicCredentials | None = Depends(basic),
+    ) -> WebhookResponse:
+        """Every Label Studio webhook event is accepted and recorded; nothing is trained here.
+
+        Label Studio's webhooks carry the shared-secret header (USAM_WEBHOOK_SECRET). START_TRAINING
+        is different: Label Studio sends it as an ML-backend call, with the connection's basic auth
+        and without webhook headers, so it is checked like /predict."""
         expected = settings.webhook_secret
-        if expected and not (secret and secrets.compare_digest(secret.encode(), expected.encode())):
+        if body.action == "START_TRAINING" and not (secret and expected):
+            authorised(credentials)
+        elif expected and not (secret and secrets.compare_digest(secret.encode(), expected.encode())):
             raise HTTPException(401, f"missing or wrong {WEBHOOK_SECRET_HEADER} header")
         action = backend.webhook(body.model_dump(by_alias=True))
         return WebhookResponse(status="ok", action=action)
