@@ -154,3 +154,20 @@ def test_bench_predict_times_first_and_cached_calls(capsys):
     assert main(["bench-predict", "--size", "256", "--repeat", "1", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "first call" in printed and "cached embedding" in printed and "random weights" in printed
+
+
+def test_preannotate_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    from usam_backend import settings as settings_module
+
+    monkeypatch.setenv("USAM_MODEL_DIR", str(tmp_path))
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings_module.get_settings.cache_clear()
+    assert main(["preannotate", "--project", "3"]) == 2
+    assert "set LABEL_STUDIO_URL" in capsys.readouterr().err
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
+    settings_module.get_settings.cache_clear()
+    assert main(["preannotate", "--project", "3"]) == 2
+    assert "Label Studio at http://127.0.0.1:1 is unreachable" in capsys.readouterr().err
+    settings_module.get_settings.cache_clear()

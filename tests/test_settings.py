@@ -40,6 +40,10 @@ def test_every_field_is_read_from_its_variable():
         "BASIC_AUTH_PASS": "pw",
         "USAM_WEBHOOK_SECRET": "hook",
         "USAM_AUTO_TRAIN": "false",
+        "USAM_RETRAIN_EVERY": "3",
+        "USAM_FEEDBACK_IOU": "0.6",
+        "USAM_PREDICT_BUDGET": "30",
+        "USAM_PREANNOTATE_CHUNK": "100",
         "REDIS_URL": "redis://redis:6379/0",
         "USAM_QUEUE": "gpu-jobs",
         "USAM_JOB_TIMEOUT": "600",
@@ -71,6 +75,8 @@ def test_every_field_is_read_from_its_variable():
     assert (settings.points, settings.score_threshold, settings.nms_iou) == (64, 0.7, 0.3)
     assert settings.embedding_cache_disk is True
     assert settings.model_dir == Path("/srv/heads")
+    assert (settings.retrain_every, settings.feedback_iou, settings.predict_budget) == (3, 0.6, 30.0)
+    assert settings.preannotate_chunk == 100
 
 
 @pytest.mark.parametrize(

@@ -151,9 +151,9 @@ def train_feedback(
     progress = Progress(publish)
     seconds: dict[str, float] = {}
     engine = engine or shared_engine(settings)
-    store = FeedbackStore.for_settings(settings)
-    store.catch_up(pid)
-    tasks = store.tasks(pid)
+    tasks = FeedbackStore.for_settings(settings).tasks(pid)  # the backend recorded them before queueing
+    if not tasks:
+        raise DataError(f"project {pid} has no annotated task to learn from (annotations deleted?)")
     data = _class_data(settings, labels, engine, progress, seconds)
 
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from usam_backend.inference import SemanticSegmenter
 from usam_backend.label_config import LabelConfig, LabelConfigError, ProjectLabel, parse_label_config
 from usam_backend.ls_predictions import brush_region, prediction, region_id
 from usam_backend.masks import mask_to_rle
+from usam_backend.preannotate import submit_chunks, use_backend
 from usam_backend.projects import EventLog, ProjectRecord, ProjectStore, UnknownProjectError, project_id
 from usam_backend.registry import HeadChoice, HeadRegistry, no_head_version
 from usam_backend.runners import RunnerUnavailable, make_runner
@@ -68,6 +69,7 @@ class Backend:
         self._engine_lock = threading.Lock()
         self._compute_lock = compute_lock  # one model computation at a time, in-process jobs included
         self._segmenters: dict[str, SemanticSegmenter] = {}
+        use_backend(self)
 
     # -- the SAM engine --------------------------------------------------------------------------
 
@@ -284,8 +286,6 @@ class Backend:
         )  # fmt: skip
         if pid is None or not ids:
             return
-        from usam_backend.preannotate import submit_chunks
-
         def submit() -> None:
             try:
                 submit_chunks(self.settings, self.runner, pid, sorted(config.label_values), ids, trigger="predict")

@@ -138,10 +138,16 @@ def submit_chunks(
 _BACKENDS: dict[int, Any] = {}
 
 
+def use_backend(backend: Any) -> None:
+    """Let jobs that run inside ``usam serve`` (the in-process runner) share its backend."""
+    _BACKENDS[id(backend.settings)] = backend
+
+
 def preannotate_chunk(settings: Settings, project: str, task_ids: list[int], progress: Any = None) -> dict[str, Any]:
     """Predict these tasks with the project's current head and post what is missing.
 
-    Returns counts: ``predicted``, ``skipped`` (already had the current version), ``failed``.
+    Returns counts: ``predicted``, ``skipped`` (already had the current version), ``failed``
+    (tasks whose image could not be used). Label Studio's API failing fails the job.
     """
     from usam_backend.backend import Backend
 
@@ -166,6 +172,8 @@ def preannotate_chunk(settings: Settings, project: str, task_ids: list[int], pro
                     result = backend.predict_task(task, config, choice, fetcher, None, project)
                     api.create_prediction(project, task_id, result)
                     counts["predicted"] += 1
+            except LabelStudioApiError:
+                raise
             except UsamError as exc:
                 counts["failed"] += 1
                 log.warning("project %s task %s: not pre-annotated: %s", project, task_id, exc)
