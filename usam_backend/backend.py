@@ -286,6 +286,7 @@ class Backend:
         )  # fmt: skip
         if pid is None or not ids:
             return
+
         def submit() -> None:
             try:
                 submit_chunks(self.settings, self.runner, pid, sorted(config.label_values), ids, trigger="predict")
