@@ -74,7 +74,10 @@ def test_feedback_store_follows_the_event_log_and_survives_a_restart(tmp_path):
     )
     events.append("7", {"action": "PROJECT_UPDATED"})
     state = store.catch_up("7")
-    assert (state.offset, state.since_training, state.annotations) == (2, 1, 1)
+    log_file = tmp_path / "events" / "7.jsonl"
+    assert state.byte_offset == log_file.stat().st_size
+    assert (state.since_training, state.annotations, state.tasks) == (1, 1, 1)
+    assert store.summary("7")["regions"] == {"kept": 1, "removed": 1, "changed": 0, "added": 0}
     (feedback,) = store.tasks("7")
     assert feedback.comparison.kept == ["p1"] and feedback.comparison.removed == ["p2"]
     assert feedback.data == task["data"] and feedback.model_version == "usam-tiny-v1"
@@ -87,18 +90,26 @@ def test_feedback_store_follows_the_event_log_and_survives_a_restart(tmp_path):
             "annotation": {"id": 11, "task": 1, "result": [ls_brush("dog", (0, 0, 20, 20), rid="p1")]},
         },
     )
+    with log_file.open("a") as out:
+        out.write('{"action":"ANNOTATION_CREATED","annot')  # a line still being written
     restarted = FeedbackStore(tmp_path / "feedback", EventLog(tmp_path / "events"))
     state = restarted.catch_up("7")
-    assert (state.offset, state.since_training) == (3, 2)
-    (feedback,) = restarted.tasks("7")
+    assert state.byte_offset < log_file.stat().st_size  # the unfinished line waits
+    assert (state.since_training, state.annotations, state.tasks) == (2, 2, 1)
+    assert restarted.summary("7")["regions"] == {"kept": 0, "removed": 1, "changed": 1, "added": 0}
+    with log_file.open("a") as out:
+        out.write('ation":{"id":12,"result":[]},"task":{"id":2,"data":{"image":"b.png"}}}\n')
+    assert restarted.catch_up("7").tasks == 2 and restarted.catch_up("7").annotations == 3
+    feedback = restarted.tasks("7")[0]
     assert feedback.comparison.changed[0]["label_to"] == "dog" and feedback.data == task["data"]
     restarted.training_queued("7")
     assert restarted.state("7").since_training == 0
 
     events.append("7", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 11}]})
     restarted.catch_up("7")
-    assert restarted.tasks("7") == []
-    assert restarted.summary("7")["annotated_tasks"] == 0
+    assert [t.task for t in restarted.tasks("7")] == [2]
+    assert restarted.summary("7")["annotated_tasks"] == 1
+    assert restarted.summary("7")["regions"] == {"kept": 0, "removed": 0, "changed": 0, "added": 0}
 
 
 def test_annotation_regions_keep_brushes_and_skip_the_rest():

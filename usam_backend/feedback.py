@@ -107,9 +107,13 @@ class TaskFeedback:
 
 @dataclass
 class FeedbackState:
-    offset: int = 0  # events of the log already processed
+    """What ``catch_up`` keeps between calls (so nothing needs re-reading)."""
+
+    byte_offset: int = 0  # how far the event log has been processed
     since_training: int = 0  # annotations created or updated since the last training was queued
     annotations: int = 0  # annotation events processed in all
+    tasks: int = 0  # annotated tasks with a record now
+    regions: dict[str, int] = field(default_factory=lambda: Comparison().counts())  # kept/removed/changed/added
 
 
 class FeedbackStore:
@@ -166,15 +170,14 @@ class FeedbackStore:
         """Process the project's webhook events not processed yet; returns the new state."""
         with self._lock(pid):
             state = self.state(pid)
-            events = self.events.read(pid)
-            for event in events[state.offset :]:
+            events, state.byte_offset = self.events.read_from(pid, state.byte_offset)
+            for event in events:
                 try:
-                    if self._apply(pid, event):
+                    if self._apply(pid, event, state):
                         state.since_training += 1
                         state.annotations += 1
                 except Exception:  # one odd event must not block the ones after it
                     log.exception("project %s: could not use event %s", pid, str(event)[:200])
-            state.offset = len(events)
             self._save_state(pid, state)
             return state
 
@@ -186,15 +189,11 @@ class FeedbackStore:
             self._save_state(pid, state)
 
     def summary(self, pid: str) -> dict[str, Any]:
-        tasks = self.tasks(pid)
-        totals = Comparison().counts()
-        for task in tasks:
-            for key, n in task.comparison.counts().items():
-                totals[key] += n
+        """Counts for /health, from the state file alone (cheap however large the project)."""
         state = self.state(pid)
-        return {"annotated_tasks": len(tasks), "regions": totals, "since_training": state.since_training}
+        return {"annotated_tasks": state.tasks, "regions": dict(state.regions), "since_training": state.since_training}
 
-    def _apply(self, pid: str, event: dict[str, Any]) -> bool:
+    def _apply(self, pid: str, event: dict[str, Any], state: FeedbackState) -> bool:
         action = event.get("action")
         if action in ANNOTATION_ACTIONS:
             annotation = event.get("annotation") or {}
@@ -203,35 +202,63 @@ class FeedbackStore:
             task_id = task_id if task_id is not None else annotation.get("task")
             if task_id is None:
                 return False
-            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {})
+            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {}, state)
             return True
         if action == "ANNOTATIONS_DELETED":
             deleted = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
-            for feedback in self.tasks(pid):
-                if feedback.annotation in deleted:
-                    (self._dir(pid, "tasks") / f"{feedback.task}.json").unlink(missing_ok=True)
-                    log.info("project %s: annotation %s of task %s deleted", pid, feedback.annotation, feedback.task)
+            index = self._dir(pid) / "annotations.json"  # annotation id -> task id
+            owners = _read_json(index) or {}
+            for annotation_id in deleted:
+                task_id = owners.pop(str(annotation_id), None)
+                if task_id is not None:
+                    known = _read_json(self._dir(pid, "tasks") / f"{task_id}.json") or {}
+                    if known.get("annotation") == annotation_id:
+                        self._forget(pid, int(task_id), state)
+                        log.info("project %s: annotation %s of task %s deleted", pid, annotation_id, task_id)
+            self._write_json(index, owners)
         return False
 
-    def _record_annotation(self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any]) -> None:
+    def _record_annotation(
+        self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any], state: FeedbackState
+    ) -> None:
+        path = self._dir(pid, "tasks") / f"{task_id}.json"
+        known = _read_json(path) or {}
+        self._forget(pid, task_id, state)
         if annotation.get("was_cancelled"):
-            (self._dir(pid, "tasks") / f"{task_id}.json").unlink(missing_ok=True)  # skipped: teaches nothing
-            return
+            return  # skipped: teaches nothing
         regions = annotation_regions(annotation.get("result") or [])
         version, predicted = self.prediction(pid, task_id)
         comparison = compare(predicted, regions, self.match_iou)
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        if not data:  # keep what an earlier event said about the task's image
-            known = _read_json(self._dir(pid, "tasks") / f"{task_id}.json") or {}
-            data = dict(known.get("data") or {})
+        data = data or dict(known.get("data") or {})  # keep what an earlier event said about the task's image
         record = TaskFeedback(task_id, annotation.get("id"), data, regions, comparison, version, time.time())
-        with atomic_path(self._dir(pid, "tasks") / f"{task_id}.json") as tmp:
-            tmp.write_text(json.dumps(asdict(record), separators=(",", ":")))
+        self._write_json(path, asdict(record))
+        state.tasks += 1
+        for key, n in comparison.counts().items():
+            state.regions[key] = state.regions.get(key, 0) + n
+        if annotation.get("id") is not None:
+            index = self._dir(pid) / "annotations.json"
+            self._write_json(index, {**(_read_json(index) or {}), str(annotation["id"]): task_id})
         log.info("project %s task %s: feedback %s", pid, task_id, comparison.counts())
 
+    def _forget(self, pid: str, task_id: int, state: FeedbackState) -> None:
+        """Drop a task's record and take its counts out of the totals."""
+        path = self._dir(pid, "tasks") / f"{task_id}.json"
+        known = _read_json(path)
+        if known is None:
+            return
+        path.unlink(missing_ok=True)
+        state.tasks = max(0, state.tasks - 1)
+        for key, ids in (known.get("comparison") or {}).items():
+            state.regions[key] = max(0, state.regions.get(key, 0) - len(ids))
+
+    @staticmethod
+    def _write_json(path: Path, payload: Any) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(payload, separators=(",", ":")))
+
     def _save_state(self, pid: str, state: FeedbackState) -> None:
-        with atomic_path(self._dir(pid) / "state.json") as tmp:
-            tmp.write_text(json.dumps(asdict(state)))
+        self._write_json(self._dir(pid) / "state.json", asdict(state))
 
     def _dir(self, pid: str, *parts: str, create: bool = True) -> Path:
         folder = self.folder.joinpath(pid, *parts)

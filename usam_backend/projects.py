@@ -88,13 +88,22 @@ class EventLog:
             out.write(line + "\n")
 
     def read(self, pid: str) -> list[dict[str, Any]]:
+        return self.read_from(pid, 0)[0]
+
+    def read_from(self, pid: str, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Events after byte ``offset``, and the offset after the last complete line read (a line
+        still being written is left for the next call; an unreadable line is skipped)."""
         path = self.folder / f"{pid}.jsonl"
         if not path.is_file():
-            return []
+            return [], offset
+        with path.open("rb") as source:
+            source.seek(offset)
+            data = source.read()
+        complete = data[: data.rfind(b"\n") + 1]
         events = []
-        for line in path.read_text().splitlines():
+        for line in complete.splitlines():
             try:
                 events.append(json.loads(line))
             except ValueError:
                 continue  # a line cut short by a crash is skipped, the rest is kept
-        return events
+        return events, offset + len(complete)
