@@ -111,3 +111,49 @@ def test_a_batch_that_runs_out_of_time_hands_the_rest_off(tmp_path, trained_head
         assert "left for pre-annotation jobs" in server.log()
     finally:
         server.stop()
+
+
+def point_mask(engine, image: np.ndarray, index: int) -> np.ndarray:
+    """The mask SAM gives grid point ``index`` of ``image`` (its best-IoU one of three), as at inference."""
+    import torch
+
+    embedding = engine.embed(image)
+    grid = engine.grid_points(embedding.original_size, 64)
+    chunk = next(engine.decode(embedding, grid[index : index + 1]))
+    logits = engine.low_res_logits(chunk, torch.arange(1))
+    best = int(chunk.decoded.iou_predictions[0].argmax())
+    return engine.upscale(logits[:, best], embedding)[0]
+
+
+def test_a_label_without_class_images_is_learned_from_annotations(tmp_path, trained_head, class_dir, host,
+                                                                     tiny_engine):  # fmt: skip
+    config = CONFIG.replace("</BrushLabels>", '<Label value="grass"/></BrushLabels>')  # no class folder for grass
+    models = tmp_path / "models"
+    trained_head.save(models / "heads" / "head.pt")
+    settings = Settings(
+        sam_type="tiny", device="cpu", points=64, model_dir=models, cache_dir=tmp_path / "cache",
+        allowed_hosts=("127.0.0.1",), data_source="folder", data_dir=class_dir, retrain_every=0, train_epochs=10,
+    )  # fmt: skip
+    backend = Backend(settings)
+    for pid in ("5", "6"):
+        backend.setup(f"{pid}.1", config, host.url, None)
+    image = np.asarray(Image.open(host.root / "t0.png").convert("RGB"))
+    grass = point_mask(tiny_engine, image, 27)
+    assert grass.any()
+    for pid, result in (("5", [{**brush("grass", (0, 0, 1, 1)), "value": {"format": "rle", "brushlabels": ["grass"],
+                                 "rle": mask2rle(grass.astype(np.uint8) * 255)}}]),
+                        ("6", [brush("tomato", (20, 30, 100, 130))])):  # fmt: skip
+        task = {"id": 1, "data": {"image": f"{host.url}/t0.png"}}
+        backend.webhook({"action": "ANNOTATION_CREATED", "project": {"id": int(pid)}, "task": task,
+                         "annotation": {"id": 1, "task": 1, "result": result}})  # fmt: skip
+        backend.webhook({"action": "START_TRAINING", "project": {"id": int(pid), "label_config": config}})
+    wait_until(lambda: len([j for j in backend.runner.jobs() if j["kind"] == "feedback"]) == 2, 20, "two jobs")
+    backend.runner.wait(300)  # type: ignore[attr-defined]
+    jobs = {j["project"]: j for j in backend.runner.jobs() if j["kind"] == "feedback"}
+    assert jobs["5"]["status"] == "finished", jobs["5"]
+    assert jobs["5"]["result"]["feedback"]["instances"]["grass"] > 0
+    choice = backend.registry.choose(parse_label_config(config), "5")
+    assert choice is not None and not choice.missing  # grass is served now, for this project
+    assert "no folder for label 'grass'" in choice.head.info["provenance"]["classes"]["grass"]["no_class_images"]
+    assert jobs["6"]["status"] == "failed"
+    assert "no class images and no annotated region for 'grass'" in jobs["6"]["error"]

@@ -154,12 +154,21 @@ def train_feedback(
     tasks = FeedbackStore.for_settings(settings).tasks(pid)  # the backend recorded them before queueing
     if not tasks:
         raise DataError(f"project {pid} has no annotated task to learn from (annotations deleted?)")
-    data = _class_data(settings, labels, engine, progress, seconds)
+    data = _class_data(settings, labels, engine, progress, seconds, optional=True)
 
     started = time.perf_counter()
     progress.stage("annotated tasks", len(tasks))
     instances, used, problems = _feedback_instances(settings, pid, tasks, labels, engine, progress)
     seconds["annotated_tasks"] = time.perf_counter() - started
+    annotated = set(instances.counts(labels))
+    unlearnable = {label: reason for label, reason in data.missing.items() if label not in annotated}
+    if len(data.missing) == len(labels):
+        raise DataError(f"no class images for any label ({'; '.join(data.missing.values())})")
+    if unlearnable:
+        raise DataError(
+            "no class images and no annotated region for "
+            + "; ".join(f"{label!r} ({reason})" for label, reason in unlearnable.items())
+        )
 
     started = time.perf_counter()
     progress.stage("training")
@@ -184,12 +193,17 @@ class _ClassData:
     source: ClassSource
     per_class: dict[str, EmbeddedImages]
     negatives: EmbeddedImages | None
+    missing: dict[str, str] = field(default_factory=dict)  # label -> why it has no class images
 
 
 def _class_data(
-    settings: Settings, labels: list[str], engine: SamEngine, progress: Progress, seconds: dict[str, float]
-) -> _ClassData:
-    """Stages 1 and 2: class images, then their point embeddings (both reused across jobs)."""
+    settings: Settings, labels: list[str], engine: SamEngine, progress: Progress, seconds: dict[str, float], *,
+    optional: bool = False,
+) -> _ClassData:  # fmt: skip
+    """Stages 1 and 2: class images, then their point embeddings (both reused across jobs).
+
+    ``optional``: a label whose class images cannot be had is recorded in ``missing`` instead of
+    failing the job (a feedback job may learn it from annotations alone)."""
     cuda = engine.device.type == "cuda"
     source = make_source(settings, cuda=cuda)
     count = settings.images_per_class or source.default_count()
@@ -198,8 +212,24 @@ def _class_data(
     negative_queries = _negative_queries(source.name) if len(labels) == 1 else ()
     started = time.perf_counter()
     progress.stage("class images", None if count is None else count * (len(labels) + len(negative_queries)))
-    files = {label: source.collect(label, count, progress) for label in labels}
-    negative_files = [p for q in negative_queries for p in source.collect(q, _share(count, negative_queries), progress)]
+    files: dict[str, list[Path]] = {}
+    missing: dict[str, str] = {}
+    for label in labels:
+        try:
+            files[label] = source.collect(label, count, progress)
+        except DataError as exc:
+            if not optional:
+                raise
+            files[label], missing[label] = [], str(exc)
+            log.warning("no class images for %r: %s", label, exc)
+    negative_files: list[Path] = []
+    for query in negative_queries:
+        try:
+            negative_files += source.collect(query, _share(count, negative_queries), progress)
+        except DataError as exc:
+            if not optional:
+                raise
+            log.warning("no negative images (%s): %s", query, exc)
     seconds["class_images"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -208,8 +238,12 @@ def _class_data(
     per_class = {label: _embed(engine, paths, settings, store, progress) for label, paths in files.items()}
     negatives = _embed(engine, negative_files, settings, store, progress) if negative_files else None
     seconds["embeddings"] = time.perf_counter() - started
-    _check_usable(per_class)
-    return _ClassData(source, per_class, negatives)
+    if not optional:
+        _check_usable(per_class)
+    for label, embedded in per_class.items():
+        if len(embedded.files) == 0 and label not in missing:
+            missing[label] = "no readable class image"
+    return _ClassData(source, per_class, negatives, missing)
 
 
 def _feedback_instances(
@@ -276,7 +310,7 @@ def _publish(
     head.info["provenance"] = {
         "source": source.name,
         "source_key": source.key(),
-        "classes": {label: {**fit.counts[label], **source.describe(label)} for label in labels},
+        "classes": {label: {**fit.counts[label], **_describe(source, label, data.missing)} for label in labels},
         "skipped": [{"file": str(p), "reason": r} for e in data.per_class.values() for p, r in e.skipped],
     }
     seconds["publishing"] = time.perf_counter() - started
@@ -307,6 +341,12 @@ def _embed(
         engine, paths, points=settings.points, store=store, max_pixels=settings.max_image_pixels,
         progress=False, on_image=progress.advance, lock=compute_lock,
     )  # fmt: skip
+
+
+def _describe(source: ClassSource, label: str, missing: dict[str, str]) -> dict[str, Any]:
+    if label in missing:
+        return {"source": source.name, "no_class_images": missing[label]}
+    return dict(source.describe(label))
 
 
 def _negative_queries(source: str) -> tuple[str, ...]:
