@@ -40,14 +40,19 @@ def brush(label: str, box: tuple[int, int, int, int]) -> dict:
     }  # fmt: skip
 
 
-def test_every_n_annotations_retrain_a_project_head(tmp_path, trained_head, class_dir, host):
+def backend_settings(tmp_path, trained_head, class_dir, *, retrain_every: int) -> Settings:
+    """Tiny SAM, the shared head on disk, class images from a folder, task images from loopback."""
     models = tmp_path / "models"
     trained_head.save(models / "heads" / "head.pt")
-    settings = Settings(
+    return Settings(
         sam_type="tiny", device="cpu", points=64, model_dir=models, cache_dir=tmp_path / "cache",
-        allowed_hosts=("127.0.0.1",), data_source="folder", data_dir=class_dir, retrain_every=2, train_epochs=10,
+        allowed_hosts=("127.0.0.1",), data_source="folder", data_dir=class_dir, retrain_every=retrain_every,
+        train_epochs=10,
     )  # fmt: skip
-    backend = Backend(settings)
+
+
+def test_every_n_annotations_retrain_a_project_head(tmp_path, trained_head, class_dir, host):
+    backend = Backend(backend_settings(tmp_path, trained_head, class_dir, retrain_every=2))
     shared = model_version(trained_head, "tiny")
     assert backend.setup("5.100", CONFIG, host.url, None) == shared
     tasks = [{"id": i, "data": {"image": f"{host.url}/t{i}.png"}} for i in range(3)]
@@ -128,13 +133,7 @@ def point_mask(engine, image: np.ndarray, index: int) -> np.ndarray:
 def test_a_label_without_class_images_is_learned_from_annotations(tmp_path, trained_head, class_dir, host,
                                                                      tiny_engine):  # fmt: skip
     config = CONFIG.replace("</BrushLabels>", '<Label value="grass"/></BrushLabels>')  # no class folder for grass
-    models = tmp_path / "models"
-    trained_head.save(models / "heads" / "head.pt")
-    settings = Settings(
-        sam_type="tiny", device="cpu", points=64, model_dir=models, cache_dir=tmp_path / "cache",
-        allowed_hosts=("127.0.0.1",), data_source="folder", data_dir=class_dir, retrain_every=0, train_epochs=10,
-    )  # fmt: skip
-    backend = Backend(settings)
+    backend = Backend(backend_settings(tmp_path, trained_head, class_dir, retrain_every=0))
     for pid in ("5", "6"):
         backend.setup(f"{pid}.1", config, host.url, None)
     image = np.asarray(Image.open(host.root / "t0.png").convert("RGB"))

@@ -114,15 +114,16 @@ def execute(settings: Settings, request: dict[str, Any], *, publish: Publish | N
         result = preannotate_chunk(settings, str(request["project"]), tasks, progress)
         progress.close()
         return result
-    return train_labels(settings, TrainRequest(**request), publish=publish)
+    train = TrainRequest(**request)
+    if train.kind == "feedback":
+        return train_feedback(settings, train, publish=publish)
+    return train_labels(settings, train, publish=publish)
 
 
 def train_labels(
     settings: Settings, request: TrainRequest, *, publish: Publish | None = None, engine: SamEngine | None = None
 ) -> dict[str, Any]:
     """Run the five stages; returns what was published and how long each stage took."""
-    if request.kind == "feedback":
-        return train_feedback(settings, request, publish=publish, engine=engine)
     labels = list(dict.fromkeys(request.labels))
     if not labels:
         raise DataError("a training job needs at least one label")

@@ -31,7 +31,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 from usam_backend.fileio import atomic_path
-from usam_backend.masks import mask_to_rle, rle_to_mask
+from usam_backend.masks import mask_boxes, mask_iou, mask_to_rle, rle_to_mask
 from usam_backend.projects import EventLog
 from usam_backend.settings import Settings
 
@@ -213,7 +213,7 @@ class FeedbackStore:
                 if task_id is not None:
                     known = _read_json(self._dir(pid, "tasks") / f"{task_id}.json") or {}
                     if known.get("annotation") == annotation_id:
-                        self._forget(pid, int(task_id), state)
+                        self._forget(pid, int(task_id), state, known)
                         log.info("project %s: annotation %s of task %s deleted", pid, annotation_id, task_id)
             self._write_json(index, owners)
         return False
@@ -223,7 +223,7 @@ class FeedbackStore:
     ) -> None:
         path = self._dir(pid, "tasks") / f"{task_id}.json"
         known = _read_json(path) or {}
-        self._forget(pid, task_id, state)
+        self._forget(pid, task_id, state, known)
         if annotation.get("was_cancelled"):
             return  # skipped: teaches nothing
         regions = annotation_regions(annotation.get("result") or [])
@@ -241,13 +241,11 @@ class FeedbackStore:
             self._write_json(index, {**(_read_json(index) or {}), str(annotation["id"]): task_id})
         log.info("project %s task %s: feedback %s", pid, task_id, comparison.counts())
 
-    def _forget(self, pid: str, task_id: int, state: FeedbackState) -> None:
-        """Drop a task's record and take its counts out of the totals."""
-        path = self._dir(pid, "tasks") / f"{task_id}.json"
-        known = _read_json(path)
-        if known is None:
+    def _forget(self, pid: str, task_id: int, state: FeedbackState, known: dict[str, Any]) -> None:
+        """Drop a task's record (``known``, as read) and take its counts out of the totals."""
+        if not known:
             return
-        path.unlink(missing_ok=True)
+        (self._dir(pid, "tasks") / f"{task_id}.json").unlink(missing_ok=True)
         state.tasks = max(0, state.tasks - 1)
         for key, ids in (known.get("comparison") or {}).items():
             state.regions[key] = max(0, state.regions.get(key, 0) - len(ids))
@@ -303,8 +301,8 @@ def compare(predicted: list[Region], annotated: list[Region], match_iou: float) 
     """Match predicted to annotated regions: by region id (Label Studio keeps the ids of the
     prediction regions an annotator accepts), then greedily by mask IoU >= ``match_iou``."""
     result = Comparison()
-    masks_p = {r.id: r.mask() for r in predicted}
-    masks_a = {r.id: r.mask() for r in annotated}
+    masks_p = {r.id: _with_box(r.mask()) for r in predicted}
+    masks_a = {r.id: _with_box(r.mask()) for r in annotated}
     left_p = {r.id: r for r in predicted}
     left_a = {r.id: r for r in annotated}
     pairs: list[tuple[Region, Region, float]] = []
@@ -327,11 +325,14 @@ def compare(predicted: list[Region], annotated: list[Region], match_iou: float) 
     return result
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
+def _with_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return mask, mask_boxes(mask[None])[0]
+
+
+def _iou(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    if a[0].shape != b[0].shape:  # drawn at another image size: not the same region
         return 0.0
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+    return mask_iou(a[0], a[1], b[0], b[1])
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
