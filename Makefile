@@ -44,6 +44,7 @@ lint: $(DEPS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: $(DEPS) $(LABEL_STUDIO) system-packages
 	USAM_TEST_LABEL_STUDIO=$(LABEL_STUDIO) USAM_REQUIRE_LABEL_STUDIO=1 USAM_REQUIRE_REDIS=1 \

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from training.head import Head
+from usam_backend.core.settings import Settings
 from usam_backend.sam.engine import SamEngine
-from usam_backend.settings import Settings
 
 from helpers import free_port, wait_until
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from usam_backend.checkpoints import CHECKPOINTS, download_checkpoint, find_checkpoint, resolve_checkpoint
-from usam_backend.errors import CheckpointError
+from usam_backend.core.errors import CheckpointError
+from usam_backend.sam.checkpoints import CHECKPOINTS, download_checkpoint, find_checkpoint, resolve_checkpoint
 from usam_backend.sam.models import build_tiny_sam, load_sam
 
 PAYLOAD = b"pretend checkpoint bytes " * 5000

@@ -11,8 +11,8 @@ from PIL import Image
 
 from training import Head
 from usam_backend.cli import main
-from usam_backend.masks import rle_to_mask
-from usam_backend.settings import get_settings
+from usam_backend.core.masks import rle_to_mask
+from usam_backend.core.settings import get_settings
 
 from conftest import write_class_folders
 
@@ -157,7 +157,7 @@ def test_bench_predict_times_first_and_cached_calls(capsys):
 
 
 def test_preannotate_names_what_is_missing(tmp_path, monkeypatch, capsys):
-    from usam_backend import settings as settings_module
+    from usam_backend.core import settings as settings_module
 
     monkeypatch.setenv("USAM_MODEL_DIR", str(tmp_path))
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL"):

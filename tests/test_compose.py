@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from usam_backend.settings import documented_settings
+from usam_backend.core.settings import documented_settings
 
 from helpers import ROOT
 

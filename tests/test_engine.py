@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
+from usam_backend.core.settings import Settings
 from usam_backend.sam.engine import SamEngine
-from usam_backend.settings import Settings
 
 
 def test_grid_points_cover_the_image():

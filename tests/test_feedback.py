@@ -9,11 +9,11 @@ from training.feedback import BACKGROUND, IGNORE, _label, point_labels
 from training.metrics import instance_map
 from training.study import FEEDBACK_WORLD, run_feedback_study
 from training.synthetic import make_world, source_bags, target_bags
-from usam_backend.errors import DataError
-from usam_backend.feedback import FeedbackStore, Region, annotation_regions, compare
-from usam_backend.masks import mask_to_rle
-from usam_backend.projects import EventLog
-from usam_backend.regions import decision_confidence
+from usam_backend.core.errors import DataError
+from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.regions import Region, decision_confidence
+from usam_backend.labelstudio.feedback import FeedbackStore, annotation_regions, compare
+from usam_backend.labelstudio.projects import EventLog
 
 
 def box_mask(box, shape=(40, 60)):

@@ -7,10 +7,10 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
-from usam_backend.backend import Backend, PredictRequest
-from usam_backend.label_config import parse_label_config
+from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.registry import model_version
-from usam_backend.settings import Settings
+from usam_backend.server.service import Backend, PredictRequest
 
 from conftest import scene
 from helpers import UsamServer, WebHost, wait_until
@@ -80,7 +80,7 @@ def test_every_n_annotations_retrain_a_project_head(tmp_path, trained_head, clas
     assert backend.setup("6.100", CONFIG, host.url, None) == shared  # another project keeps the shared head
     again = backend.predict(PredictRequest(tasks=tasks[2:], project="5.100"))
     assert again[0]["model_version"] == version
-    choice = backend.registry.choose(parse_label_config(CONFIG), "5")
+    choice = backend.registry.choose(parse_label_config(CONFIG).labels, "5")
     assert choice is not None and choice.version == version
     assert choice.head.info["feedback"]["instances"]["_background"] > 0
 
@@ -151,7 +151,7 @@ def test_a_label_without_class_images_is_learned_from_annotations(tmp_path, trai
     jobs = {j["project"]: j for j in backend.runner.jobs() if j["kind"] == "feedback"}
     assert jobs["5"]["status"] == "finished", jobs["5"]
     assert jobs["5"]["result"]["feedback"]["instances"]["grass"] > 0
-    choice = backend.registry.choose(parse_label_config(config), "5")
+    choice = backend.registry.choose(parse_label_config(config).labels, "5")
     assert choice is not None and not choice.missing  # grass is served now, for this project
     assert "no folder for label 'grass'" in choice.head.info["provenance"]["classes"]["grass"]["no_class_images"]
     assert jobs["6"]["status"] == "failed"

@@ -4,7 +4,7 @@ import torch
 
 from training import Head, train_head
 from training.train import train_heads
-from usam_backend.errors import DataError, HeadError
+from usam_backend.core.errors import DataError, HeadError
 
 
 def toy_bags(seed: int = 0, n: int = 24, d: int = 20, dim: int = 16):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam_backend.errors import ImageError
-from usam_backend.images import load_image
+from usam_backend.core.errors import ImageError
+from usam_backend.core.images import load_image
 
 LIMIT = 10_000_000
 

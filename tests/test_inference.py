@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from usam_backend.bench import compare, naive_segment
-from usam_backend.errors import HeadError
-from usam_backend.inference import SemanticSegmenter
-from usam_backend.masks import mask_boxes, mask_iou
-from usam_backend.timing import StageTimer
+from usam_backend.core.errors import HeadError
+from usam_backend.core.masks import mask_boxes, mask_iou
+from usam_backend.core.timing import StageTimer
+from usam_backend.systems.usam import SemanticSegmenter
+from usam_backend.tools.bench import compare, naive_segment
 
 
 def test_image_to_labelled_regions(tiny_engine, trained_head, two_object_image):

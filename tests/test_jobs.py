@@ -3,12 +3,14 @@
 import pytest
 
 from training import Head
-from training.jobs import TrainRequest, job_id, train_labels
-from usam_backend.backend import Backend
-from usam_backend.label_config import parse_label_config
+from training.recipe import Recipe, RecipeMismatch
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.policy import labels_job, recipe_for
+from usam_backend.jobs.runners import EmbeddedRunner, JobSpec, run_function
+from usam_backend.jobs.training import train_labels_job
+from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.registry import HeadRegistry, no_head_version
-from usam_backend.runners import EmbeddedRunner
-from usam_backend.settings import Settings
+from usam_backend.server.service import Backend
 
 from conftest import write_class_folders
 
@@ -29,24 +31,30 @@ def job_settings(tmp_path):
     )  # fmt: skip
 
 
+def train_labels(settings: Settings, labels: list[str], *, project: str | None = None, trigger: str = "test") -> dict:
+    spec = labels_job(recipe_for(settings), labels, project=project, trigger=trigger)
+    return dict(run_function(spec.function, settings, spec.request, None))
+
+
 def test_a_job_publishes_a_self_describing_head_and_resumes(job_settings):
-    result = train_labels(job_settings, TrainRequest(["tomato", "sky"], project="4", trigger="setup"))
+    result = train_labels(job_settings, ["tomato", "sky"], project="4", trigger="setup")
     path = job_settings.model_dir / "heads" / result["file"]
     head = Head.load(path)
-    assert head.class_names == ("tomato", "sky") and result["labels"] == ["tomato", "sky"]
+    assert head.class_names == ("sky", "tomato") and result["labels"] == ["sky", "tomato"]
     registry = head.info["registry"]
     assert set(registry["stage_seconds"]) == {"class_images", "embeddings", "training_and_validation", "publishing"}
-    assert registry["project"] == "4" and registry["trigger"] == "setup"
+    assert registry["project"] == "4" and registry["trigger"] == "setup" and registry["kind"] == "labels"
+    assert registry["recipe"] == recipe_for(job_settings).to_dict()  # what shaped it, in the head
     assert head.info["provenance"]["source"] == "folder"
     assert head.info["provenance"]["classes"]["sky"]["images"] == 3
     choice = HeadRegistry(job_settings.model_dir / "heads", "tiny").choose(
-        parse_label_config(config_for("sky", "tomato"))
+        parse_label_config(config_for("sky", "tomato")).labels
     )
     assert choice is not None and choice.version == result["version"] and not choice.missing
 
     bags = sorted((job_settings.cache_dir / "bags").rglob("*.npy"))
     stamps = [p.stat().st_mtime_ns for p in bags]
-    again = train_labels(job_settings, TrainRequest(["tomato", "sky"]))
+    again = train_labels(job_settings, ["tomato", "sky"])
     assert again["version"] == result["version"]  # same data, same seed: the same head
     assert [p.stat().st_mtime_ns for p in bags] == stamps  # embeddings were reused, not recomputed
     assert len(list((job_settings.model_dir / "heads").glob("*.pt"))) == 1
@@ -57,43 +65,78 @@ def test_one_label_learns_against_background_images(job_settings):
     background.mkdir()
     for image in (job_settings.data_dir / "grass").iterdir():
         image.rename(background / image.name)
-    result = train_labels(job_settings, TrainRequest(["tomato"]))
+    result = train_labels(job_settings, ["tomato"])
     head = Head.load(job_settings.model_dir / "heads" / result["file"])
     assert head.class_names == ("tomato",) and head.config.background
 
 
-def test_job_ids_name_the_label_set():
-    settings = Settings(sam_type="tiny")
-    assert job_id(settings, ["Sky", "tomato"], cuda=False) == job_id(settings, ["tomato", "sky"], cuda=False)
-    assert job_id(settings, ["sky"], cuda=False) != job_id(settings, ["sky", "tomato"], cuda=False)
-    assert job_id(settings, ["sky"], cuda=False) != job_id(settings.replace(points=64), ["sky"], cuda=False)
+def test_job_ids_name_the_label_set_and_its_recipe():
+    recipe = recipe_for(Settings(sam_type="tiny"))
+
+    def job_id(recipe: Recipe, labels: list[str]) -> str:
+        return labels_job(recipe, labels, project=None, trigger="test").id
+
+    assert job_id(recipe, ["Sky", "tomato"]) == job_id(recipe, ["tomato", "sky"])
+    assert job_id(recipe, ["sky"]) != job_id(recipe, ["sky", "tomato"])
+    assert job_id(recipe, ["sky"]) != job_id(recipe_for(Settings(sam_type="tiny", points=64)), ["sky"])
+    assert job_id(recipe, ["sky"]) != job_id(recipe_for(Settings(sam_type="tiny", train_epochs=3)), ["sky"])
+
+
+def test_a_worker_trains_the_recipe_it_is_sent_not_its_own_settings(job_settings):
+    server = job_settings.replace(points=4, train_epochs=2, images_per_class=2)
+    spec = labels_job(recipe_for(server), ["tomato", "sky"], project="4", trigger="setup")
+    result = train_labels_job(job_settings, spec.request)  # the worker's own environment says 16 points
+    head = Head.load(job_settings.model_dir / "heads" / result["file"])
+    assert head.info["points"] == 4 and head.info["registry"]["recipe"]["train_epochs"] == 2
+    assert head.info["provenance"]["classes"]["sky"]["images"] == 2
+
+
+def test_a_worker_refuses_a_recipe_for_other_sam_weights(job_settings):
+    spec = labels_job(recipe_for(job_settings.replace(sam_type="vit_b")), ["sky"], project="4", trigger="setup")
+    with pytest.raises(RecipeMismatch, match=r"SAM vit_b .* this worker runs SAM tiny"):
+        train_labels_job(job_settings, spec.request)
+    other_weights = Recipe.from_dict({**spec.request["recipe"], "sam_type": "tiny", "sam_fingerprint": "tiny-other"})
+    with pytest.raises(RecipeMismatch, match="weights tiny-other, but this worker loaded tiny-random"):
+        train_labels_job(job_settings, {**spec.request, "recipe": other_weights.to_dict()})
+    assert not (job_settings.model_dir / "heads").exists()
 
 
 def test_embedded_runner_is_idempotent_and_reports_failures(job_settings):
     runner = EmbeddedRunner(job_settings)
-    request = {"labels": ["sky", "tomato"], "project": "1", "trigger": "setup"}
-    first = runner.submit(request, "job-a")
-    second = runner.submit(request, "job-a")
+    recipe = recipe_for(job_settings)
+    spec = labels_job(recipe, ["sky", "tomato"], project="1", trigger="setup")
+    first = runner.submit(spec)
+    second = runner.submit(spec)
     assert second is first  # queued or running: never twice
     runner.wait(120)
     (done,) = runner.jobs()
     assert done["status"] == "finished" and done["result"]["labels"] == ["sky", "tomato"]
-    assert done["progress"]["stage"] == "publishing"
+    assert done["progress"]["stage"] == "publishing" and done["kind"] == "labels"
 
-    failing = runner.submit({"labels": ["sky", "zebra"], "trigger": "setup"}, "job-b")
+    zebra = labels_job(recipe, ["sky", "zebra"], project=None, trigger="setup")
+    failing = runner.submit(zebra)
     runner.wait(60)
     assert failing.status == "failed" and "no folder for label 'zebra'" in (failing.error or "")
-    assert runner.submit({"labels": ["sky", "zebra"]}, "job-b") is failing  # not retried at once
-    retried = runner.submit({"labels": ["sky", "zebra"]}, "job-b", force=True)  # Start training retries
+    assert runner.submit(zebra) is failing  # not retried at once
+    retried = runner.submit(zebra, force=True)  # Start training retries
     assert retried is not failing
     runner.wait(60)
+
+
+def test_runners_call_any_job_function_by_its_dotted_path(job_settings):
+    runner = EmbeddedRunner(job_settings)
+    spec = JobSpec("job-c", "json.loads", {"labels": []}, "custom", "not a usam job")
+    runner.submit(spec)
+    runner.wait(30)
+    (job,) = runner.jobs()
+    assert job["status"] == "failed" and job["kind"] == "custom" and "TypeError" in job["error"]
 
 
 def test_setup_trains_missing_labels_in_process_and_the_old_head_serves_meanwhile(job_settings):
     backend = Backend(job_settings)
     assert backend.runner.kind == "embedded"
     assert backend.setup("5.1", config_for("tomato", "sky"), None, None) == no_head_version("tiny")
-    backend._submitter.shutdown(wait=True)  # the submission itself is asynchronous
+    backend.policy.drain()  # the submission itself is asynchronous
     backend.runner.wait(120)  # type: ignore[attr-defined]
     first = backend.setup("5.1", config_for("tomato", "sky"), None, None)
     assert first.startswith("usam-tiny-") and "no-head" not in first
@@ -101,7 +144,7 @@ def test_setup_trains_missing_labels_in_process_and_the_old_head_serves_meanwhil
     backend = Backend(job_settings)
     assert backend.setup("5.1", config_for("tomato", "sky", "grass"), None, None) == first  # still serving
     assert backend.health()["projects"]["5"]["missing_labels"] == ["grass"]
-    backend._submitter.shutdown(wait=True)
+    backend.policy.drain()
     backend.runner.wait(120)  # type: ignore[attr-defined]
     second = backend.setup("5.1", config_for("tomato", "sky", "grass"), None, None)
     assert second != first

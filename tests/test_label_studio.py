@@ -26,8 +26,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from training import Head
-from usam_backend.inference import SemanticSegmenter
 from usam_backend.registry import model_version
+from usam_backend.systems.usam import SemanticSegmenter
 
 from conftest import scene
 from helpers import ROOT, UsamServer, free_port, run_worker, wait_until

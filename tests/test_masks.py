@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from usam_backend.masks import mask_boxes, mask_iou, mask_nms, mask_to_rle, rle_to_mask
-from usam_backend.regions import Regions
+from usam_backend.core.masks import mask_boxes, mask_iou, mask_nms, mask_to_rle, rle_to_mask
+from usam_backend.core.regions import Regions
 
 
 def masks_from(*rows: list[str]) -> np.ndarray:

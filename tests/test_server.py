@@ -11,8 +11,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from training import Head
-from usam_backend.inference import SemanticSegmenter
 from usam_backend.registry import model_version
+from usam_backend.systems.usam import SemanticSegmenter
 
 from conftest import scene
 from helpers import UsamServer, WebHost

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from usam_backend.errors import ConfigurationError
-from usam_backend.settings import Settings, documented_settings, env_name
+from usam_backend.core.errors import ConfigurationError
+from usam_backend.core.settings import Settings, documented_settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

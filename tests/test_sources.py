@@ -13,8 +13,8 @@ from training.progress import Progress
 from training.sources.folder import FolderSource
 from training.sources.synthetic import SyntheticSource
 from training.sources.web import WebSource
-from usam_backend.errors import DataError
-from usam_backend.settings import Settings
+from usam_backend.core.errors import DataError
+from usam_backend.core.settings import Settings
 
 from conftest import write_class_folders
 from helpers import WebHost, reply
@@ -26,13 +26,13 @@ def quiet() -> Progress:
 
 def test_folder_source_matches_labels_without_case(tmp_path):
     data = write_class_folders(tmp_path / "data", per_class=3, size=32)
-    source = FolderSource(Settings(data_dir=data))
+    source = FolderSource(data)
     assert [p.name for p in source.collect("SKY", None, quiet())] == ["000.png", "001.png", "002.png"]
     assert len(source.collect("tomato", 2, quiet())) == 2
     with pytest.raises(DataError, match="no folder for label 'cat'"):
         source.collect("cat", None, quiet())
     with pytest.raises(DataError, match="needs USAM_DATA_DIR"):
-        FolderSource(Settings())
+        FolderSource(None)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import base64
 import httpx
 import pytest
 
-from usam_backend.task_images import (
+from usam_backend.labelstudio.media import (
     FetchLimits,
     ImageFetchError,
     LabelStudioAuth,

@@ -205,3 +205,25 @@ def test_redis_unreachable_setup_and_predict_still_answer(tmp_path_factory, trai
         assert time.monotonic() - started < 1.0
     finally:
         server.stop()
+
+
+def test_a_worker_with_other_sam_fails_the_job_naming_both(tmp_path_factory, redis_url, data):
+    server_env = base_env(
+        tmp_path_factory, redis_url, USAM_DATA_SOURCE="folder", USAM_DATA_DIR=str(data), USAM_QUEUE="usam-mismatch"
+    )
+    worker_env = {**server_env, "USAM_SAM_TYPE": "vit_b", "USAM_POINTS": "64"}  # configured differently
+    server = UsamServer(server_env, tmp_path_factory.mktemp("logs") / "mismatch.log")
+    try:
+        setup(server, config_for("tomato", "sky"))
+        queued = wait_for_job(server, ["sky", "tomato"], "queued")
+        assert queued["kind"] == "labels"
+        burst(worker_env)
+        failed = wait_for_job(server, ["sky", "tomato"], "failed")
+        assert "RecipeMismatch" in failed["error"]
+        assert "SAM tiny (tiny-random)" in failed["error"] and "this worker runs SAM vit_b" in failed["error"]
+        (in_health,) = [j for j in server.health()["training"]["jobs"] if j["id"] == failed["id"]]
+        assert in_health["error"] == failed["error"]
+        heads = Path(server_env["USAM_MODEL_DIR"]) / "heads"
+        assert not heads.exists() or not list(heads.glob("*.pt"))  # nothing the server cannot use
+    finally:
+        server.stop()

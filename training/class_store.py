@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usam_backend.fileio import atomic_path
-from usam_backend.label_config import normalise
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.labels import normalise
 
 
 def label_key(label: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from usam_backend.errors import DataError
-from usam_backend.images import IMAGE_EXTENSIONS
+from usam_backend.core.errors import DataError
+from usam_backend.core.images import IMAGE_EXTENSIONS
 
 BACKGROUND_FOLDER = "_background"
 """Optional folder of negative images (none of the classes): needed to learn a single class."""

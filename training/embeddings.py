@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from usam_backend.errors import ImageError
-from usam_backend.fileio import atomic_path
-from usam_backend.images import load_image
+from usam_backend.core.errors import ImageError
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.images import load_image
 from usam_backend.sam.engine import SamEngine
 
 

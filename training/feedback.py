@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from usam_backend.feedback import Region
-from usam_backend.fileio import atomic_path
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.regions import Region
 from usam_backend.sam.engine import SamEngine
 
 IGNORE = -2

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from usam_backend.errors import HeadError
-from usam_backend.fileio import atomic_path
+from usam_backend.core.errors import HeadError
+from usam_backend.core.fileio import atomic_path
 
 FORMAT = "usam-head/1"
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from training.head import Head, HeadConfig, HeadNet
 from training.losses import bad_points, mil_loss, top_k, uncertainty_loss
-from usam_backend.errors import DataError
+from usam_backend.core.errors import DataError
 
 
 @dataclass(frozen=True)

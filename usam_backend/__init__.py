@@ -1,0 +1,100 @@
+"""usam: Segment Anything that knows your labels — a Label Studio ML backend and a library.
+
+The stable Python API (imported lazily: ``import usam_backend`` loads no model and no torch)::
+
+    from usam_backend import Settings, SamEngine, SemanticSegmenter, load_image
+    from training import Head
+
+    settings = Settings.from_env()                       # USAM_* variables, read once
+    engine = SamEngine.from_settings(settings)           # SAM, weights downloaded and verified once
+    segmenter = SemanticSegmenter(engine, Head.load("models/heads/animals.pt"))
+    regions = segmenter.segment(load_image("photo.jpg"))  # Regions: masks, labels, scores
+    predictor = EnginePredictor(engine)                  # SamPredictor's interface, cached embeddings
+
+Layers, each importing only those below it: ``core`` (settings, images, masks, the result
+container) < ``sam`` (models, engine, prompt API) < ``training`` (builds heads) < ``systems``
+(semantic inference, interactive prompts) and ``registry`` (heads on disk) < ``labelstudio``
+(the protocol's pieces) < ``jobs`` (runners, job functions, policy) < ``server`` (HTTP) <
+``tools`` and ``cli``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from usam_backend.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from usam_backend.core.errors import (
+        CheckpointError,
+        ConfigurationError,
+        DataError,
+        HeadError,
+        ImageError,
+        UsamError,
+    )
+    from usam_backend.core.images import load_image
+    from usam_backend.core.regions import Region, Regions
+    from usam_backend.core.settings import Settings, get_settings
+    from usam_backend.registry import HeadRegistry, model_version
+    from usam_backend.sam.engine import PromptBatch, PromptResult, SamEngine
+    from usam_backend.sam.models import LoadedSam, load_sam
+    from usam_backend.sam.predictor import EnginePredictor
+    from usam_backend.sam.shared import shared_engine
+    from usam_backend.systems.prompts import PromptMask, segment_prompt
+    from usam_backend.systems.usam import SemanticSegmenter
+
+_EXPORTS = {
+    "Settings": "usam_backend.core.settings",
+    "get_settings": "usam_backend.core.settings",
+    "UsamError": "usam_backend.core.errors",
+    "ConfigurationError": "usam_backend.core.errors",
+    "ImageError": "usam_backend.core.errors",
+    "CheckpointError": "usam_backend.core.errors",
+    "HeadError": "usam_backend.core.errors",
+    "DataError": "usam_backend.core.errors",
+    "load_image": "usam_backend.core.images",
+    "Regions": "usam_backend.core.regions",
+    "Region": "usam_backend.core.regions",
+    "load_sam": "usam_backend.sam.models",
+    "LoadedSam": "usam_backend.sam.models",
+    "SamEngine": "usam_backend.sam.engine",
+    "PromptBatch": "usam_backend.sam.engine",
+    "PromptResult": "usam_backend.sam.engine",
+    "EnginePredictor": "usam_backend.sam.predictor",
+    "shared_engine": "usam_backend.sam.shared",
+    "SemanticSegmenter": "usam_backend.systems.usam",
+    "segment_prompt": "usam_backend.systems.prompts",
+    "PromptMask": "usam_backend.systems.prompts",
+    "HeadRegistry": "usam_backend.registry",
+    "model_version": "usam_backend.registry",
+}
+
+__all__ = [
+    "CheckpointError",
+    "ConfigurationError",
+    "DataError",
+    "EnginePredictor",
+    "HeadError",
+    "HeadRegistry",
+    "ImageError",
+    "LoadedSam",
+    "PromptBatch",
+    "PromptMask",
+    "PromptResult",
+    "Region",
+    "Regions",
+    "SamEngine",
+    "SemanticSegmenter",
+    "Settings",
+    "UsamError",
+    "get_settings",
+    "load_image",
+    "load_sam",
+    "model_version",
+    "segment_prompt",
+    "shared_engine",
+]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from usam_backend.errors import UsamError
-from usam_backend.settings import SAM_TYPES, Settings, get_settings
+from usam_backend.core.errors import ConfigurationError, UsamError
+from usam_backend.core.settings import SAM_TYPES, Settings, get_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +159,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.pipeline import train_from_folders
+    from training.pipeline import train_from_folders  # torch: loaded only by the commands that need it
 
     settings = _settings(args)
     options = {} if args.epochs is None else {"epochs": args.epochs}
@@ -178,10 +178,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from training.head import Head
-    from usam_backend.images import load_image
-    from usam_backend.inference import SemanticSegmenter
-    from usam_backend.predict import check_distinct_outputs, write_outputs
+    from usam_backend.core.images import load_image
     from usam_backend.sam.engine import SamEngine
+    from usam_backend.systems.usam import SemanticSegmenter
+    from usam_backend.tools.outputs import check_distinct_outputs, write_outputs
 
     settings = _settings(args, score_threshold=args.threshold, nms_iou=args.nms_iou)
     check_distinct_outputs(args.images, args.out)
@@ -210,7 +210,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from usam_backend.bench import format_report, run_bench
+    from usam_backend.tools.bench import format_report, run_bench
 
     settings = _settings(args, decode_chunk=args.chunk)
     report = run_bench(settings, size=args.size, keep_fraction=args.keep)
@@ -221,17 +221,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_predict(args: argparse.Namespace) -> int:
-    from usam_backend.bench_predict import run_predict_latency
+    from usam_backend.tools.bench_predict import run_predict_latency
 
     print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=args.keep).report())
     return 0
 
 
 def _train_labels(args: argparse.Namespace) -> int:
-    from training.jobs import TrainRequest, train_labels
+    from usam_backend.jobs.policy import labels_job, recipe_for
+    from usam_backend.jobs.runners import run_function
 
     settings = _settings(args, data_source=args.source, images_per_class=args.images)
-    result = train_labels(settings, TrainRequest(list(args.labels), trigger="command line"))
+    spec = labels_job(recipe_for(settings), list(args.labels), project=None, trigger="command line")
+    result = run_function(spec.function, settings, spec.request, None)
     for stage, seconds in result["stage_seconds"].items():
         print(f"{stage:<26}{seconds:>9.2f} s")
     print(f"{'total':<26}{sum(result['stage_seconds'].values()):>9.2f} s")
@@ -240,7 +242,7 @@ def _train_labels(args: argparse.Namespace) -> int:
 
 
 def _preannotate(args: argparse.Namespace) -> int:
-    from usam_backend.preannotate import run_preannotate
+    from usam_backend.jobs.preannotate import run_preannotate
 
     settings = get_settings().replace(preannotate_chunk=args.chunk)
     return run_preannotate(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
@@ -252,8 +254,6 @@ def _worker(args: argparse.Namespace) -> int:
     from redis import Redis
     from redis.exceptions import RedisError
     from rq import Queue, SimpleWorker
-
-    from usam_backend.errors import ConfigurationError
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
@@ -275,8 +275,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from usam_backend.app import create_app
-    from usam_backend.backend import Backend
+    from usam_backend.server.app import create_app
+    from usam_backend.server.service import Backend
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()

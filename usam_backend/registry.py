@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from training.head import Head
-from usam_backend.errors import HeadError
-from usam_backend.label_config import LabelConfig, normalise
+from usam_backend.core.errors import HeadError
+from usam_backend.core.labels import normalise
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def head_project(head: Head) -> str | None:
 
 def no_head_version(sam_type: str) -> str:
     return f"usam-{sam_type}-no-head-yet"
+
+
+class NamedLabel(Protocol):
+    """A project label: its value and the normalised names a head class may carry to serve it
+    (Label Studio's :class:`~usam_backend.labelstudio.config.ProjectLabel` is one)."""
+
+    @property
+    def value(self) -> str: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -81,19 +94,20 @@ class HeadRegistry:
         self._refresh()
         return {str(path): e.problem for path, e in self._entries.items() if e.problem}
 
-    def choose(self, config: LabelConfig, project: str | None = None) -> HeadChoice | None:
-        """The head that serves most of the config's labels, if any: among equals, the project's
-        own (trained on its annotations) first, then the newest."""
+    def choose(self, labels: Sequence[NamedLabel], project: str | None = None) -> HeadChoice | None:
+        """The head that serves most of these labels, if any: among equals, the project's own
+        (trained on its annotations) first, then the newest."""
+        values = tuple(dict.fromkeys(label.value for label in labels))
         best: HeadChoice | None = None
         best_rank = (0, False)
         for path, head in self.heads():
             owner = head_project(head)
             if owner is not None and owner != project:
                 continue
-            served = _match(head, config)
+            served = _match(head, labels)
             rank = (len(served), owner is not None)
             if served and rank > best_rank:
-                missing = tuple(v for v in config.label_values if v not in served)
+                missing = tuple(v for v in values if v not in served)
                 best, best_rank = HeadChoice(head, path, model_version(head, self.sam_type), served, missing), rank
         return best
 
@@ -124,10 +138,10 @@ class HeadRegistry:
         return _Entry(stamp, head, None)
 
 
-def _match(head: Head, config: LabelConfig) -> dict[str, int]:
+def _match(head: Head, labels: Sequence[NamedLabel]) -> dict[str, int]:
     classes = {normalise(name): index for index, name in enumerate(head.class_names)}
     served: dict[str, int] = {}
-    for label in config.labels:
+    for label in labels:
         for name in label.names:  # the label's own value first, then its aliases
             if name in classes:
                 served.setdefault(label.value, classes[name])

@@ -11,7 +11,11 @@ from typing import Protocol
 
 from training.class_store import ClassStore
 from training.progress import Progress
-from usam_backend.settings import Settings
+from training.recipe import resolve_source_name
+from training.sources.folder import FolderSource
+from training.sources.synthetic import SyntheticSource
+from training.sources.web import WebSource
+from usam_backend.core.settings import Settings
 
 
 class ClassSource(Protocol):
@@ -30,23 +34,11 @@ class ClassSource(Protocol):
         ...
 
 
-def resolve_source_name(settings: Settings, cuda: bool) -> str:
-    if settings.data_source != "auto":
-        return settings.data_source
-    return "synthetic" if cuda else "web"
-
-
 def make_source(settings: Settings, *, cuda: bool) -> ClassSource:
     name = resolve_source_name(settings, cuda)
     store = ClassStore(settings.cache_dir / "classes")
     if name == "folder":
-        from training.sources.folder import FolderSource
-
-        return FolderSource(settings)
+        return FolderSource(settings.data_dir)
     if name == "synthetic":
-        from training.sources.synthetic import SyntheticSource
-
         return SyntheticSource(settings, store, cuda=cuda)
-    from training.sources.web import WebSource
-
     return WebSource(settings, store)

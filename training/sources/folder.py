@@ -6,18 +6,17 @@ from pathlib import Path
 
 from training.data import image_files
 from training.progress import Progress
-from usam_backend.errors import DataError
-from usam_backend.label_config import normalise
-from usam_backend.settings import Settings
+from usam_backend.core.errors import DataError
+from usam_backend.core.labels import normalise
 
 
 class FolderSource:
     name = "folder"
 
-    def __init__(self, settings: Settings):
-        if settings.data_dir is None:
+    def __init__(self, root: Path | None):
+        if root is None:
             raise DataError("USAM_DATA_SOURCE=folder needs USAM_DATA_DIR, a folder of <label>/ image folders")
-        self.root = settings.data_dir
+        self.root = root
 
     def key(self) -> str:
         return "folder"

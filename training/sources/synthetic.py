@@ -17,8 +17,8 @@ from typing import Any
 
 from training.class_store import ClassStore
 from training.progress import Progress
-from usam_backend.errors import DataError
-from usam_backend.settings import Settings
+from usam_backend.core.errors import DataError
+from usam_backend.core.settings import Settings
 
 DEFAULT_COUNT = 200
 _load_lock = threading.Lock()

@@ -25,10 +25,10 @@ from PIL import Image
 
 from training.class_store import ClassFolder, ClassStore
 from training.progress import Progress
-from usam_backend.errors import DataError, ImageError
-from usam_backend.images import load_image
-from usam_backend.settings import Settings
-from usam_backend.task_images import FetchLimits, ImageFetchError, TaskImageFetcher
+from usam_backend.core.errors import DataError, ImageError
+from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError
+from usam_backend.core.images import load_image
+from usam_backend.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class WebSource:
         self.http = http or httpx.Client(follow_redirects=False)
         self.api = PoliteClient(self.http, settings.web_interval, settings.fetch_timeout)
         limits = FetchLimits(settings.max_image_bytes, settings.fetch_timeout, settings.allowed_hosts)
-        self.downloads = TaskImageFetcher(None, None, limits, self.http)
+        self.downloads = GuardedFetcher(limits, self.http)
 
     def key(self) -> str:
         s = self.settings

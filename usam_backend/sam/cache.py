@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usam_backend.fileio import atomic_path
+from usam_backend.core.fileio import atomic_path
 
 
 @dataclass(frozen=True)

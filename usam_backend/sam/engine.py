@@ -11,10 +11,10 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from usam_backend.core.settings import Settings
 from usam_backend.sam.cache import EmbeddingCache, ImageEmbedding, image_key
 from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits, reference_decode
-from usam_backend.sam.models import LoadedSam
-from usam_backend.settings import Settings
+from usam_backend.sam.models import LoadedSam, load_sam
 
 UPSCALE_BATCH = 8
 """Masks brought to image size at once; bounds memory for very large images."""
@@ -33,6 +33,21 @@ class PointChunk:
     index: slice
     points: np.ndarray
     decoded: DecodedPoints
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Masks for B prompts on one image, K per prompt (3 with multimask, else 1).
+
+    Attributes:
+        masks: (B, K, H, W) bool at the original image size (None when not asked for).
+        iou_predictions: (B, K) float32 SAM's predicted IoU of each mask.
+        low_res_logits: (B, K, 256, 256) mask logits, usable as the next pass's ``mask_input``.
+    """
+
+    masks: np.ndarray | None
+    iou_predictions: np.ndarray
+    low_res_logits: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,6 @@ class SamEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_random: bool = False) -> SamEngine:
-        from usam_backend.sam.models import load_sam
-
         sam = load_sam(
             settings.sam_type, settings.sam_checkpoint, settings.cache_dir, settings.device, allow_random=allow_random
         )
@@ -153,6 +166,11 @@ class SamEngine:
             return np.zeros((0, *embedding.original_size), dtype=bool)
         return np.concatenate(masks)
 
+    @torch.inference_mode()
+    def upscale_logits(self, logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
+        """Low-res logits (k, 256, 256) -> (k, H, W) float logits at the original image size."""
+        return self.model.postprocess_masks(logits[:, None], embedding.input_size, embedding.original_size)[:, 0]
+
     # -- SAM's own decoder (reference path, prompts) -------------------------------------------
 
     @torch.inference_mode()
@@ -174,6 +192,61 @@ class SamEngine:
         return tokens, iou, logits
 
     @torch.inference_mode()
+    def predict_prompts(
+        self,
+        embedding: ImageEmbedding,
+        *,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | torch.Tensor | None = None,
+        multimask: bool = True,
+        masks: bool = True,
+    ) -> PromptBatch:
+        """SAM's decoder for a batch of prompts on one image, reusing its embedding.
+
+        The one prompt API interactive tools, refinement and video use. Give any of:
+
+        Args:
+            points: (B, N, 2) XY pixels of the original image; labels: (B, N), 1 positive, 0 negative.
+            boxes: (B, 4) XYXY pixels.
+            mask_input: (B, 1, 256, 256) low-res logits of an earlier pass (SAM's cascade).
+            multimask: three masks per prompt (K = 3) instead of one (K = 1).
+            masks: also upscale the masks to the image (else only logits and scores).
+        """
+        sizes = {len(x) for x in (points, boxes, mask_input) if x is not None}
+        if not sizes:
+            raise ValueError("a prompt needs points, boxes or mask_input")
+        if len(sizes) > 1:
+            raise ValueError(f"points, boxes and mask_input must hold the same number of prompts, got {sorted(sizes)}")
+        point_input = None
+        if points is not None:
+            if labels is None or np.shape(labels) != np.shape(points)[:2]:
+                raise ValueError(f"labels must be (B, N) for points of shape {np.shape(points)}")
+            coords = self.transform.apply_coords(np.asarray(points, dtype=np.float32), embedding.original_size)
+            point_input = (
+                torch.as_tensor(coords, dtype=torch.float32, device=self.device),
+                torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=self.device),
+            )
+        box_input = None
+        if boxes is not None:
+            scaled = self.transform.apply_boxes(np.asarray(boxes, dtype=np.float32), embedding.original_size)
+            box_input = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        mask_tensor = None
+        if mask_input is not None:
+            mask_tensor = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
+        sparse, dense = self.model.prompt_encoder(points=point_input, boxes=box_input, masks=mask_tensor)
+        low_res, iou = self.model.mask_decoder(
+            embedding.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+        )
+        full = None
+        if masks:
+            b, k = low_res.shape[:2]
+            full = self.upscale(low_res.reshape(b * k, *low_res.shape[2:]), embedding)
+            full = full.reshape(b, k, *full.shape[1:])
+        return PromptBatch(full, iou.float().cpu().numpy(), low_res)
+
+    @torch.inference_mode()
     def predict_prompt(
         self,
         embedding: ImageEmbedding,
@@ -183,29 +256,22 @@ class SamEngine:
         box: np.ndarray | None = None,
         multimask: bool = True,
     ) -> PromptResult:
-        """Masks for one interactive prompt, reusing the image embedding.
+        """Masks for one interactive prompt: :meth:`predict_prompts` with a batch of one.
 
         Args:
             points: (n, 2) XY pixels; labels: (n,) 1 = positive, 0 = negative.
             box: (4,) XYXY pixels.
         """
-        point_input = None
-        if points is not None and len(points):
-            coords = self.transform.apply_coords(np.asarray(points, dtype=np.float32), embedding.original_size)
-            point_input = (
-                torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
-                torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None],
-            )
-        box_input = None
-        if box is not None:
-            scaled = self.transform.apply_boxes(np.asarray(box, dtype=np.float32)[None], embedding.original_size)
-            box_input = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
-        sparse, dense = self.model.prompt_encoder(points=point_input, boxes=box_input, masks=None)
-        low_res, iou = self.model.mask_decoder(
-            embedding.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+        has_points = points is not None and len(points) > 0
+        batch = self.predict_prompts(
+            embedding,
+            points=np.asarray(points, dtype=np.float32)[None] if has_points else None,
+            labels=np.asarray(labels)[None] if has_points else None,
+            boxes=None if box is None else np.asarray(box, dtype=np.float32)[None],
+            multimask=multimask,
         )
-        masks = self.upscale(low_res[0], embedding)
-        return PromptResult(masks, iou[0].float().cpu().numpy(), low_res[0])
+        assert batch.masks is not None
+        return PromptResult(batch.masks[0], batch.iou_predictions[0], batch.low_res_logits[0])
 
     def _point_tensors(self, points: np.ndarray, original_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         coords = self.transform.apply_coords(points, original_size)

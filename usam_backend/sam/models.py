@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from usam_backend.checkpoints import find_checkpoint, resolve_checkpoint
-from usam_backend.errors import CheckpointError, ConfigurationError
+from usam_backend.core.errors import CheckpointError, ConfigurationError
+from usam_backend.sam.checkpoints import find_checkpoint, resolve_checkpoint
 
 TINY_SEED = 0
 TINY_DIM = 64
@@ -40,10 +40,23 @@ class LoadedSam:
     @property
     def fingerprint(self) -> str:
         """Identifies the weights, so cached embeddings of other weights are never reused."""
-        if self.random_weights:
-            return f"{self.sam_type}-random"
-        path = Path(self.weights)
-        return f"{self.sam_type}-{path.stem}-{path.stat().st_size}"
+        return weights_fingerprint(self.sam_type, None if self.random_weights else Path(self.weights))
+
+
+def weights_fingerprint(sam_type: str, checkpoint: Path | None) -> str:
+    """``<type>-random`` for random weights, else ``<type>-<file stem>-<file size>``."""
+    if checkpoint is None:
+        return f"{sam_type}-random"
+    return f"{sam_type}-{checkpoint.stem}-{checkpoint.stat().st_size}"
+
+
+def expected_fingerprint(sam_type: str, checkpoint: Path | None, cache_dir: Path) -> str | None:
+    """The fingerprint :func:`load_sam` would give, without loading anything; None when the
+    checkpoint is not on disk yet (it will be downloaded on first use)."""
+    if sam_type == "tiny":
+        return weights_fingerprint(sam_type, None)
+    path = find_checkpoint(sam_type, checkpoint, cache_dir)
+    return weights_fingerprint(sam_type, path) if path is not None else None
 
 
 def build_tiny_sam(seed: int = TINY_SEED) -> Sam:

@@ -1,15 +1,23 @@
-"""One SAM engine per process and configuration, shared by the server and in-process jobs."""
+"""One SAM engine per process and configuration, shared by the server and the jobs it runs."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
+from usam_backend.core.errors import UsamError
+from usam_backend.core.settings import Settings
 from usam_backend.sam.engine import SamEngine
-from usam_backend.settings import Settings
+
+log = logging.getLogger("usam.sam")
 
 compute_lock = threading.Lock()
-"""Held around model computation so the server's predictions and an in-process training job take
-turns instead of fighting over the same cores and memory."""
+"""Held around model computation so the server's predictions and an in-process job take turns
+instead of fighting over the same cores and memory."""
+
+RETRY_SECONDS = 60.0
+"""After a failed load, how long :class:`LazyEngine` answers with the same error."""
 
 _engines: dict[tuple[object, ...], SamEngine] = {}
 _lock = threading.Lock()
@@ -31,3 +39,43 @@ def shared_engine(settings: Settings) -> SamEngine:
         if engine is None:
             engine = _engines[key] = SamEngine.from_settings(settings)
         return engine
+
+
+class LazyEngine:
+    """The shared engine, loaded on first use or in the background; a failed load is remembered for
+    :data:`RETRY_SECONDS` so a burst of requests does not retry a broken download each time."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine: SamEngine | None = None
+        self.error: str | None = None
+        self._failed_at = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> SamEngine:
+        with self._lock:
+            if self.engine is None:
+                if self.error and time.monotonic() - self._failed_at < RETRY_SECONDS:
+                    raise UsamError(self.error)
+                try:
+                    self.engine = shared_engine(self.settings)
+                except UsamError as exc:
+                    self.error, self._failed_at = str(exc), time.monotonic()
+                    raise
+                self.error = None
+                sam = self.engine.sam
+                log.info("SAM %s loaded on %s (%s)", sam.sam_type, self.engine.device, sam.weights)
+            return self.engine
+
+    def warm_up(self) -> threading.Thread:
+        """Load in the background so the first prediction does not pay for it."""
+
+        def load() -> None:
+            try:
+                self.get()
+            except UsamError as exc:
+                log.error("SAM could not be loaded: %s", exc)
+
+        thread = threading.Thread(target=load, name="usam-warm-up", daemon=True)
+        thread.start()
+        return thread

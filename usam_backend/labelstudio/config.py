@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from usam_backend.errors import UsamError
+from usam_backend.core.errors import UsamError
+from usam_backend.core.labels import normalise
 
 MAX_LABEL_CONFIG_BYTES = 1_000_000
 PROMPT_TAGS = {"KeyPointLabels": "keypointlabels", "RectangleLabels": "rectanglelabels"}
@@ -24,11 +25,6 @@ EXAMPLE = (
 
 class LabelConfigError(UsamError):
     """The label config is unreadable or asks for nothing usam can predict."""
-
-
-def normalise(name: str) -> str:
-    """How label names are compared with head class names: case and outer spaces do not matter."""
-    return " ".join(name.split()).casefold()
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from training.head import Head, HeadConfig, HeadNet
-from usam_backend.inference import SemanticSegmenter, finish
-from usam_backend.regions import Regions
+from usam_backend.core.regions import Regions
+from usam_backend.core.settings import Settings
+from usam_backend.core.timing import PeakMemory, StageTimer
 from usam_backend.sam.cache import ImageEmbedding
 from usam_backend.sam.engine import SamEngine
-from usam_backend.settings import Settings
-from usam_backend.timing import PeakMemory, StageTimer
+from usam_backend.systems.usam import SemanticSegmenter, finish
 
 NAIVE_BATCH = 64
 """``SamAutomaticMaskGenerator``'s default ``points_per_batch``."""

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
-from usam_backend.fileio import atomic_path
-from usam_backend.masks import mask_boxes, mask_iou, mask_to_rle, rle_to_mask
-from usam_backend.projects import EventLog
-from usam_backend.settings import Settings
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.masks import mask_boxes, mask_iou, mask_to_rle
+from usam_backend.core.regions import Region
+from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.projects import EventLog
 
 log = logging.getLogger("usam.feedback")
 
@@ -41,25 +42,6 @@ SAME_OUTLINE_IOU = 0.95
 """A region kept with at least this IoU to its prediction counts as kept unchanged."""
 
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-
-
-@dataclass
-class Region:
-    """One brush region: its label and mask (COCO RLE, :func:`usam_backend.masks.mask_to_rle`)."""
-
-    id: str
-    label: str
-    control: str
-    image: str
-    rle: dict[str, list[int]]
-    score: float | None = None
-
-    def mask(self) -> np.ndarray:
-        return rle_to_mask(self.rle)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Region:
-        return cls(**{key: raw[key] for key in ("id", "label", "control", "image", "rle", "score") if key in raw})
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usam_backend.errors import ConfigurationError
+from usam_backend.core.errors import ConfigurationError
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "tiny")
 DATA_SOURCES = ("auto", "synthetic", "web", "folder")

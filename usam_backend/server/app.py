@@ -1,6 +1,6 @@
 """The HTTP adapter: Label Studio's ML-backend protocol over FastAPI, schemas validated.
 
-Parse the request, call :class:`~usam_backend.backend.Backend`, format the answer. Errors become
+Parse the request, call :class:`~usam_backend.server.service.Backend`, format the answer. Errors become
 JSON ``{"error": ...}`` with a 4xx status (5xx only for our own faults); never a traceback.
 """
 
@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from usam_backend.backend import Backend, PredictRequest, PromptError
-from usam_backend.errors import ImageError, UsamError
-from usam_backend.label_config import LabelConfigError
-from usam_backend.projects import UnknownProjectError
-from usam_backend.task_images import ImageFetchError
+from usam_backend.core.errors import ImageError, UsamError
+from usam_backend.core.fetch import ImageFetchError
+from usam_backend.labelstudio.config import LabelConfigError
+from usam_backend.labelstudio.interactive import PromptError
+from usam_backend.labelstudio.projects import UnknownProjectError
+from usam_backend.server.service import Backend, PredictRequest
 
 log = logging.getLogger("usam.http")
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from usam_backend.errors import UsamError
-from usam_backend.fileio import atomic_path
-from usam_backend.inference import SemanticSegmenter
-from usam_backend.masks import mask_to_rle
-from usam_backend.regions import Regions
-from usam_backend.viz import label_map_image, overlay
+from usam_backend.core.errors import UsamError
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.regions import Regions
+from usam_backend.systems.usam import SemanticSegmenter
+from usam_backend.tools.viz import label_map_image, overlay
 
 TINY_WARNING = "SAM weights are random (tiny or no checkpoint): these masks and labels are not from a real model"
 

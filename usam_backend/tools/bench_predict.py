@@ -22,12 +22,12 @@ import torch
 import uvicorn
 from PIL import Image
 
-from usam_backend.app import create_app
-from usam_backend.backend import Backend
-from usam_backend.bench import bench_image, keep_threshold, random_head
-from usam_backend.inference import SemanticSegmenter
+from usam_backend.core.settings import Settings
 from usam_backend.sam.engine import SamEngine
-from usam_backend.settings import Settings
+from usam_backend.server.app import create_app
+from usam_backend.server.service import Backend
+from usam_backend.systems.usam import SemanticSegmenter
+from usam_backend.tools.bench import bench_image, keep_threshold, random_head
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
@@ -66,7 +66,7 @@ def run_predict_latency(settings: Settings, *, size: int = 1024, repeat: int = 3
         root = Path(tmp)
         settings, random_weights = _prepare(settings, root, size, keep)
         backend = Backend(settings)
-        engine = backend.engine()
+        engine = backend.sam.get()
         server, url = _serve(backend)
         host, image_url = _image_host(root / "www")
         try:

@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from usam_backend.regions import Regions
+from usam_backend.core.regions import Regions
 
 
 def class_colors(count: int) -> np.ndarray:

@@ -1,38 +1,97 @@
-"""Where training jobs run: RQ workers through Redis, or a thread inside the server.
+"""Where jobs run: RQ workers through Redis, or a thread inside the server.
 
 ``REDIS_URL`` set: jobs go to the ``USAM_QUEUE`` queue and ``usam worker`` processes (any number,
 on any machine sharing the Redis and ``USAM_MODEL_DIR``) run them. Unset: an in-process runner
-runs them one at a time in a background thread, so ``make serve`` needs no Redis. The same job
-function (:func:`training.jobs.run_job`) runs either way.
+runs them one at a time in a background thread, so ``make serve`` needs no Redis.
 
-Submitting is idempotent: a job id names a label set under given settings, and a job that is
-queued or running is never queued twice; a failed one is retried only when asked (Start
-training) or after ``RETRY_FAILED_AFTER`` seconds.
+Runners know no job kinds: a :class:`JobSpec` names its function by dotted path and carries plain
+data; either runner imports the function and calls it as ``function(settings, request,
+publish=...)`` (:func:`run_function`). Submitting is idempotent: a job that is queued or running
+is never queued twice; a failed one is retried only when asked (``force``) or after
+``RETRY_FAILED_AFTER`` seconds.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from usam_backend.errors import UsamError
-from usam_backend.settings import Settings
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from usam_backend.core.errors import UsamError
+from usam_backend.core.settings import Settings, get_settings
 
 log = logging.getLogger("usam.runner")
 
 RETRY_FAILED_AFTER = 600.0
-STALE_AFTER = 120.0  # a started job whose heartbeat (every 15 s, training.jobs) is older lost its worker
+HEARTBEAT_SECONDS = 15.0
+STALE_AFTER = 120.0  # a started job whose heartbeat is older lost its worker
 DOWN_BACKOFF = 10.0  # after Redis failed, don't try it again for this long
 ACTIVE = ("queued", "started", "deferred", "scheduled")
 
 
+Publish = Callable[[dict[str, Any]], None]
+"""Where a job reports its progress (a snapshot dict: stage, done, total)."""
+
+
 class RunnerUnavailable(UsamError):
     """The job queue cannot be reached (Redis down)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to run: ``function`` (dotted path of a top-level function taking ``settings``,
+    ``request`` and ``publish``) on ``request`` (plain data: ids, paths, labels, recipe).
+
+    ``request`` may carry ``labels``, ``project`` and ``trigger``: they are shown in ``/jobs``."""
+
+    id: str
+    function: str
+    request: dict[str, Any]
+    kind: str
+    description: str
+
+
+def run_function(function: str, settings: Settings, request: dict[str, Any], publish: Publish | None) -> Any:
+    """Import a job function by dotted path and run it (both runners do this)."""
+    module, _, name = function.rpartition(".")
+    return getattr(importlib.import_module(module), name)(settings, request, publish=publish)
+
+
+def rq_entry(function: str, request: dict[str, Any]) -> Any:
+    """What RQ workers run: settings from this worker's environment; progress and a heartbeat go
+    into the job's meta (the heartbeat tells the server a worker is still on it)."""
+    job = get_current_job()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def save(**values: Any) -> None:
+        if job is not None:
+            with lock:
+                job.meta.update(values, heartbeat=time.time())
+                job.save_meta()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            save()
+
+    save()
+    threading.Thread(target=beat, name="usam-heartbeat", daemon=True).start()
+    try:
+        return run_function(function, get_settings(), request, lambda snapshot: save(progress=snapshot))
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -56,7 +115,7 @@ class JobInfo:
 class Runner(Protocol):
     kind: str
 
-    def submit(self, request: dict[str, Any], job_id: str, *, force: bool = False) -> JobInfo: ...
+    def submit(self, spec: JobSpec, *, force: bool = False) -> JobInfo: ...
 
     def jobs(self) -> list[dict[str, Any]]: ...
 
@@ -81,27 +140,24 @@ class EmbeddedRunner:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._jobs: dict[str, JobInfo] = {}
-        self._requests: dict[str, dict[str, Any]] = {}
+        self._specs: dict[str, JobSpec] = {}
         self._queue: queue.Queue[str] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, request: dict[str, Any], job_id: str, *, force: bool = False) -> JobInfo:
+    def submit(self, spec: JobSpec, *, force: bool = False) -> JobInfo:
         with self._lock:
-            known = self._jobs.get(job_id)
+            known = self._jobs.get(spec.id)
             if known is not None and not should_resubmit(known.status, known.ended_at, force=force):
                 return known
-            info = JobInfo(
-                job_id, list(request["labels"]), request.get("project"), request.get("trigger", "manual"),
-                request.get("kind", "labels"),
-            )  # fmt: skip
-            self._jobs[job_id] = info
-            self._requests[job_id] = request
-            self._queue.put(job_id)
+            info = _new_info(spec.id, spec.request, spec.kind)
+            self._jobs[spec.id] = info
+            self._specs[spec.id] = spec
+            self._queue.put(spec.id)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="usam-training", daemon=True)
                 self._thread.start()
-            log.info("queued %s for %s", job_id, info.labels)
+            log.info("queued %s: %s", spec.id, spec.description)
             return info
 
     def jobs(self) -> list[dict[str, Any]]:
@@ -125,8 +181,6 @@ class EmbeddedRunner:
             return [self._jobs[j].public() for j in job_ids if j in self._jobs]
 
     def _work(self) -> None:
-        from training.jobs import execute
-
         while True:
             job_id = self._queue.get()
             info = self._jobs[job_id]
@@ -136,14 +190,15 @@ class EmbeddedRunner:
                 info.progress = snapshot
 
             try:
-                info.result = execute(self.settings, self._requests[job_id], publish=publish)
+                spec = self._specs[job_id]
+                info.result = run_function(spec.function, self.settings, spec.request, publish)
                 info.status = "finished"
             except UsamError as exc:
                 info.status, info.error = "failed", str(exc)
-                log.error("training %s failed: %s", job_id, exc)
+                log.error("job %s failed: %s", job_id, exc)
             except Exception as exc:  # a bug must not kill the runner thread
                 info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.error("training %s failed:\n%s", job_id, traceback.format_exc())
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             info.ended_at = time.time()
 
 
@@ -153,9 +208,6 @@ class RQRunner:
     kind = "rq"
 
     def __init__(self, settings: Settings):
-        from redis import Redis
-        from rq import Queue
-
         self.settings = settings
         self.redis = Redis.from_url(settings.redis_url or "", socket_connect_timeout=1.0, socket_timeout=2.0)
         self.queue = Queue(settings.queue, connection=self.redis)
@@ -163,11 +215,8 @@ class RQRunner:
         self._failed_at = 0.0
         self._checked = 0.0
 
-    def submit(self, request: dict[str, Any], job_id: str, *, force: bool = False) -> JobInfo:
-        from redis.exceptions import RedisError
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
+    def submit(self, spec: JobSpec, *, force: bool = False) -> JobInfo:
+        job_id = spec.id
         if self._fault and time.monotonic() - self._failed_at < DOWN_BACKOFF:
             raise RunnerUnavailable(self._fault)
         try:
@@ -183,27 +232,25 @@ class RQRunner:
             except NoSuchJobError:
                 pass
             job = self.queue.enqueue(
-                "training.jobs.run_job",
-                request,
+                rq_entry,
+                spec.function,
+                spec.request,
                 job_id=job_id,
                 job_timeout=self.settings.job_timeout,
                 result_ttl=7 * 86400,
                 failure_ttl=7 * 86400,
-                description=_describe(request),
-                meta={"request": request},
+                description=spec.description,
+                meta={"request": spec.request, "kind": spec.kind},
             )
         except RedisError as exc:
             self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
             self._failed_at = time.monotonic()
             raise RunnerUnavailable(self._fault) from None
         self._fault = None
-        log.info("queued %s on %s for %s", job_id, self.settings.queue, request["labels"])
+        log.info("queued %s on %s: %s", job_id, self.settings.queue, spec.description)
         return _info(job)
 
     def jobs(self) -> list[dict[str, Any]]:
-        from redis.exceptions import RedisError
-        from rq.job import Job
-
         try:
             ids = list(self.queue.job_ids)
             for registry in (
@@ -218,9 +265,6 @@ class RQRunner:
 
     def get(self, job_ids: list[str]) -> list[dict[str, Any]]:
         """These jobs (those that still exist), however many."""
-        from redis.exceptions import RedisError
-        from rq.job import Job
-
         try:
             found = []
             for start in range(0, len(job_ids), 500):
@@ -230,8 +274,6 @@ class RQRunner:
         return [_info(job).public() for job in found]
 
     def fault(self) -> str | None:
-        from redis.exceptions import RedisError
-
         if time.monotonic() - self._checked > 5.0:
             self._checked = time.monotonic()
             try:
@@ -240,15 +282,6 @@ class RQRunner:
             except RedisError as exc:
                 self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
         return self._fault
-
-
-def _describe(request: dict[str, Any]) -> str:
-    kind = request.get("kind", "labels")
-    if kind == "preannotate":
-        tasks = (request.get("extra") or {}).get("tasks", [])
-        return f"pre-annotate {len(tasks)} task(s) of project {request.get('project')}"
-    what = f"project {request.get('project')}'s annotations and " if kind == "feedback" else ""
-    return f"train a usam head on {what}{', '.join(request['labels'])}"
 
 
 def make_runner(settings: Settings) -> Runner:
@@ -264,8 +297,16 @@ def _status(job: Any) -> str:
     return status
 
 
+def _new_info(job_id: str, request: dict[str, Any], kind: str) -> JobInfo:
+    return JobInfo(
+        job_id, [str(label) for label in request.get("labels") or []], request.get("project"),
+        request.get("trigger", "manual"), kind,
+    )  # fmt: skip
+
+
 def _info(job: Any) -> JobInfo:
-    request = (job.meta or {}).get("request") or {}
+    meta = job.meta or {}
+    request = meta.get("request") or {}
     status = _status(job)
     error = None
     if status == "failed":
@@ -278,7 +319,7 @@ def _info(job: Any) -> JobInfo:
         labels=list(request.get("labels", [])),
         project=request.get("project"),
         trigger=request.get("trigger", "manual"),
-        kind=request.get("kind", "labels"),
+        kind=meta.get("kind", "job"),
         status=status,
         progress=dict((job.meta or {}).get("progress") or {}),
         error=error,
@@ -297,7 +338,7 @@ def _last_line(job: Any) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return "failed"
-    kind, _, message = lines[-1].partition(": ")  # "usam_backend.errors.DataError: ..." -> "DataError: ..."
+    kind, _, message = lines[-1].partition(": ")  # "usam_backend.core.errors.DataError: ..." -> "DataError: ..."
     return f"{kind.rsplit('.', 1)[-1]}: {message}" if message else lines[-1]
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from training.head import Head
-from usam_backend.masks import mask_nms
-from usam_backend.regions import Regions, decision_confidence
+from usam_backend.core.masks import mask_nms
+from usam_backend.core.regions import Regions, decision_confidence
+from usam_backend.core.timing import StageTimer
 from usam_backend.sam.cache import ImageEmbedding
 from usam_backend.sam.engine import SamEngine
-from usam_backend.timing import StageTimer
 
 
 @dataclass
@@ -92,7 +92,7 @@ class SemanticSegmenter:
         self, embedding: ImageEmbedding, *, classes: set[str] | None = None, timer: StageTimer | None = None
     ) -> Candidates:
         """Steps 2-4: the kept grid points and their chosen low-res mask logits (maybe none), and
-        the grid's :func:`~usam_backend.regions.decision_confidence`."""
+        the grid's :func:`~usam_backend.core.regions.decision_confidence`."""
         timer = timer or StageTimer()
         allowed = self._allowed(classes)
         grid = self.engine.grid_points(embedding.original_size, self.points)

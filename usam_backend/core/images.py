@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from usam_backend.errors import ImageError
+from usam_backend.core.errors import ImageError
 
 MIN_SIDE = 16
 """Images with a side shorter than this many pixels are refused: no object to find there."""

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from usam_backend.errors import UsamError
-from usam_backend.fileio import atomic_path
+from usam_backend.core.errors import UsamError
+from usam_backend.core.fileio import atomic_path
 
 
 class UnknownProjectError(UsamError):

@@ -1,7 +1,7 @@
 """Label Studio's prediction format: brush regions (RLE), region scores and the task score.
 
 Task score (Label Studio sorts by it for uncertainty sampling, lowest first): the expected share
-of the head's grid-point decisions that are right (:func:`usam_backend.regions.decision_confidence`),
+of the head's grid-point decisions that are right (:func:`usam_backend.core.regions.decision_confidence`),
 averaged over the task's images. Every grid point is a decision, "this is class c" (right with
 probability p, its best class probability) or "background" (right with probability 1 - p), so
 the score is low when many points sit near the score threshold. Probabilities are calibrated by
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
-from usam_backend.label_config import ProjectLabel
+from usam_backend.labelstudio.config import ProjectLabel
 
 
 def brush_region(mask: np.ndarray, label: ProjectLabel, score: float, region_id: str) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""The one result container that flows from inference to every output format."""
+"""The one result container that flows from inference to every output format (:class:`Regions`),
+and one stored labelled region (:class:`Region`: an annotation's or a logged prediction's)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from usam_backend.masks import mask_boxes
+from usam_backend.core.masks import mask_boxes, rle_to_mask
 
 
 @dataclass(frozen=True)
@@ -109,3 +111,22 @@ def decision_confidence(best_probs: np.ndarray, threshold: float) -> float:
     if p.size == 0:
         return float("nan")
     return float(np.where(p >= threshold, p, 1.0 - p).mean())
+
+
+@dataclass
+class Region:
+    """One brush region: its label and mask (COCO RLE, :func:`usam_backend.core.masks.mask_to_rle`)."""
+
+    id: str
+    label: str
+    control: str
+    image: str
+    rle: dict[str, list[int]]
+    score: float | None = None
+
+    def mask(self) -> np.ndarray:
+        return rle_to_mask(self.rle)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Region:
+        return cls(**{key: raw[key] for key in ("id", "label", "control", "image", "rle", "score") if key in raw})

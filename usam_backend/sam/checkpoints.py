@@ -11,8 +11,8 @@ from typing import Any, BinaryIO
 
 from tqdm.auto import tqdm
 
-from usam_backend.errors import CheckpointError
-from usam_backend.fileio import atomic_path
+from usam_backend.core.errors import CheckpointError
+from usam_backend.core.fileio import atomic_path
 
 
 @dataclass(frozen=True)

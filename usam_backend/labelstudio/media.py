@@ -12,49 +12,24 @@ presigned storage URL) may go to any public host. Link-local, multicast and rese
 from __future__ import annotations
 
 import base64
-import ipaddress
-import logging
-import socket
 import threading
 import time
-from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
-from usam_backend.errors import UsamError
-from usam_backend.settings import Settings
-
-log = logging.getLogger(__name__)
+from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError, host_allowed, origin, short
+from usam_backend.core.settings import Settings
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://", "azure-spi://")
-MAX_REDIRECTS = 5
 ACCESS_TOKEN_SECONDS = 240  # Label Studio's access tokens live 5 minutes; refresh a little early
 
-
-class ImageFetchError(UsamError):
-    """A task image could not be fetched (refused host, HTTP error, too large, ...)."""
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    max_bytes: int
-    timeout: float
-    allowed_hosts: tuple[str, ...] = ()
+__all__ = ["FetchLimits", "ImageFetchError", "LabelStudioAuth", "TaskImageFetcher", "fetcher_for", "host_allowed"]
 
 
 def is_personal_access_token(key: str) -> bool:
     """Personal access tokens are JWTs (three dot-separated parts); legacy tokens are 40 hex digits."""
     return key.count(".") == 2
-
-
-def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in allowed:
-        pattern = pattern.lower().rstrip(".")
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return True
-    return False
 
 
 class LabelStudioAuth:
@@ -102,15 +77,14 @@ class LabelStudioAuth:
         return str(_json(response)["access"])
 
 
-class TaskImageFetcher:
-    """Resolves and downloads task images within :class:`FetchLimits`."""
+class TaskImageFetcher(GuardedFetcher):
+    """Resolves task image references and downloads them within :class:`FetchLimits`."""
 
     def __init__(self, label_studio_url: str | None, auth: LabelStudioAuth | None, limits: FetchLimits,
                  client: httpx.Client):  # fmt: skip
+        super().__init__(limits, client)
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self.auth = auth
-        self.limits = limits
-        self.client = client
 
     def resolve(self, reference: str, task_id: int | None) -> str:
         """The absolute URL to download for a task's image reference."""
@@ -129,49 +103,19 @@ class TaskImageFetcher:
         raise ImageFetchError(f"unsupported image reference {reference[:100]!r}: expected a URL or a /data/ path")
 
     def fetch(self, reference: str, task_id: int | None = None, basic_auth: tuple[str, str] | None = None) -> bytes:
-        """Download a task image, following at most ``MAX_REDIRECTS`` redirects, each one checked."""
+        """Download a task image, following a bounded number of redirects, each one checked."""
         return self._download(self.resolve(reference, task_id), basic_auth, public=False)
-
-    def fetch_public(self, url: str) -> bytes:
-        """Download from any public host (web class images); internal addresses only if allow-listed."""
-        if not url.startswith(("http://", "https://")):
-            raise ImageFetchError(f"unsupported image URL {url[:100]!r}")
-        return self._download(url, None, public=True)
-
-    def _download(self, url: str, basic_auth: tuple[str, str] | None, *, public: bool) -> bytes:
-        vouched = public
-        renewed = False
-        for _ in range(MAX_REDIRECTS + 1):
-            trusted = self._is_label_studio(url)
-            self._check_destination(url, trusted=trusted, vouched=vouched)
-            headers = self._headers(url, trusted, basic_auth)
-            try:
-                with self.client.stream("GET", url, headers=headers, timeout=self.limits.timeout) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        vouched = trusted or public
-                        continue
-                    if response.status_code == 401 and trusted and self.auth and self.auth.uses_pat and not renewed:
-                        self.auth.header(renew=True)
-                        renewed = True
-                        continue
-                    if response.status_code >= 400:
-                        raise ImageFetchError(self._http_error(url, response.status_code, trusted))
-                    return self._read(url, response)
-            except httpx.HTTPError as exc:
-                raise ImageFetchError(f"could not download {_short(url)}: {type(exc).__name__} {exc}") from None
-        raise ImageFetchError(f"too many redirects fetching {_short(url)}")
 
     def _label_studio(self, reference: str) -> str:
         if not self.label_studio_url:
             raise ImageFetchError(
-                f"{_short(reference)} is stored in Label Studio, but its URL is unknown: set LABEL_STUDIO_URL "
+                f"{short(reference)} is stored in Label Studio, but its URL is unknown: set LABEL_STUDIO_URL "
                 "(or let Label Studio call /setup first)"
             )
         return self.label_studio_url
 
-    def _is_label_studio(self, url: str) -> bool:
-        return self.label_studio_url is not None and _origin(url) == _origin(self.label_studio_url)
+    def _is_trusted(self, url: str) -> bool:
+        return self.label_studio_url is not None and origin(url) == origin(self.label_studio_url)
 
     def _headers(self, url: str, trusted: bool, basic_auth: tuple[str, str] | None) -> dict[str, str]:
         if trusted:
@@ -181,46 +125,14 @@ class TaskImageFetcher:
             return {"Authorization": f"Basic {token}"}
         return {}
 
-    def _check_destination(self, url: str, *, trusted: bool, vouched: bool) -> None:
-        """Label Studio: fine. Otherwise the host must be allow-listed, unless Label Studio (or, for
-        web class images, the caller) vouches for public hosts; never an internal address."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageFetchError(f"refusing to fetch {_short(url)}: only http(s) URLs are fetched")
-        if trusted:
-            return
-        host = parts.hostname
-        allowed = host_allowed(host, self.limits.allowed_hosts)
-        if not allowed and not vouched:
-            raise ImageFetchError(
-                f"refusing to fetch {_short(url)}: {host} is neither Label Studio's host nor in USAM_ALLOWED_HOSTS"
-            )
-        for address in _addresses(host, parts.port or (443 if parts.scheme == "https" else 80)):
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            internal = address.is_link_local or address.is_multicast or address.is_reserved or address.is_unspecified
-            if internal or (not allowed and (address.is_private or address.is_loopback)):
-                raise ImageFetchError(f"refusing to fetch {_short(url)}: {host} resolves to internal address {address}")
-
-    def _read(self, url: str, response: httpx.Response) -> bytes:
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
-            raise ImageFetchError(self._too_large(url, int(declared)))
-        body = bytearray()
-        for chunk in response.iter_bytes():
-            body += chunk
-            if len(body) > self.limits.max_bytes:
-                raise ImageFetchError(self._too_large(url, len(body)))
-        return bytes(body)
-
-    def _too_large(self, url: str, size: int) -> str:
-        return (
-            f"{_short(url)} is over {self.limits.max_bytes:,} bytes ({size:,} seen); raise USAM_MAX_IMAGE_BYTES "
-            "to accept it"
-        )
+    def _renew_credentials(self, url: str, trusted: bool) -> bool:
+        if trusted and self.auth is not None and self.auth.uses_pat:
+            self.auth.header(renew=True)
+            return True
+        return False
 
     def _http_error(self, url: str, status: int, trusted: bool) -> str:
-        message = f"{_short(url)} answered HTTP {status}"
+        message = f"{short(url)} answered HTTP {status}"
         if trusted and status in (401, 403):
             if self.auth is None or not (self.auth.api_key or self.auth.setup_token):
                 return f"{message}: Label Studio needs a token, set LABEL_STUDIO_API_KEY"
@@ -233,34 +145,12 @@ class TaskImageFetcher:
         return message
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        raise ImageFetchError(f"cannot resolve image host {host}: {exc}") from None
-    return [ipaddress.ip_address(info[4][0]) for info in infos]
-
-
 def _json(response: httpx.Response) -> dict[str, object]:
     try:
         data = response.json()
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _short(url: str, limit: int = 160) -> str:
-    return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
 def fetcher_for(

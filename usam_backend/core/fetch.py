@@ -1,0 +1,156 @@
+"""Guarded HTTP downloads: only http(s), bounded size and time, redirects checked hop by hop, and
+never to an internal address the operator did not allow.
+
+:class:`GuardedFetcher` downloads from public hosts (web class images). Label Studio's task media
+(:mod:`usam_backend.labelstudio.media`) builds on it with its own trusted origin and credentials.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from usam_backend.core.errors import UsamError
+
+MAX_REDIRECTS = 5
+
+
+class ImageFetchError(UsamError):
+    """An image could not be fetched (refused host, HTTP error, too large, ...)."""
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    max_bytes: int
+    timeout: float
+    allowed_hosts: tuple[str, ...] = ()
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """``host`` is one of ``allowed`` (``*.example.com`` matches subdomains), case-insensitively."""
+    host = host.lower().rstrip(".")
+    for pattern in allowed:
+        pattern = pattern.lower().rstrip(".")
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class GuardedFetcher:
+    """Downloads within :class:`FetchLimits`; subclasses name a trusted origin and its headers."""
+
+    def __init__(self, limits: FetchLimits, client: httpx.Client):
+        self.limits = limits
+        self.client = client
+
+    def fetch_public(self, url: str) -> bytes:
+        """Download from any public host (web class images); internal addresses only if allow-listed."""
+        if not url.startswith(("http://", "https://")):
+            raise ImageFetchError(f"unsupported image URL {url[:100]!r}")
+        return self._download(url, None, public=True)
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _is_trusted(self, url: str) -> bool:
+        """A URL of the service that hands out the references (Label Studio): always fetched."""
+        return False
+
+    def _headers(self, url: str, trusted: bool, basic_auth: tuple[str, str] | None) -> dict[str, str]:
+        return {}
+
+    def _renew_credentials(self, url: str, trusted: bool) -> bool:
+        """After a 401: renew the credentials and say whether to try once more."""
+        return False
+
+    def _http_error(self, url: str, status: int, trusted: bool) -> str:
+        return f"{short(url)} answered HTTP {status}"
+
+    # -- the download ------------------------------------------------------------------------------
+
+    def _download(self, url: str, basic_auth: tuple[str, str] | None, *, public: bool) -> bytes:
+        vouched = public
+        renewed = False
+        for _ in range(MAX_REDIRECTS + 1):
+            trusted = self._is_trusted(url)
+            self._check_destination(url, trusted=trusted, vouched=vouched)
+            headers = self._headers(url, trusted, basic_auth)
+            try:
+                with self.client.stream("GET", url, headers=headers, timeout=self.limits.timeout) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        vouched = trusted or public
+                        continue
+                    if response.status_code == 401 and not renewed and self._renew_credentials(url, trusted):
+                        renewed = True
+                        continue
+                    if response.status_code >= 400:
+                        raise ImageFetchError(self._http_error(url, response.status_code, trusted))
+                    return self._read(url, response)
+            except httpx.HTTPError as exc:
+                raise ImageFetchError(f"could not download {short(url)}: {type(exc).__name__} {exc}") from None
+        raise ImageFetchError(f"too many redirects fetching {short(url)}")
+
+    def _check_destination(self, url: str, *, trusted: bool, vouched: bool) -> None:
+        """Trusted: fine. Otherwise the host must be allow-listed, unless the trusted service (or, for
+        web class images, the caller) vouches for public hosts; never an internal address."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageFetchError(f"refusing to fetch {short(url)}: only http(s) URLs are fetched")
+        if trusted:
+            return
+        host = parts.hostname
+        allowed = host_allowed(host, self.limits.allowed_hosts)
+        if not allowed and not vouched:
+            raise ImageFetchError(
+                f"refusing to fetch {short(url)}: {host} is neither Label Studio's host nor in USAM_ALLOWED_HOSTS"
+            )
+        for address in _addresses(host, parts.port or (443 if parts.scheme == "https" else 80)):
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            internal = address.is_link_local or address.is_multicast or address.is_reserved or address.is_unspecified
+            if internal or (not allowed and (address.is_private or address.is_loopback)):
+                raise ImageFetchError(f"refusing to fetch {short(url)}: {host} resolves to internal address {address}")
+
+    def _read(self, url: str, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
+            raise ImageFetchError(self._too_large(url, int(declared)))
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > self.limits.max_bytes:
+                raise ImageFetchError(self._too_large(url, len(body)))
+        return bytes(body)
+
+    def _too_large(self, url: str, size: int) -> str:
+        return (
+            f"{short(url)} is over {self.limits.max_bytes:,} bytes ({size:,} seen); raise USAM_MAX_IMAGE_BYTES "
+            "to accept it"
+        )
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the port filled in from the scheme."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def short(url: str, limit: int = 160) -> str:
+    return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ImageFetchError(f"cannot resolve image host {host}: {exc}") from None
+    return [ipaddress.ip_address(info[4][0]) for info in infos]

@@ -1,0 +1,195 @@
+"""When to train, and what: the one place that decides which jobs to queue.
+
+- a project's labels have no head that serves them all (``/setup``, ``PROJECT_UPDATED``): a
+  training job for that label set (``USAM_AUTO_TRAIN``);
+- *Start training*: a job on the project's annotations when it has any, else on class images;
+- every ``USAM_RETRAIN_EVERY`` new annotations: a job on the project's annotations;
+- a ``/predict`` batch that runs out of time: pre-annotation jobs for the rest of its tasks.
+
+Every job is a :class:`~usam_backend.jobs.runners.JobSpec` whose request is plain data (labels,
+project id, task ids and the :class:`~training.recipe.Recipe` that shapes the head); its id names
+what it computes, so however many triggers arrive, the same work is queued once. Submission runs
+off the caller's thread: requests answer at once, also when Redis is down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from training.recipe import Recipe, label_set
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.runners import JobSpec, Runner, RunnerUnavailable
+from usam_backend.labelstudio.config import LabelConfig, parse_label_config
+from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback
+from usam_backend.labelstudio.projects import ProjectStore
+from usam_backend.registry import HeadRegistry
+from usam_backend.sam.models import expected_fingerprint, resolve_device
+from usam_backend.sam.shared import LazyEngine
+
+log = logging.getLogger("usam.policy")
+
+JOBS = {
+    "labels": "usam_backend.jobs.training.train_labels_job",
+    "feedback": "usam_backend.jobs.training.train_feedback_job",
+    "preannotate": "usam_backend.jobs.preannotate.preannotate_job",
+}
+"""The job table: kind -> the top-level function a runner calls."""
+
+
+def recipe_for(settings: Settings, engine: LazyEngine | None = None) -> Recipe:
+    """The recipe this process would train with: its settings and its SAM weights (from the
+    loaded engine if any, else from the checkpoint on disk)."""
+    loaded = engine.engine if engine is not None else None
+    fingerprint = loaded.sam.fingerprint if loaded is not None else None
+    if fingerprint is None:
+        fingerprint = expected_fingerprint(settings.sam_type, settings.sam_checkpoint, settings.cache_dir)
+    cuda = resolve_device(settings.device).type == "cuda"
+    return Recipe.from_settings(settings, cuda=cuda, sam_fingerprint=fingerprint)
+
+
+def labels_job(recipe: Recipe, labels: list[str], *, project: str | None, trigger: str) -> JobSpec:
+    """Train a head on class images of ``labels``; shared by every project with these labels."""
+    request = {"labels": sorted(labels), "project": project, "trigger": trigger, "recipe": recipe.to_dict()}
+    return JobSpec(
+        id="usam-train-" + recipe.digest(*label_set(labels)),
+        function=JOBS["labels"],
+        request=request,
+        kind="labels",
+        description=f"train a usam head on {', '.join(sorted(labels))}",
+    )
+
+
+def feedback_job(
+    recipe: Recipe, project: str, labels: list[str], tasks: list[TaskFeedback], *, trigger: str
+) -> JobSpec:
+    """Train a project's head on class images plus its annotated tasks (named by their content)."""
+    digest = hashlib.sha256("\x1f".join(t.digest() for t in tasks).encode()).hexdigest()[:16]
+    request = {"labels": sorted(labels), "project": project, "trigger": trigger, "recipe": recipe.to_dict()}
+    return JobSpec(
+        id="usam-feedback-" + recipe.digest(*label_set(labels), f"feedback/{project}/{digest}"),
+        function=JOBS["feedback"],
+        request=request,
+        kind="feedback",
+        description=f"train a usam head on project {project}'s annotations and {', '.join(sorted(labels))}",
+    )
+
+
+def preannotate_jobs(
+    project: str, labels: list[str], task_ids: list[int], *, chunk: int, trigger: str, version: str = "current"
+) -> list[JobSpec]:
+    """Pre-annotate these tasks in chunks of ``chunk`` (one job each, idempotent per chunk)."""
+    specs = []
+    for start in range(0, len(task_ids), chunk):
+        part = task_ids[start : start + chunk]
+        digest = hashlib.sha256(f"{project}/{version}/{','.join(map(str, part))}".encode()).hexdigest()[:16]
+        specs.append(
+            JobSpec(
+                id=f"usam-preannotate-{project}-{digest}",
+                function=JOBS["preannotate"],
+                request={"labels": sorted(labels), "project": project, "trigger": trigger, "tasks": part},
+                kind="preannotate",
+                description=f"pre-annotate {len(part)} task(s) of project {project}",
+            )
+        )
+    return specs
+
+
+class TrainingPolicy:
+    """Decides what to queue on the server's events; submits off the request thread."""
+
+    def __init__(
+        self, settings: Settings, runner: Runner, registry: HeadRegistry, projects: ProjectStore,
+        feedback: FeedbackStore, engine: LazyEngine,
+    ):  # fmt: skip
+        self.settings = settings
+        self.runner = runner
+        self.registry = registry
+        self.projects = projects
+        self.feedback = feedback
+        self.engine = engine
+        self._submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usam-submit")
+
+    def labels_seen(self, pid: str, config: LabelConfig, trigger: str) -> None:
+        """A project's labels were set or changed: train them if no head serves them all."""
+        if not self.settings.auto_train:
+            return
+        choice = self.registry.choose(config.labels, pid)
+        if choice is None or choice.missing:
+            self._later(self._train_labels, pid, config, trigger, False)
+
+    def start_training(self, pid: str, config: LabelConfig) -> None:
+        """*Start training*: learn from the project's annotations if it has any, else class images."""
+        self._later(self._start_training, pid, config)
+
+    def annotations_changed(self, pid: str) -> None:
+        """New annotation events: fold them into feedback; retrain every ``USAM_RETRAIN_EVERY``."""
+        self._later(self._take_feedback, pid)
+
+    def hand_off(self, pid: str, config: LabelConfig, task_ids: list[int]) -> None:
+        """Tasks a ``/predict`` batch had no time for: pre-annotation jobs post their predictions."""
+        specs = preannotate_jobs(pid, sorted(config.label_values), task_ids, chunk=self.settings.preannotate_chunk,
+                                 trigger="predict")  # fmt: skip
+        self._later(self._submit_all, pid, specs)
+
+    def drain(self) -> None:
+        """Wait until every submission asked for so far has been made (tests, shutdown)."""
+        self._submitter.submit(lambda: None).result()
+
+    # -- on the submitter thread -------------------------------------------------------------------
+
+    def _later(self, function: Any, *args: Any) -> Future[None]:
+        return self._submitter.submit(function, *args)
+
+    def _train_labels(self, pid: str, config: LabelConfig, trigger: str, force: bool) -> None:
+        spec = labels_job(recipe_for(self.settings, self.engine), list(config.label_values), project=pid,
+                          trigger=trigger)  # fmt: skip
+        self._submit(pid, spec, force=force)
+
+    def _start_training(self, pid: str, config: LabelConfig) -> None:
+        try:
+            self.feedback.catch_up(pid)
+            if not self._train_on_feedback(pid, config, "start_training", force=True):
+                self._train_labels(pid, config, "start_training", True)
+        except Exception:  # a background task: log, never raise into the executor
+            log.exception("project %s: training not started", pid)
+
+    def _take_feedback(self, pid: str) -> None:
+        try:
+            state = self.feedback.catch_up(pid)
+            every = self.settings.retrain_every
+            if every and state.since_training >= every:
+                self._train_on_feedback(pid, None, f"{state.since_training} new annotations", force=False)
+        except Exception:
+            log.exception("project %s: feedback not processed", pid)
+
+    def _train_on_feedback(self, pid: str, config: LabelConfig | None, trigger: str, *, force: bool) -> bool:
+        """Queue a feedback job for the project; False when it has no annotated task yet."""
+        tasks = self.feedback.tasks(pid)
+        record = self.projects.get(pid)
+        if not tasks or (config is None and record is None):
+            return False
+        config = config or parse_label_config(record.label_config)  # type: ignore[union-attr]
+        spec = feedback_job(recipe_for(self.settings, self.engine), pid, list(config.label_values), tasks,
+                            trigger=trigger)  # fmt: skip
+        if self._submit(pid, spec, force=force):
+            self.feedback.training_queued(pid)
+        return True
+
+    def _submit_all(self, pid: str, specs: list[JobSpec]) -> None:
+        for spec in specs:
+            if not self._submit(pid, spec, force=True):  # a finished chunk re-run skips what it did
+                log.error("project %s: the rest of the batch was not handed off; run Retrieve predictions again", pid)
+                return
+
+    def _submit(self, pid: str, spec: JobSpec, *, force: bool) -> bool:
+        try:
+            self.runner.submit(spec, force=force)
+            return True
+        except RunnerUnavailable as exc:
+            log.error("project %s: %s not queued: %s", pid, spec.kind, exc)
+        except Exception:  # never let a submission problem escape into the submitter
+            log.exception("project %s: %s not queued", pid, spec.kind)
+        return False

@@ -1,0 +1,145 @@
+"""Training jobs: a label set (and a project's annotations) in, a published head out.
+
+Plain top-level functions taking plain data, as runners call them: ``(settings, request,
+publish=...)``. ``request`` carries the labels, the project id, the trigger and the
+:class:`~training.recipe.Recipe`; ``settings`` are the running process's own (paths, device,
+credentials). The worker trains exactly the recipe and refuses one made for other SAM weights.
+The stages are :mod:`training.pipeline`'s; this module adds what only a server-side job knows:
+the project's annotated tasks (fetched from Label Studio) and publishing into the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import httpx
+
+from training.feedback import IGNORE, InstanceCache, Instances, point_labels
+from training.pipeline import Trained, train_labels
+from training.progress import Progress
+from training.recipe import Recipe
+from usam_backend.core.errors import DataError, UsamError
+from usam_backend.core.images import load_image
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.runners import Publish
+from usam_backend.labelstudio.config import parse_label_config
+from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback
+from usam_backend.labelstudio.media import fetcher_for
+from usam_backend.labelstudio.projects import ProjectStore
+from usam_backend.registry import model_version
+from usam_backend.sam.engine import SamEngine
+from usam_backend.sam.shared import compute_lock, shared_engine
+
+log = logging.getLogger("usam.jobs")
+
+
+def train_labels_job(settings: Settings, request: dict[str, Any], *, publish: Publish | None = None) -> dict[str, Any]:
+    """A head on class images of ``request["labels"]``, published to ``USAM_MODEL_DIR/heads/``."""
+    recipe, settings, engine = _prepare(settings, request)
+    progress = Progress(publish)
+    trained = train_labels(
+        settings, recipe, list(request["labels"]), engine, settings.model_dir / "heads", progress=progress,
+        lock=compute_lock, **_registry(request, "labels"),
+    )  # fmt: skip
+    return _published(trained, engine)
+
+
+def train_feedback_job(
+    settings: Settings, request: dict[str, Any], *, publish: Publish | None = None
+) -> dict[str, Any]:
+    """A project's head: its labels' class images (MIL) plus the points of its annotated tasks
+    (:mod:`training.feedback`), calibrated on those points. It serves that project only."""
+    pid = request.get("project")
+    labels = list(dict.fromkeys(request.get("labels") or []))
+    if not pid or not labels:
+        raise DataError("a feedback training job needs a project and its labels")
+    recipe, settings, engine = _prepare(settings, request)
+    tasks = FeedbackStore.for_settings(settings).tasks(pid)  # the server recorded them before queueing
+    if not tasks:
+        raise DataError(f"project {pid} has no annotated task to learn from (annotations deleted?)")
+    progress = Progress(publish)
+    progress.stage("annotated tasks", len(tasks))
+    instances, used, problems = annotated_instances(settings, pid, tasks, labels, engine, progress)
+    feedback = {"project": pid, "annotated_tasks": used, "tasks_not_used": problems,
+                "instances": instances.counts(labels)}  # fmt: skip
+    trained = train_labels(
+        settings, recipe, labels, engine, settings.model_dir / "heads", progress=progress, instances=instances,
+        feedback=feedback, lock=compute_lock, **_registry(request, "feedback"),
+    )  # fmt: skip
+    result = _published(trained, engine)
+    result["feedback"] = trained.head.info["feedback"]
+    return result
+
+
+def annotated_instances(
+    settings: Settings, pid: str, tasks: list[TaskFeedback], labels: list[str], engine: SamEngine,
+    progress: Progress,
+) -> tuple[Instances, int, list[dict[str, Any]]]:  # fmt: skip
+    """Labelled grid points of every annotated task whose image can be fetched; the project
+    record (label config, Label Studio's address and token) is read fresh from disk."""
+    record = ProjectStore(settings.model_dir / "projects").get(pid)
+    if record is None:
+        raise DataError(f"project {pid} is unknown to this worker: is USAM_MODEL_DIR shared with the server?")
+    config = parse_label_config(record.label_config)
+    label_index = {label: i for i, label in enumerate(labels)}
+    cache = InstanceCache(settings.cache_dir / "feedback", engine.sam.fingerprint, settings.points,
+                          settings.feedback_iou)  # fmt: skip
+    parts: list[Instances] = []
+    problems: list[dict[str, Any]] = []
+    used = 0
+    with httpx.Client(follow_redirects=False) as client:
+        fetcher = fetcher_for(settings, record.hostname, record.access_token, client)
+        for task in tasks:
+            try:
+                for image_name, field_ in config.images.items():
+                    regions = [r for r in task.regions if r.image == image_name]
+                    if field_.key not in task.data:
+                        raise DataError(f"task {task.task} has no '{field_.key}' in its data")
+                    raw = fetcher.fetch(task.data[field_.key], task.task)
+                    key = cache.key(hashlib.sha256(raw).hexdigest(), regions)
+                    found = cache.get(key)
+                    if found is None:
+                        image = load_image(raw, max_pixels=settings.max_image_pixels)
+                        with compute_lock:
+                            found = point_labels(engine, image, regions, label_index, points=settings.points,
+                                                 match_iou=settings.feedback_iou)  # fmt: skip
+                        cache.put(key, *found)
+                    x, y = found
+                    keep = y != IGNORE
+                    parts.append(Instances(x[keep], y[keep]))
+                used += 1
+            except UsamError as exc:
+                log.warning("project %s task %s: not learned from: %s", pid, task.task, exc)
+                problems.append({"task": task.task, "reason": str(exc)})
+            progress.advance()
+    return Instances.concat(parts, engine.embedding_dim), used, problems
+
+
+def _prepare(settings: Settings, request: dict[str, Any]) -> tuple[Recipe, Settings, SamEngine]:
+    """The request's recipe applied to this process's settings, and the engine, checked to run
+    the SAM weights the recipe was written for (before and after loading them)."""
+    recipe = Recipe.from_dict(dict(request.get("recipe") or {}))
+    recipe.check_sam_type(settings.sam_type)
+    settings = recipe.apply(settings)
+    engine = shared_engine(settings)
+    recipe.check_weights(engine.sam.fingerprint)
+    return recipe, settings, engine
+
+
+def _registry(request: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {"project": request.get("project"), "trigger": request.get("trigger", "manual"), "kind": kind}
+
+
+def _published(trained: Trained, engine: SamEngine) -> dict[str, Any]:
+    head = trained.head
+    version = model_version(head, engine.sam.sam_type)
+    log.info("published %s (%s) to %s", version, ", ".join(head.class_names), trained.path)
+    return {
+        "version": version,
+        "file": trained.path.name,
+        "labels": list(head.class_names),
+        "stage_seconds": trained.stage_seconds,
+        "metrics": trained.metrics,
+    }

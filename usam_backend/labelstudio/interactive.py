@@ -1,0 +1,68 @@
+"""Smart-tool requests: Label Studio's interactive context -> a prompt in image pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from usam_backend.core.errors import UsamError
+from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
+
+
+class PromptError(UsamError):
+    """An interactive request whose prompt cannot be turned into a mask."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A smart-tool prompt as Label Studio sends it (percent coordinates)."""
+
+    label: ProjectLabel  # the brush label the mask will carry
+    image: str
+    points: list[tuple[float, float]]  # percent of width, height
+    point_labels: list[int]  # 1 positive, 0 negative
+    box: tuple[float, float, float, float] | None  # x, y, width, height in percent
+
+    def pixels(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(n, 2) XY points, (n,) labels and an XYXY box (or None), in pixels of an HxW image."""
+        points = np.array([[x * width / 100, y * height / 100] for x, y in self.points], dtype=np.float32)
+        box = None
+        if self.box is not None:
+            x, y, w, h = self.box
+            box = np.array([x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100])
+        return points.reshape(-1, 2), np.array(self.point_labels, dtype=np.int64), box
+
+
+def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
+    """Smart-tool context (keypoints, a rectangle) -> the prompt and the brush label to emit."""
+    points: list[tuple[float, float]] = []
+    point_labels: list[int] = []
+    box = None
+    label = None
+    image = None
+    for item in context:
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            continue
+        kind, value = item.get("type"), item["value"]
+        names = value.get(str(kind)) or []
+        if kind not in ("keypointlabels", "rectanglelabels") or not names:
+            continue
+        image = image or item.get("to_name")
+        label = label or config.brush_label(str(names[0]), str(item.get("to_name")))
+        try:
+            if kind == "keypointlabels":
+                points.append((float(value["x"]), float(value["y"])))
+                point_labels.append(0 if item.get("is_positive") is False else 1)
+            else:
+                box = (float(value["x"]), float(value["y"]), float(value["width"]), float(value["height"]))
+        except (KeyError, TypeError, ValueError):
+            raise PromptError(f"a {kind} prompt lacks numeric x, y (and width, height)") from None
+    if image is None or (not points and box is None):
+        raise PromptError("the interactive context holds no keypoint or rectangle with a label")
+    if image not in config.images:
+        raise PromptError(f"the prompt is on {image!r}, which has no BrushLabels in the label config")
+    if label is None:
+        raise PromptError("the prompt's label has no BrushLabels label of the same name on this image")
+    return Prompt(label, image, points, point_labels, box)

@@ -1,0 +1,142 @@
+"""Label Studio tasks in, Label Studio predictions out: the per-task work the server and the
+pre-annotation jobs share.
+
+For each image of a task: fetch it (:mod:`usam_backend.labelstudio.media`), segment it with the
+head chosen for the project (:mod:`usam_backend.systems.usam`), and format the regions as brush
+results carrying the project's labels; the regions are logged for learning from annotators.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from usam_backend.core.errors import UsamError
+from usam_backend.core.images import load_image
+from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.regions import Region
+from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
+from usam_backend.labelstudio.feedback import FeedbackStore
+from usam_backend.labelstudio.interactive import parse_prompt
+from usam_backend.labelstudio.media import TaskImageFetcher
+from usam_backend.labelstudio.results import brush_region, prediction, region_id
+from usam_backend.registry import HeadChoice
+from usam_backend.sam.engine import SamEngine
+from usam_backend.systems.prompts import segment_prompt
+from usam_backend.systems.usam import SemanticSegmenter
+
+log = logging.getLogger("usam.tasks")
+
+MAX_SEGMENTERS = 4  # heads kept ready on the device at once
+
+Basic = tuple[str, str] | None
+"""HTTP basic auth Label Studio passes along for task images on allow-listed hosts."""
+
+
+class TaskPredictor:
+    """Predicts Label Studio tasks with a head; one per process is enough.
+
+    Args:
+        engine: returns the SAM engine (loaded lazily, once per process).
+        feedback: where predictions are logged for comparison with annotations.
+        lock: held around model computation (shared with in-process jobs).
+        on_failure: told ``(task id, reason)`` when a task gets an empty prediction.
+    """
+
+    def __init__(
+        self, settings: Settings, engine: Callable[[], SamEngine], feedback: FeedbackStore, lock: threading.Lock,
+        on_failure: Callable[[object, str], None] | None = None,
+    ):  # fmt: skip
+        self.settings = settings
+        self.engine = engine
+        self.feedback = feedback
+        self.lock = lock
+        self.on_failure = on_failure
+        self._segmenters: dict[str, SemanticSegmenter] = {}
+        self._guard = threading.Lock()
+
+    def predict(
+        self, task: dict[str, Any], config: LabelConfig, choice: HeadChoice, fetcher: TaskImageFetcher,
+        basic: Basic = None, pid: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A task's prediction (empty, with the reason reported, when its image cannot be used)."""
+        task_id = task.get("id")
+        results: list[dict[str, Any]] = []
+        logged: list[Region] = []
+        confidences: list[float] = []
+        try:
+            for image_name, field_ in config.images.items():
+                by_class: dict[int, ProjectLabel] = {}  # head class index -> the project label it predicts
+                for label in config.labels_for_image(image_name):
+                    if label.value in choice.served:
+                        by_class.setdefault(choice.served[label.value], label)
+                if not by_class:
+                    continue
+                image = self.task_image(task, field_.key, fetcher, basic)
+                head_classes = {choice.head.class_names[i] for i in by_class}
+                with self.lock:
+                    regions = self.segmenter(choice).segment(image, classes=head_classes)
+                confidences.append(regions.confidence)
+                for i in range(len(regions)):
+                    label = by_class[int(regions.class_ids[i])]
+                    rid = region_id(choice.version, task_id, image_name, i)
+                    score = float(regions.scores[i])
+                    results.append(brush_region(regions.masks[i], label, score, rid))
+                    logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(regions.masks[i]),
+                                         score))  # fmt: skip
+        except UsamError as exc:
+            self._failed(task_id, str(exc))
+            return prediction([], choice.version)
+        if pid is not None and isinstance(task_id, int):
+            try:
+                self.feedback.record_prediction(pid, task_id, choice.version, logged)
+            except OSError as exc:
+                log.warning("task %s: prediction not logged for feedback: %s", task_id, exc)
+        confidence = float(np.nanmean(confidences)) if confidences and not np.isnan(confidences).all() else None
+        return prediction(results, choice.version, confidence)
+
+    def interactive(
+        self, task: dict[str, Any], context: list[Any], config: LabelConfig, fetcher: TaskImageFetcher,
+        basic: Basic, version: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One brush mask for a smart-tool prompt, with the prompt's label."""
+        prompt = parse_prompt(context, config)
+        image = self.task_image(task, config.images[prompt.image].key, fetcher, basic)
+        points, point_labels, box = prompt.pixels(*image.shape[:2])
+        engine = self.engine()
+        with self.lock:
+            found = segment_prompt(engine, image, points=points, point_labels=point_labels, box=box)
+        region = brush_region(found.mask, prompt.label, found.score, region_id(version, task.get("id"), "prompt"))
+        return prediction([region], version)
+
+    def segmenter(self, choice: HeadChoice) -> SemanticSegmenter:
+        """The segmenter for a head, kept for the :data:`MAX_SEGMENTERS` heads used last."""
+        with self._guard:
+            segmenter = self._segmenters.get(choice.version)
+            if segmenter is None:
+                s = self.settings
+                segmenter = SemanticSegmenter(
+                    self.engine(), choice.head, points=s.points, score_threshold=s.score_threshold, nms_iou=s.nms_iou
+                )
+            recent = [(v, seg) for v, seg in self._segmenters.items() if v != choice.version][: MAX_SEGMENTERS - 1]
+            self._segmenters = {choice.version: segmenter, **dict(recent)}
+            return segmenter
+
+    def task_image(self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: Basic) -> np.ndarray:
+        """The task's image in data field ``key``, as HxWx3 uint8 RGB."""
+        data = task.get("data")
+        if not isinstance(data, dict) or key not in data:
+            raise UsamError(f"task {task.get('id')} has no '{key}' field in its data")
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        raw = fetcher.fetch(data[key], task_id, basic)
+        return load_image(raw, max_pixels=self.settings.max_image_pixels)
+
+    def _failed(self, task_id: object, reason: str) -> None:
+        log.warning("task %s: no prediction: %s", task_id, reason)
+        if self.on_failure is not None:
+            self.on_failure(task_id, reason)
