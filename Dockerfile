@@ -19,5 +19,5 @@ RUN pip install --no-cache-dir -c constraints.txt . \
 USER usam
 VOLUME ["/data/models", "/data/cache"]
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4)" || exit 1
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/ping', timeout=4)" || exit 1
 CMD ["usam", "serve", "--host", "0.0.0.0", "--port", "9090"]

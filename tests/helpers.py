@@ -39,14 +39,14 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
 class UsamServer:
     """``usam serve`` in a subprocess on a free loopback port, with the given environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, *, host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "usam_backend.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "usam_backend.cli", "serve", "--host", host, "--port", str(self.port)],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -63,7 +63,7 @@ class UsamServer:
     def _up(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"usam serve exited with {self.process.returncode}:\n{self.log()}")
-        return self.client.get("/health").status_code in (200, 401)
+        return self.client.get("/ping").status_code == 200
 
     def health(self) -> dict[str, Any]:
         response = self.client.get("/health")

@@ -1,5 +1,7 @@
 """Learning from annotators: the feedback store, instance supervision, calibration and task scores."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -201,7 +203,9 @@ def test_calibration_lowers_the_likelihood_loss(feedback_head):
 
 
 def test_lower_task_scores_go_with_more_errors(feedback_head):
-    head, world, _ = feedback_head
+    """Scores of a head calibrated on whole images held out from its training, measured on others."""
+    head, world, held_out = feedback_head
+    calibrate(head, held_out.bags.reshape(-1, held_out.bags.shape[-1]), held_out.labels.reshape(-1))
     test = target_bags(world, images=120, seed=9)
     scores, errors = [], []
     for bag, labels in zip(test.bags, test.labels, strict=True):
@@ -220,3 +224,60 @@ def test_lower_task_scores_go_with_more_errors(feedback_head):
     assert low > 1.5 * high
     assert rho < -0.3
     assert instance_map(head.predict_proba(test.bags.reshape(-1, test.bags.shape[-1])), test.labels.reshape(-1)) > 0.5
+
+
+def test_an_event_that_fails_is_retried_never_skipped(tmp_path, monkeypatch):
+    events = EventLog(tmp_path / "events")
+    store = FeedbackStore(tmp_path / "feedback", events)
+    for task in (1, 2, 3):
+        annotation = {"id": 10 + task, "result": [ls_brush("cat", (0, 0, 20, 20))]}
+        events.append("7", {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": task}})
+    original = FeedbackStore._record_annotation
+    calls = []
+
+    def flaky(self, pid, task_id, *args):
+        calls.append(task_id)
+        if task_id == 2 and calls.count(2) == 1:
+            raise OSError("disk full")
+        return original(self, pid, task_id, *args)
+
+    monkeypatch.setattr(FeedbackStore, "_record_annotation", flaky)
+    state = store.catch_up("7")
+    assert state.tasks == 1 and "OSError: disk full" in (state.error or "")
+    assert "disk full" in store.summary("7")["error"]
+    state = store.catch_up("7")  # the next catch-up starts at the failed event
+    assert state.tasks == 3 and state.annotations == 3 and state.error is None
+    assert calls == [1, 2, 2, 3] and "error" not in store.summary("7")
+
+
+def test_a_folded_in_log_is_rotated(tmp_path, monkeypatch):
+    monkeypatch.setattr(EventLog, "ROTATE_BYTES", 2000)
+    events = EventLog(tmp_path / "events")
+    store = FeedbackStore(tmp_path / "feedback", events)
+    for task in range(1, 9):
+        annotation = {"id": 100 + task, "result": [ls_brush("cat", (0, 0, 20, 20))]}
+        events.append("7", {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": task}})
+    assert events.size("7") > 2000
+    state = store.catch_up("7")
+    assert state.byte_offset == 0 and events.size("7") == 0 and state.tasks == 8
+    assert (tmp_path / "events" / "7.jsonl.1").stat().st_size > 2000  # one generation of history
+    events.append("7", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 103}]})
+    assert store.catch_up("7").tasks == 7  # the per-annotation index survives the rotation
+
+
+def test_replaying_events_after_a_crash_counts_each_task_once(tmp_path):
+    events = EventLog(tmp_path / "events")
+    store = FeedbackStore(tmp_path / "feedback", events)
+    for task in (1, 2):
+        annotation = {"id": 20 + task, "result": [ls_brush("cat", (0, 0, 20, 20))]}
+        events.append("7", {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": task}})
+    first = store.catch_up("7")
+    assert first.tasks == 2
+    # a crash after the task records were written, before the state was: the state is one event behind
+    (_, end_of_first), _ = events.read_from("7", 0)
+    stale = {**json.loads((tmp_path / "feedback" / "7" / "state.json").read_text())}
+    stale.update(byte_offset=end_of_first, tasks=1, annotations=1, since_training=1)
+    stale["regions"] = {"kept": 0, "removed": 0, "changed": 0, "added": 1}
+    (tmp_path / "feedback" / "7" / "state.json").write_text(json.dumps(stale))
+    replayed = store.catch_up("7")
+    assert (replayed.tasks, replayed.annotations, replayed.regions["added"]) == (2, 2, 2)

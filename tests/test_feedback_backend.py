@@ -54,7 +54,7 @@ def backend_settings(tmp_path, trained_head, class_dir, *, retrain_every: int) -
 def test_every_n_annotations_retrain_a_project_head(tmp_path, trained_head, class_dir, host):
     backend = Backend(backend_settings(tmp_path, trained_head, class_dir, retrain_every=2))
     shared = model_version(trained_head, "tiny")
-    assert backend.setup("5.100", CONFIG, host.url, None) == shared
+    assert backend.setup("5.100", CONFIG, host.url, None, trust_hostname=True) == shared
     tasks = [{"id": i, "data": {"image": f"{host.url}/t{i}.png"}} for i in range(3)]
     predicted = backend.predict(PredictRequest(tasks=tasks, project="5.100"))
     assert all(p["model_version"] == shared for p in predicted)
@@ -76,8 +76,10 @@ def test_every_n_annotations_retrain_a_project_head(tmp_path, trained_head, clas
     assert backend.feedback.state("5").since_training == 0
 
     version = job["result"]["version"]
-    assert version != shared and backend.setup("5.100", CONFIG, host.url, None) == version
-    assert backend.setup("6.100", CONFIG, host.url, None) == shared  # another project keeps the shared head
+    assert version != shared and backend.setup("5.100", CONFIG, host.url, None, trust_hostname=True) == version
+    assert (
+        backend.setup("6.100", CONFIG, host.url, None, trust_hostname=True) == shared
+    )  # another project keeps the shared head
     again = backend.predict(PredictRequest(tasks=tasks[2:], project="5.100"))
     assert again[0]["model_version"] == version
     choice = backend.registry.choose(parse_label_config(CONFIG).labels, "5")
@@ -135,7 +137,7 @@ def test_a_label_without_class_images_is_learned_from_annotations(tmp_path, trai
     config = CONFIG.replace("</BrushLabels>", '<Label value="grass"/></BrushLabels>')  # no class folder for grass
     backend = Backend(backend_settings(tmp_path, trained_head, class_dir, retrain_every=0))
     for pid in ("5", "6"):
-        backend.setup(f"{pid}.1", config, host.url, None)
+        backend.setup(f"{pid}.1", config, host.url, None, trust_hostname=True)
     image = np.asarray(Image.open(host.root / "t0.png").convert("RGB"))
     grass = point_mask(tiny_engine, image, 27)
     assert grass.any()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from usam_backend.core.errors import HeadError
-from usam_backend.core.masks import mask_boxes, mask_iou
+from usam_backend.core.masks import low_res_nms, mask_boxes, mask_iou, mask_nms
 from usam_backend.core.timing import StageTimer
 from usam_backend.systems.usam import SemanticSegmenter
 from usam_backend.tools.bench import compare, naive_segment
@@ -55,3 +55,28 @@ def test_head_for_another_sam_is_refused(tiny_engine, trained_head):
     other = type(trained_head)(trained_head.net, trained_head.config, trained_head.class_names, {"sam_type": "vit_b"})
     with pytest.raises(HeadError, match="trained on vit_b"):
         SemanticSegmenter(tiny_engine, other)
+
+
+def test_streamed_survivors_are_the_segment_regions(tiny_engine, trained_head, two_object_image):
+    segmenter = SemanticSegmenter(tiny_engine, trained_head, points=64, score_threshold=0.2, nms_iou=1.0)
+    regions = segmenter.segment(two_object_image)
+    survivors = segmenter.survivors(tiny_engine.embed(two_object_image))
+    streamed = [(survivors.mask(i), survivors.class_ids[i]) for i in range(len(survivors))]
+    streamed = [(mask, class_id) for mask, class_id in streamed if mask.any()]
+    assert len(regions) > 1 and len(streamed) == len(regions)
+    for (mask, class_id), expected_mask, expected_class in zip(streamed, regions.masks, regions.class_ids, strict=True):
+        assert class_id == expected_class and np.array_equal(mask, expected_mask)
+
+
+def test_low_res_nms_decides_as_mask_nms():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((40, 64, 64), dtype=bool)
+    for mask in masks:
+        x0, y0 = rng.integers(0, 48, size=2)
+        x1, y1 = x0 + rng.integers(4, 16), y0 + rng.integers(4, 16)
+        mask[y0:y1, x0:x1] = True
+    masks[7] = False  # an empty mask is never kept
+    scores = rng.random(40).astype(np.float32)
+    for threshold in (0.1, 0.3, 0.5, 0.9):
+        expected = [int(i) for i in mask_nms(masks, scores, threshold) if masks[i].any()]
+        assert low_res_nms(masks, scores, threshold).tolist() == expected

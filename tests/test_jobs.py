@@ -150,3 +150,47 @@ def test_setup_trains_missing_labels_in_process_and_the_old_head_serves_meanwhil
     assert second != first
     (job,) = [j for j in backend.training_status()["jobs"] if len(j["labels"]) == 3]
     assert job["status"] == "finished" and job["result"]["version"] == second
+
+
+def test_calibration_tasks_are_held_out_of_training_whole():
+    from usam_backend.jobs.training import split_for_calibration
+    from usam_backend.labelstudio.feedback import Comparison, TaskFeedback
+
+    def tasks(n: int) -> list[TaskFeedback]:
+        return [TaskFeedback(i, i, {}, [], Comparison(), None) for i in range(n)]
+
+    assert split_for_calibration(tasks(3)) == (tasks(3), [])  # too few: all train, no calibration
+    train, held = split_for_calibration(tasks(4))
+    assert [t.task for t in held] == [3] and [t.task for t in train] == [0, 1, 2]
+    train, held = split_for_calibration(tasks(12))
+    assert [t.task for t in held] == [4, 9] and not {t.task for t in train} & {4, 9} and len(train) == 10
+
+
+def test_project_heads_are_pruned_to_the_newest_and_the_serving_one(tmp_path):
+    import os
+
+    from usam_backend.tools.bench_health import _head
+
+    folder = tmp_path / "heads"
+    paths = []
+    for i in range(6):
+        path = _head(("sky", "tomato"), "5", seed=i).save(folder / f"p5-{i}.pt")
+        os.utime(path, ns=(i * 10**9, i * 10**9))  # p5-5 is the newest
+        paths.append(path)
+    shared = _head(("sky",), None, seed=9).save(folder / "shared.pt")
+    other = _head(("sky",), "6", seed=10).save(folder / "p6.pt")
+    registry = HeadRegistry(folder, "tiny")
+    pruned = registry.prune("5", keep=3, protect={paths[0]})  # the oldest still serves the project
+    assert sorted(p.name for p in pruned) == ["p5-1.pt", "p5-2.pt"]
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["p5-0.pt", "p5-3.pt", "p5-4.pt", "p5-5.pt", "p6.pt",
+                                                           "shared.pt"]  # fmt: skip
+    assert shared.exists() and other.exists() and len(registry.infos()) == 6
+
+
+def test_an_in_process_job_stops_at_usam_job_timeout(job_settings):
+    runner = EmbeddedRunner(job_settings.replace(job_timeout=1))
+    spec = JobSpec("slow", "tests_job_helpers.slow_job", {"seconds": 5}, "custom", "sleeps, reporting progress")
+    runner.submit(spec)
+    runner.wait(30)
+    (job,) = runner.jobs()
+    assert job["status"] == "failed" and "USAM_JOB_TIMEOUT=1" in job["error"]

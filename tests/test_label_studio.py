@@ -36,6 +36,7 @@ pytestmark = pytest.mark.labelstudio
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 WEBHOOK_SECRET = "a-shared-secret"
+BASIC_AUTH = ("labelstudio", "connection-password")
 LABELS = {"Sky": "sky", "tomato": None}  # label value -> predicted_values
 
 
@@ -172,8 +173,11 @@ def usam(label_studio, trained_head, class_dir, tmp_path_factory):
         "USAM_MODEL_DIR": str(models),
         "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("usam-cache")),
         "USAM_ALLOWED_HOSTS": "127.0.0.1",  # the S3 stand-in listens on loopback
+        "LABEL_STUDIO_URL": label_studio.url,  # LABEL_STUDIO_API_KEY goes there and nowhere else
         "LABEL_STUDIO_API_KEY": response.json()["token"],
         "USAM_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BASIC_AUTH_USER": BASIC_AUTH[0],  # Start training reaches /webhook with the connection's basic auth
+        "BASIC_AUTH_PASS": BASIC_AUTH[1],
         "USAM_DATA_SOURCE": "folder",  # feedback training reuses the class images the head was trained on
         "USAM_DATA_DIR": str(class_dir),
         "USAM_AUTO_TRAIN": "false",
@@ -215,7 +219,9 @@ def project(label_studio, usam, images, s3):
 def connect(label_studio, usam, pid: int, *, interactive: bool = False) -> int:
     """Add usam as the project's ML backend; give the webhook Label Studio registered on its own the
     secret header, as the README says."""
-    backend = label_studio.sdk.ml.create(url=usam.url, project=pid, title="usam", is_interactive=interactive)
+    user, password = (usam.env.get("BASIC_AUTH_USER"), usam.env.get("BASIC_AUTH_PASS"))
+    auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password} if user else {}
+    backend = label_studio.sdk.ml.create(url=usam.url, project=pid, title="usam", is_interactive=interactive, **auth)
     (hook,) = [
         h for h in label_studio.http.get("/api/webhooks/", params={"project": pid}).json() if "/webhook" in h["url"]
     ]

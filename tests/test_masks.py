@@ -78,3 +78,25 @@ def test_regions_validate_and_paint_label_map():
         Regions(masks, np.array([0, 1]), np.zeros(3), np.zeros((2, 2)), np.zeros(2), ("cat", "dog"))
     with pytest.raises(ValueError, match="class_ids must index"):
         Regions(masks, np.array([0, 2]), np.zeros(2), np.zeros((2, 2)), np.zeros(2), ("cat", "dog"))
+
+
+@pytest.mark.parametrize(
+    "shape, fill",
+    [((1, 1), "none"), ((1, 1), "all"), ((3, 5), "random"), ((40, 60), "block"), ((300, 400), "random"),
+     ((7, 70_000), "all"), ((7, 70_000), "block")],
+)  # fmt: skip
+def test_brush_rle_is_label_studios_rle_byte_for_byte(shape, fill):
+    from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+    from usam_backend.core.masks import brush_rle
+
+    mask = np.zeros(shape, dtype=bool)
+    if fill == "all":
+        mask[:] = True
+    elif fill == "random":
+        mask = np.random.default_rng(3).random(shape) > 0.5
+    elif fill == "block":
+        mask[shape[0] // 3 :, shape[1] // 4 :] = True
+    assert brush_rle(mask) == mask2rle(mask.astype(np.uint8) * 255)
+    decoded = decode_rle(brush_rle(mask)).reshape(*shape, 4)[:, :, 3] > 127
+    assert np.array_equal(decoded, mask)

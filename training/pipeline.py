@@ -214,14 +214,15 @@ def head_file_name(head: Head) -> str:
 def train_labels(
     settings: Settings, recipe: Recipe, labels: list[str], engine: SamEngine, out: Path, *,
     progress: Progress | None = None, instances: Instances | None = None, feedback: dict[str, Any] | None = None,
-    lock: Lock | None = None, **registry: Any,
+    calibration: Instances | None = None, lock: Lock | None = None, **registry: Any,
 ) -> Trained:  # fmt: skip
     """All five stages for ``labels`` from the recipe's data source; the head is written into the
     folder ``out`` under :func:`head_file_name`.
 
     ``instances``: annotated points of a project (then labels without class images may be
-    learned from them alone); with ``feedback`` (recorded in the head) the head is also
-    calibrated on them (:mod:`training.calibration`)."""
+    learned from them alone; ``feedback`` is recorded in the head). ``calibration``: annotated
+    points of other tasks, held out from training, that the head's temperature is fitted on
+    (:mod:`training.calibration`), so its probabilities are honest on tasks it has not seen."""
     labels = list(dict.fromkeys(labels))
     if not labels:
         raise DataError("training needs at least one label")

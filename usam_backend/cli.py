@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from collections.abc import Sequence
@@ -89,9 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     latency.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     latency.add_argument("--repeat", type=int, default=3, help="cached calls to time (default 3)")
-    latency.add_argument("--keep", type=float, default=0.25, help="share of grid points over the threshold")
+    latency.add_argument(
+        "--keep", type=float, help="share of grid points over the threshold (default 0.25; 1.0 with --megapixels)"
+    )
+    latency.add_argument(
+        "--megapixels",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        metavar="LIST",
+        help="instead: peak memory and seconds of one /predict per image size, e.g. 1,12,48",
+    )
     _model_flags(latency)
     latency.set_defaults(command=_bench_predict)
+
+    health = commands.add_parser(
+        "bench-health",
+        help="time /health with many heads on disk and many projects",
+        description="Write HEADS random head files and PROJECTS project records into a temporary model folder, "
+        "serve it on loopback and time /health: the first call and the median of the next ones.",
+    )
+    health.add_argument("--heads", type=int, default=1000, help="head files (default 1000)")
+    health.add_argument("--projects", type=int, default=100, help="projects (default 100)")
+    health.set_defaults(command=_bench_health)
 
     labels = commands.add_parser(
         "train-labels",
@@ -221,9 +240,21 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_predict(args: argparse.Namespace) -> int:
-    from usam_backend.tools.bench_predict import run_predict_latency
+    from usam_backend.tools.bench_predict import memory_report, run_memory_bench, run_predict_latency
 
-    print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=args.keep).report())
+    if args.megapixels:
+        keep = 1.0 if args.keep is None else args.keep
+        print(memory_report(run_memory_bench(_settings(args), megapixels=args.megapixels, keep=keep)))
+        return 0
+    keep = 0.25 if args.keep is None else args.keep
+    print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=keep).report())
+    return 0
+
+
+def _bench_health(args: argparse.Namespace) -> int:
+    from usam_backend.tools.bench_health import run_health_bench
+
+    print(run_health_bench(heads=args.heads, projects=args.projects))
     return 0
 
 
@@ -283,8 +314,19 @@ def _serve(args: argparse.Namespace) -> int:
     backend = Backend(settings)
     backend.warm_up()
     print(f"usam: serving SAM {settings.sam_type} heads from {settings.model_dir / 'heads'} on {args.host}:{args.port}")
-    uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(backend, loopback_only=_is_loopback(args.host))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """The bind address accepts connections from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,56 +69,135 @@ class HeadChoice:
 
 
 @dataclass(frozen=True)
+class HeadInfo:
+    """What the registry keeps of a head file without its weights."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    version: str  # the model_version Label Studio sees
+    project: str | None
+    mtime_ns: int
+    classes: dict[str, int]  # normalised class name -> index
+
+
+@dataclass(frozen=True)
 class _Entry:
     stamp: tuple[int, int]
-    head: Head | None
+    info: HeadInfo | None
     problem: str | None
 
 
 class HeadRegistry:
-    """Scans the heads folder (re-reading only files that changed) and matches heads to labels."""
+    """Scans the heads folder and matches heads to labels.
+
+    Only each head's description is kept in memory (a few hundred bytes); weights are loaded for
+    the heads actually chosen, :data:`LOADED` of them at most. The folder is rescanned when it
+    changes (heads are published by renaming into it) or :data:`RESCAN_SECONDS` have passed, and
+    a file is read again only when its size or time changed; choices are cached between scans."""
+
+    LOADED = 8
+    RESCAN_SECONDS = 5.0
 
     def __init__(self, folder: Path, sam_type: str):
         self.folder = folder
         self.sam_type = sam_type
         self._entries: dict[Path, _Entry] = {}
-        self._lock = threading.Lock()
+        self._usable: list[HeadInfo] = []
+        self._stamp: tuple[int, float] | None = None  # folder mtime, time of the scan
+        self._choices: dict[tuple[object, ...], HeadChoice | None] = {}
+        self._loaded: dict[Path, tuple[int, Head]] = {}
+        self._lock = threading.RLock()
 
     def heads(self) -> list[tuple[Path, Head]]:
-        """Readable heads for this SAM type, newest first."""
-        self._refresh()
-        usable = [(path, e.head) for path, e in self._entries.items() if e.head is not None and e.problem is None]
-        return sorted(usable, key=lambda item: item[0].stat().st_mtime_ns, reverse=True)
+        """Readable heads for this SAM type, newest first, loaded (tools and tests; see :meth:`infos`)."""
+        return [(info.path, self.load(info)) for info in self.infos()]
+
+    def infos(self) -> list[HeadInfo]:
+        """Descriptions of the readable heads for this SAM type, newest first."""
+        with self._lock:
+            self._refresh()
+            return list(self._usable)
 
     def problems(self) -> dict[str, str]:
         """Files in the heads folder that cannot serve here, and why."""
-        self._refresh()
-        return {str(path): e.problem for path, e in self._entries.items() if e.problem}
+        with self._lock:
+            self._refresh()
+            return {str(path): e.problem for path, e in self._entries.items() if e.problem}
 
     def choose(self, labels: Sequence[NamedLabel], project: str | None = None) -> HeadChoice | None:
         """The head that serves most of these labels, if any: among equals, the project's own
         (trained on its annotations) first, then the newest."""
-        values = tuple(dict.fromkeys(label.value for label in labels))
-        best: HeadChoice | None = None
-        best_rank = (0, False)
-        for path, head in self.heads():
-            owner = head_project(head)
-            if owner is not None and owner != project:
-                continue
-            served = _match(head, labels)
-            rank = (len(served), owner is not None)
-            if served and rank > best_rank:
-                missing = tuple(v for v in values if v not in served)
-                best, best_rank = HeadChoice(head, path, model_version(head, self.sam_type), served, missing), rank
-        return best
+        with self._lock:
+            self._refresh()
+            key = (project, tuple((label.value, label.names) for label in labels))
+            if key not in self._choices:
+                self._choices[key] = self._choose(labels, project)
+            return self._choices[key]
 
     def versions(self) -> list[str]:
-        return [model_version(head, self.sam_type) for _, head in self.heads()]
+        return [info.version for info in self.infos()]
+
+    def load(self, info: HeadInfo) -> Head:
+        """The head's weights (kept for the :data:`LOADED` heads used last)."""
+        with self._lock:
+            found = self._loaded.get(info.path)
+            if found is not None and found[0] == info.mtime_ns:
+                self._loaded = {info.path: found, **self._loaded}
+                return found[1]
+        head = Head.load(info.path)
+        with self._lock:
+            recent = [(p, v) for p, v in self._loaded.items() if p != info.path][: self.LOADED - 1]
+            self._loaded = {info.path: (info.mtime_ns, head), **dict(recent)}
+        return head
+
+    def prune(self, project: str, keep: int, protect: set[Path]) -> list[Path]:
+        """Delete the project's own heads but the newest ``keep`` and those in ``protect``."""
+        with self._lock:
+            self._stamp = None
+            own = [info for info in self.infos() if info.project == project]
+            doomed = [info.path for info in own[keep:] if info.path not in protect]
+            for path in doomed:
+                path.unlink(missing_ok=True)
+                log.info("pruned %s (project %s keeps its %d newest heads)", path.name, project, keep)
+            self._stamp = None
+            return doomed
+
+    def _choose(self, labels: Sequence[NamedLabel], project: str | None) -> HeadChoice | None:
+        values = tuple(dict.fromkeys(label.value for label in labels))
+        best: HeadInfo | None = None
+        best_served: dict[str, int] = {}
+        best_rank = (0, False)
+        for info in self._usable:
+            if info.project is not None and info.project != project:
+                continue
+            served = _match(info.classes, labels)
+            rank = (len(served), info.project is not None)
+            if served and rank > best_rank:
+                best, best_served, best_rank = info, served, rank
+        if best is None:
+            return None
+        try:
+            head = self.load(best)
+        except HeadError as exc:  # removed or replaced since the scan
+            log.warning("could not load %s: %s", best.path, exc)
+            return None
+        missing = tuple(v for v in values if v not in best_served)
+        return HeadChoice(head, best.path, best.version, best_served, missing)
 
     def _refresh(self) -> None:
-        with self._lock:
-            paths = sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
-            self._entries = {path: self._entry(path) for path in paths}
+        try:
+            folder_mtime = self.folder.stat().st_mtime_ns
+        except OSError:
+            folder_mtime = 0
+        now = time.monotonic()
+        if self._stamp is not None and self._stamp[0] == folder_mtime and now - self._stamp[1] < self.RESCAN_SECONDS:
+            return
+        paths = sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
+        self._entries = {path: self._entry(path) for path in paths}
+        usable = [e.info for e in self._entries.values() if e.info is not None and e.problem is None]
+        self._usable = sorted(usable, key=lambda info: info.mtime_ns, reverse=True)
+        self._choices = {}
+        self._stamp = (folder_mtime, now)
 
     def _entry(self, path: Path) -> _Entry:
         try:
@@ -133,13 +213,15 @@ class HeadRegistry:
         except HeadError as exc:
             log.warning("ignoring %s: %s", path, exc)
             return _Entry(stamp, None, str(exc))
+        classes = {normalise(name): index for index, name in enumerate(head.class_names)}
+        info = HeadInfo(path, head.class_names, model_version(head, self.sam_type), head_project(head),
+                        stat.st_mtime_ns, classes)  # fmt: skip
         if head.sam_type not in (None, self.sam_type):
-            return _Entry(stamp, head, f"trained for SAM {head.sam_type}, this server runs {self.sam_type}")
-        return _Entry(stamp, head, None)
+            return _Entry(stamp, info, f"trained for SAM {head.sam_type}, this server runs {self.sam_type}")
+        return _Entry(stamp, info, None)
 
 
-def _match(head: Head, labels: Sequence[NamedLabel]) -> dict[str, int]:
-    classes = {normalise(name): index for index, name in enumerate(head.class_names)}
+def _match(classes: dict[str, int], labels: Sequence[NamedLabel]) -> dict[str, int]:
     served: dict[str, int] = {}
     for label in labels:
         for name in label.names:  # the label's own value first, then its aliases

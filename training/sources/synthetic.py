@@ -94,6 +94,20 @@ class SyntheticSource:
         return encoded
 
 
+def release_pipelines() -> None:
+    """Free the Stable Diffusion pipelines this process loaded (after a job: several GB each)."""
+    if _pipeline.cache_info().currsize == 0:
+        return
+    _pipeline.cache_clear()
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @functools.cache
 def _pipeline(model: str, device: str) -> Any:
     """The Stable Diffusion pipeline, loaded once per process and device."""

@@ -1,6 +1,10 @@
 """Guarded HTTP downloads: only http(s), bounded size and time, redirects checked hop by hop, and
 never to an internal address the operator did not allow.
 
+A host name is resolved once; the addresses are checked, and the connection goes to the checked
+address (the name still goes in the ``Host`` header and TLS's server name), so a DNS answer that
+changes between the check and the connection (rebinding) cannot redirect it.
+
 :class:`GuardedFetcher` downloads from public hosts (web class images). Label Studio's task media
 (:mod:`usam_backend.labelstudio.media`) builds on it with its own trusted origin and credentials.
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -56,7 +60,11 @@ class GuardedFetcher:
     # -- hooks -----------------------------------------------------------------------------------
 
     def _is_trusted(self, url: str) -> bool:
-        """A URL of the service that hands out the references (Label Studio): always fetched."""
+        """A URL of the service that hands out the references (Label Studio)."""
+        return False
+
+    def _trusted_anywhere(self, url: str) -> bool:
+        """A trusted URL the operator named (``LABEL_STUDIO_URL``): fetched whatever its address."""
         return False
 
     def _headers(self, url: str, trusted: bool, basic_auth: tuple[str, str] | None) -> dict[str, str]:
@@ -76,10 +84,17 @@ class GuardedFetcher:
         renewed = False
         for _ in range(MAX_REDIRECTS + 1):
             trusted = self._is_trusted(url)
-            self._check_destination(url, trusted=trusted, vouched=vouched)
+            address = self._check_destination(url, trusted=trusted, vouched=vouched)
             headers = self._headers(url, trusted, basic_auth)
+            target, extensions = url, {}
+            if address is not None:
+                target, pinned = pin(url, address)
+                headers = {**headers, **pinned}
+                extensions = {"sni_hostname": urlsplit(url).hostname or ""}
             try:
-                with self.client.stream("GET", url, headers=headers, timeout=self.limits.timeout) as response:
+                with self.client.stream(
+                    "GET", target, headers=headers, timeout=self.limits.timeout, extensions=extensions
+                ) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         vouched = trusted or public
@@ -94,26 +109,31 @@ class GuardedFetcher:
                 raise ImageFetchError(f"could not download {short(url)}: {type(exc).__name__} {exc}") from None
         raise ImageFetchError(f"too many redirects fetching {short(url)}")
 
-    def _check_destination(self, url: str, *, trusted: bool, vouched: bool) -> None:
-        """Trusted: fine. Otherwise the host must be allow-listed, unless the trusted service (or, for
-        web class images, the caller) vouches for public hosts; never an internal address."""
+    def _check_destination(self, url: str, *, trusted: bool, vouched: bool) -> Address | None:
+        """The address to connect to, checked; None for an origin the operator named.
+
+        Trusted (Label Studio): any address but link-local, multicast and reserved ones, unless the
+        operator named it. Otherwise the host must be allow-listed, unless the trusted service (or,
+        for web class images, the caller) vouches for public hosts; internal addresses only when
+        allow-listed, link-local, multicast and reserved ones never."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageFetchError(f"refusing to fetch {short(url)}: only http(s) URLs are fetched")
-        if trusted:
-            return
+        if trusted and self._trusted_anywhere(url):
+            return None
         host = parts.hostname
-        allowed = host_allowed(host, self.limits.allowed_hosts)
+        allowed = trusted or host_allowed(host, self.limits.allowed_hosts)
         if not allowed and not vouched:
             raise ImageFetchError(
                 f"refusing to fetch {short(url)}: {host} is neither Label Studio's host nor in USAM_ALLOWED_HOSTS"
             )
-        for address in _addresses(host, parts.port or (443 if parts.scheme == "https" else 80)):
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            internal = address.is_link_local or address.is_multicast or address.is_reserved or address.is_unspecified
-            if internal or (not allowed and (address.is_private or address.is_loopback)):
-                raise ImageFetchError(f"refusing to fetch {short(url)}: {host} resolves to internal address {address}")
+        addresses = _addresses(host, parts.port or (443 if parts.scheme == "https" else 80))
+        for address in addresses:
+            plain = _unmapped(address)
+            never = plain.is_link_local or plain.is_multicast or plain.is_reserved or plain.is_unspecified
+            if never or (not allowed and (plain.is_private or plain.is_loopback)):
+                raise ImageFetchError(f"refusing to fetch {short(url)}: {host} resolves to internal address {plain}")
+        return addresses[0]
 
     def _read(self, url: str, response: httpx.Response) -> bytes:
         declared = response.headers.get("content-length")
@@ -133,6 +153,20 @@ class GuardedFetcher:
         )
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def pin(url: str, address: Address) -> tuple[str, dict[str, str]]:
+    """``url`` with its host replaced by ``address``, and the ``Host`` header naming the original."""
+    parts = urlsplit(url)
+    netloc = f"[{address}]" if address.version == 6 else str(address)
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    host = parts.hostname or ""
+    header = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), {"Host": header}
+
+
 def origin(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL, the port filled in from the scheme."""
     parts = urlsplit(url)
@@ -144,7 +178,14 @@ def short(url: str, limit: int = 160) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
-def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) as the IPv4 address it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _addresses(host: str, port: int) -> list[Address]:
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:

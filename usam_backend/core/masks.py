@@ -61,3 +61,56 @@ def rle_to_mask(rle: dict[str, list[int]]) -> np.ndarray:
         raise ValueError(f"RLE counts sum to {counts.sum()}, expected {height * width}")
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape((height, width), order="F")
+
+
+def low_res_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """:func:`mask_nms` for many small masks at once: (n, h, w) bool, IoUs from one matrix product.
+
+    Used on SAM's 256x256 mask logits before anything is brought to image size, so the work and
+    memory do not grow with the image. Returns the kept indices, best score first."""
+    n = len(masks)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = masks.reshape(n, -1).astype(np.float32)
+    intersection = flat @ flat.T
+    areas = np.diag(intersection)
+    union = areas[:, None] + areas[None, :] - intersection
+    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+    order = np.argsort(-scores, kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if areas[i] > 0 and all(iou[i, j] <= iou_threshold for j in kept):
+            kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)
+
+
+def brush_rle(mask: np.ndarray) -> list[int]:
+    """Label Studio's brush RLE of an (H, W) bool mask, as ``label_studio_sdk``'s ``mask2rle`` of
+    ``mask * 255`` gives it, byte for byte, computed from the mask's runs: no 4-channel copy of
+    the image, so a 48-megapixel mask costs its runs, not gigabytes."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    if flat.size == 0:
+        raise ValueError("an empty mask has no brush RLE")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate([[0], changes])
+    lengths = np.diff(np.concatenate([starts, [flat.size]])) * 4  # every pixel is 4 equal RGBA bytes
+    values = np.where(flat[starts], 255, 0)
+    bits = [f"{flat.size * 4:032b}", f"{7:05b}", "".join(f"{size - 1:04b}" for size in (3, 4, 8, 16))]
+    for length, value in zip(lengths.tolist(), values.tolist(), strict=True):
+        byte = f"{value:08b}"
+        while length > 2**16:
+            bits.append(f"111{2**16 - 1:016b}{byte}")
+            length -= 2**16
+        if length == 1:
+            bits.append(f"000000{byte}")
+        elif length <= 8:
+            bits.append(f"100{length - 1:03b}{byte}")
+        elif length <= 16:
+            bits.append(f"101{length - 1:04b}{byte}")
+        elif length <= 256:
+            bits.append(f"110{length - 1:08b}{byte}")
+        else:
+            bits.append(f"111{length - 1:016b}{byte}")
+    text = "".join(bits)
+    text += "0" * (8 - len(text) % 8)
+    return list(np.packbits(np.frombuffer(text.encode(), dtype=np.uint8) - ord("0")).tolist())

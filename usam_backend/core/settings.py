@@ -69,19 +69,26 @@ class Settings:
     max_image_bytes: int = _env("USAM_MAX_IMAGE_BYTES", "larger task image downloads are refused", default=50_000_000)
     fetch_timeout: float = _env("USAM_FETCH_TIMEOUT", "seconds to wait for a task image", default=20.0)
     label_studio_url: str | None = _env(
-        "LABEL_STUDIO_URL", "Label Studio's URL for task images (default: the hostname /setup sends)", default=None
+        "LABEL_STUDIO_URL",
+        "Label Studio's URL (task images, API); unset: the hostname a trusted /setup sends, with its own token",
+        default=None,
     )
     label_studio_api_key: str | None = _env(
-        "LABEL_STUDIO_API_KEY", "legacy token or personal access token for task images", default=None, secret=True
+        "LABEL_STUDIO_API_KEY",
+        "legacy token or personal access token; sent to LABEL_STUDIO_URL only",
+        default=None,
+        secret=True,
     )
     allowed_hosts: tuple[str, ...] = _env(
         "USAM_ALLOWED_HOSTS", "comma-separated hosts besides Label Studio's that task images may come from "
         "(*.example.com matches subdomains)", default=(),
     )  # fmt: skip
-    basic_auth_user: str | None = _env("BASIC_AUTH_USER", "require HTTP basic auth (except /webhook)", default=None)
+    basic_auth_user: str | None = _env(
+        "BASIC_AUTH_USER", "require HTTP basic auth on every route but /ping (/webhook: it or the secret)", default=None
+    )
     basic_auth_pass: str | None = _env("BASIC_AUTH_PASS", "password for BASIC_AUTH_USER", default=None, secret=True)
     webhook_secret: str | None = _env(
-        "USAM_WEBHOOK_SECRET", "if set, /webhook requires header X-Usam-Webhook-Secret with this value",
+        "USAM_WEBHOOK_SECRET", "if set, /webhook requires header X-Usam-Webhook-Secret with this value (or basic auth)",
         default=None, secret=True,
     )  # fmt: skip
     auto_train: bool = _env(
@@ -104,12 +111,26 @@ class Settings:
         "seconds a /predict batch may take (Label Studio waits 100); the rest goes to preannotate jobs",
         default=75.0,
     )
+    keep_project_heads: int = _env(
+        "USAM_KEEP_PROJECT_HEADS",
+        "heads trained on a project's annotations kept per project (older ones are deleted; never the serving one)",
+        default=3,
+    )
+    max_pending_predictions: int = _env(
+        "USAM_MAX_PENDING_PREDICTIONS",
+        "/predict calls in flight at once (one computes, the rest wait); one more gets 503 with Retry-After",
+        default=8,
+    )
     preannotate_chunk: int = _env("USAM_PREANNOTATE_CHUNK", "tasks per batch pre-annotation job", default=25)
     redis_url: str | None = _env(
         "REDIS_URL", "train on RQ workers through this Redis; unset: train inside the server process", default=None
     )
     queue: str = _env("USAM_QUEUE", "RQ queue of training jobs", default="usam-train")
-    job_timeout: int = _env("USAM_JOB_TIMEOUT", "seconds a training job may run", default=6 * 3600)
+    job_timeout: int = _env(
+        "USAM_JOB_TIMEOUT",
+        "seconds a job may run (in-process jobs stop at their next progress report)",
+        default=6 * 3600,
+    )
     data_source: str = _env(
         "USAM_DATA_SOURCE",
         "where class images come from: synthetic, web, folder; auto: synthetic with CUDA, else web",
@@ -199,6 +220,10 @@ class Settings:
             raise _bad("retrain_every", self.retrain_every, "0 (off) or a positive number of annotations")
         if self.predict_budget <= 0:
             raise _bad("predict_budget", self.predict_budget, "a positive number of seconds")
+        if self.keep_project_heads < 1:
+            raise _bad("keep_project_heads", self.keep_project_heads, "a positive number of heads")
+        if self.max_pending_predictions < 1:
+            raise _bad("max_pending_predictions", self.max_pending_predictions, "a positive number of requests")
         if self.preannotate_chunk < 1:
             raise _bad("preannotate_chunk", self.preannotate_chunk, "a positive number of tasks")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

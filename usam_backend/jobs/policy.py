@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +31,8 @@ from usam_backend.sam.models import expected_fingerprint, resolve_device
 from usam_backend.sam.shared import LazyEngine
 
 log = logging.getLogger("usam.policy")
+
+FEEDBACK_RETRY_SECONDS = 30.0
 
 JOBS = {
     "labels": "usam_backend.jobs.training.train_labels_job",
@@ -156,9 +159,18 @@ class TrainingPolicy:
         except Exception:  # a background task: log, never raise into the executor
             log.exception("project %s: training not started", pid)
 
+    def resume(self, pids: list[str]) -> None:
+        """At start-up: fold in events a stopped server answered but had not processed yet."""
+        for pid in pids:
+            self.annotations_changed(pid)
+
     def _take_feedback(self, pid: str) -> None:
         try:
             state = self.feedback.catch_up(pid)
+            if state.error:  # an event failed: it stays first in line, try again later
+                timer = threading.Timer(FEEDBACK_RETRY_SECONDS, self.annotations_changed, [pid])
+                timer.daemon = True
+                timer.start()
             every = self.settings.retrain_every
             if every and state.since_training >= every:
                 self._train_on_feedback(pid, None, f"{state.since_training} new annotations", force=False)

@@ -60,7 +60,7 @@ def preannotate_job(settings: Settings, request: dict[str, Any], *, publish: Pub
     counts: dict[str, Any] = {"predicted": 0, "skipped": 0, "failed": 0, "model_version": choice.version}
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, record, client)
-        fetcher = fetcher_for(settings, record.hostname, record.access_token, client)
+        fetcher = fetcher_for(settings, record, client)
         for task_id in task_ids:
             try:
                 if choice.version in api.prediction_versions(task_id):
@@ -110,7 +110,8 @@ def run_preannotate(settings: Settings, project: str, *, wait: bool = True, time
         api = LabelStudioApi.for_project(settings, record, client)
         schema = str(api.project(pid).get("label_config") or "")
         record = ProjectRecord(pid, schema, record.hostname if record else api.url,
-                               record.access_token if record else None)  # fmt: skip
+                               record.access_token if record else None,
+                               hostname_trusted=record.hostname_trusted if record else False)  # fmt: skip
         store.put(record)  # the workers read the label config and Label Studio's address from here
         config = parse_label_config(schema)
         choice = HeadRegistry(settings.model_dir / "heads", settings.sam_type).choose(config.labels, pid)

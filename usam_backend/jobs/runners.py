@@ -35,6 +35,8 @@ from usam_backend.core.settings import Settings, get_settings
 log = logging.getLogger("usam.runner")
 
 RETRY_FAILED_AFTER = 600.0
+KEEP_ENDED = 200  # ended jobs the in-process runner remembers
+LISTED = 50  # jobs /jobs lists, newest first
 HEARTBEAT_SECONDS = 15.0
 STALE_AFTER = 120.0  # a started job whose heartbeat is older lost its worker
 DOWN_BACKOFF = 10.0  # after Redis failed, don't try it again for this long
@@ -47,6 +49,10 @@ Publish = Callable[[dict[str, Any]], None]
 
 class RunnerUnavailable(UsamError):
     """The job queue cannot be reached (Redis down)."""
+
+
+class JobTimeout(UsamError):
+    """A job ran past ``USAM_JOB_TIMEOUT``."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ class EmbeddedRunner:
 
     def jobs(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [info.public() for info in sorted(self._jobs.values(), key=lambda j: -j.enqueued_at)]
+            return [info.public() for info in sorted(self._jobs.values(), key=lambda j: -j.enqueued_at)][:LISTED]
 
     def fault(self) -> str | None:
         return None
@@ -186,8 +192,12 @@ class EmbeddedRunner:
             info = self._jobs[job_id]
             info.status = "started"
 
-            def publish(snapshot: dict[str, Any], info: JobInfo = info) -> None:
+            deadline = time.monotonic() + self.settings.job_timeout
+
+            def publish(snapshot: dict[str, Any], info: JobInfo = info, deadline: float = deadline) -> None:
                 info.progress = snapshot
+                if time.monotonic() > deadline:  # the job stops at its next progress report
+                    raise JobTimeout(f"the job ran past USAM_JOB_TIMEOUT={self.settings.job_timeout} s")
 
             try:
                 spec = self._specs[job_id]
@@ -200,6 +210,15 @@ class EmbeddedRunner:
                 info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             info.ended_at = time.time()
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep the table bounded: the :data:`KEEP_ENDED` most recently ended jobs, and all others."""
+        with self._lock:
+            ended = sorted((j for j in self._jobs.values() if j.ended_at is not None), key=lambda j: j.ended_at or 0)
+            for job in ended[: max(0, len(ended) - KEEP_ENDED)]:
+                del self._jobs[job.id]
+                self._specs.pop(job.id, None)
 
 
 class RQRunner:
@@ -252,16 +271,16 @@ class RQRunner:
 
     def jobs(self) -> list[dict[str, Any]]:
         try:
-            ids = list(self.queue.job_ids)
+            ids = self.queue.get_job_ids(0, LISTED)  # the next to run
             for registry in (
                 self.queue.started_job_registry, self.queue.finished_job_registry, self.queue.failed_job_registry
             ):  # fmt: skip
-                ids += registry.get_job_ids()
+                ids += registry.get_job_ids(0, LISTED - 1, desc=True)  # the newest of each
             jobs = [job for job in Job.fetch_many(list(dict.fromkeys(ids)), connection=self.redis) if job]
         except RedisError as exc:
             self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
             return []
-        return [_info(job).public() for job in sorted(jobs, key=lambda j: j.enqueued_at or 0, reverse=True)[:50]]
+        return [_info(job).public() for job in sorted(jobs, key=lambda j: j.enqueued_at or 0, reverse=True)[:LISTED]]
 
     def get(self, job_ids: list[str]) -> list[dict[str, Any]]:
         """These jobs (those that still exist), however many."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from training.feedback import IGNORE, InstanceCache, Instances, point_labels
 from training.pipeline import Trained, train_labels
 from training.progress import Progress
 from training.recipe import Recipe
+from training.sources.synthetic import release_pipelines
 from usam_backend.core.errors import DataError, UsamError
 from usam_backend.core.images import load_image
 from usam_backend.core.settings import Settings
@@ -28,7 +30,7 @@ from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.labelstudio.projects import ProjectStore
-from usam_backend.registry import model_version
+from usam_backend.registry import HeadRegistry, model_version
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.shared import compute_lock, shared_engine
 
@@ -39,10 +41,13 @@ def train_labels_job(settings: Settings, request: dict[str, Any], *, publish: Pu
     """A head on class images of ``request["labels"]``, published to ``USAM_MODEL_DIR/heads/``."""
     recipe, settings, engine = _prepare(settings, request)
     progress = Progress(publish)
-    trained = train_labels(
-        settings, recipe, list(request["labels"]), engine, settings.model_dir / "heads", progress=progress,
-        lock=compute_lock, **_registry(request, "labels"),
-    )  # fmt: skip
+    try:
+        trained = train_labels(
+            settings, recipe, list(request["labels"]), engine, settings.model_dir / "heads", progress=progress,
+            lock=compute_lock, **_registry(request, "labels"),
+        )  # fmt: skip
+    finally:
+        release_pipelines()
     return _published(trained, engine)
 
 
@@ -61,16 +66,49 @@ def train_feedback_job(
         raise DataError(f"project {pid} has no annotated task to learn from (annotations deleted?)")
     progress = Progress(publish)
     progress.stage("annotated tasks", len(tasks))
-    instances, used, problems = annotated_instances(settings, pid, tasks, labels, engine, progress)
-    feedback = {"project": pid, "annotated_tasks": used, "tasks_not_used": problems,
-                "instances": instances.counts(labels)}  # fmt: skip
-    trained = train_labels(
-        settings, recipe, labels, engine, settings.model_dir / "heads", progress=progress, instances=instances,
-        feedback=feedback, lock=compute_lock, **_registry(request, "feedback"),
-    )  # fmt: skip
+    fit_tasks, held_out = split_for_calibration(tasks)
+    instances, used, problems = annotated_instances(settings, pid, fit_tasks, labels, engine, progress)
+    calibration, _, held_problems = annotated_instances(settings, pid, held_out, labels, engine, progress)
+    feedback = {"project": pid, "annotated_tasks": used, "tasks_not_used": problems + held_problems,
+                "instances": instances.counts(labels), "calibration_tasks": [t.task for t in held_out]}  # fmt: skip
+    try:
+        trained = train_labels(
+            settings, recipe, labels, engine, settings.model_dir / "heads", progress=progress, instances=instances,
+            feedback=feedback, calibration=calibration if held_out else None, lock=compute_lock,
+            **_registry(request, "feedback"),
+        )  # fmt: skip
+    finally:
+        release_pipelines()
     result = _published(trained, engine)
     result["feedback"] = trained.head.info["feedback"]
+    result["pruned"] = [path.name for path in prune_project_heads(settings, pid, trained.path)]
     return result
+
+
+def prune_project_heads(settings: Settings, pid: str, newest: Path) -> list[Path]:
+    """Keep the project's ``USAM_KEEP_PROJECT_HEADS`` newest heads, and the one serving it."""
+    registry = HeadRegistry(settings.model_dir / "heads", settings.sam_type)
+    protect = {newest}
+    record = ProjectStore(settings.model_dir / "projects").get(pid)
+    if record is not None:
+        choice = registry.choose(parse_label_config(record.label_config).labels, pid)
+        if choice is not None:
+            protect.add(choice.path)
+    return registry.prune(pid, settings.keep_project_heads, protect)
+
+
+CALIBRATION_SHARE = 5
+"""Every 5th annotated task (at least 4 needed) is held out of training to calibrate the head on."""
+
+
+def split_for_calibration(tasks: list[TaskFeedback]) -> tuple[list[TaskFeedback], list[TaskFeedback]]:
+    """(tasks to train on, whole tasks held out for calibration); with fewer than 4 annotated
+    tasks, all train and the head stays uncalibrated (a temperature fitted on the points it
+    learned from would only make it more confident)."""
+    if len(tasks) < 4:
+        return tasks, []
+    held = [t for i, t in enumerate(tasks) if i % CALIBRATION_SHARE == CALIBRATION_SHARE - 1] or tasks[-1:]
+    return [t for t in tasks if t not in held], held
 
 
 def annotated_instances(
@@ -90,7 +128,7 @@ def annotated_instances(
     problems: list[dict[str, Any]] = []
     used = 0
     with httpx.Client(follow_redirects=False) as client:
-        fetcher = fetcher_for(settings, record.hostname, record.access_token, client)
+        fetcher = fetcher_for(settings, record, client)
         for task in tasks:
             try:
                 for image_name, field_ in config.images.items():

@@ -16,7 +16,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
-from usam_backend.labelstudio.projects import ProjectRecord
+from usam_backend.labelstudio.projects import ProjectRecord, label_studio_origin
 
 PAGE_SIZE = 100
 
@@ -34,15 +34,14 @@ class LabelStudioApi:
 
     @classmethod
     def for_project(cls, settings: Settings, record: ProjectRecord | None, client: httpx.Client) -> LabelStudioApi:
-        """Label Studio at ``LABEL_STUDIO_URL`` (else the project's /setup hostname), with
-        ``LABEL_STUDIO_API_KEY`` (else the project's /setup token)."""
-        url = settings.label_studio_url or (record.hostname if record else None)
-        if not url:
+        """The project's Label Studio and the credentials that may go there (:func:`label_studio_origin`)."""
+        origin = label_studio_origin(settings, record)
+        if not origin.url:
             raise LabelStudioApiError("Label Studio's URL is unknown: set LABEL_STUDIO_URL")
-        token = settings.label_studio_api_key or (record.access_token if record else None)
+        token = origin.api_key or origin.setup_token
         if not token:
             raise LabelStudioApiError("no Label Studio token: set LABEL_STUDIO_API_KEY")
-        return cls(url, token, client)
+        return cls(origin.url, token, client)
 
     def project(self, pid: str) -> dict[str, Any]:
         return self._call(f"GET /api/projects/{pid}/", lambda: _plain(self.sdk.projects.get(id=int(pid))))

@@ -7,7 +7,9 @@ model class names that map onto it (label-studio-ml's convention). ``<KeyPointLa
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
@@ -85,7 +87,32 @@ class LabelConfig:
         return None
 
 
+_PARSED: collections.OrderedDict[str, LabelConfig] = collections.OrderedDict()
+_PARSED_LOCK = threading.Lock()
+PARSED_KEPT = 256  # configs kept parsed, by content digest (never the XML itself)
+
+
 def parse_label_config(xml: str) -> LabelConfig:
+    """Read a label config; the last :data:`PARSED_KEPT` distinct configs are kept parsed
+    (requests and ``/health`` re-read the same few configs all the time).
+
+    Raises:
+        LabelConfigError: see :func:`_parse`.
+    """
+    digest = hashlib.sha256(xml.encode(errors="replace")).hexdigest() if isinstance(xml, str) else ""
+    with _PARSED_LOCK:
+        if digest in _PARSED:
+            _PARSED.move_to_end(digest)
+            return _PARSED[digest]
+    config = _parse(xml)
+    with _PARSED_LOCK:
+        _PARSED[digest] = config
+        while len(_PARSED) > PARSED_KEPT:
+            _PARSED.popitem(last=False)
+    return config
+
+
+def _parse(xml: str) -> LabelConfig:
     """Read a label config.
 
     Raises:

@@ -7,13 +7,15 @@ Layout under ``USAM_MODEL_DIR/feedback/<project>/``:
   where its image is) and how it compares with the prediction: which predicted regions the
   annotator ``kept``, ``removed`` or ``changed`` (label or outline), and which regions they
   ``added``;
-- ``state.json``: how far the webhook event log has been read, and how many annotations arrived
-  since the last training.
+- ``annotations/<annotation id>``: the task the annotation belongs to (for deletions);
+- ``state.json``: how far the webhook event log has been read, how many annotations arrived
+  since the last training, and the error that stopped the last catch-up, if any.
 
-The webhook handler only appends the event to the project's event log (durable before Label
+The webhook handler only appends the event to the project's event log (fsynced before Label
 Studio gets its answer); :meth:`FeedbackStore.catch_up` turns new events into task records later,
 in the background. Everything here is derived from that log, so a crash loses nothing: the next
-``catch_up`` replays what was not processed.
+``catch_up`` replays what was not processed, and an event that cannot be processed stops the
+catch-up there (its error in the state, shown by ``/health``) until a later catch-up succeeds.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class FeedbackState:
     annotations: int = 0  # annotation events processed in all
     tasks: int = 0  # annotated tasks with a record now
     regions: dict[str, int] = field(default_factory=lambda: Comparison().counts())  # kept/removed/changed/added
+    error: str | None = None  # why the event at byte_offset could not be processed (retried later)
+    rotated_bytes: int = 0  # bytes of the log rotated away: rotated_bytes + byte_offset only ever grows
 
 
 class FeedbackStore:
@@ -149,17 +153,26 @@ class FeedbackStore:
             return FeedbackState()
 
     def catch_up(self, pid: str) -> FeedbackState:
-        """Process the project's webhook events not processed yet; returns the new state."""
+        """Process the project's webhook events not processed yet; returns the new state.
+
+        Stops at an event that raises (``state.error`` says why): the next call tries it again,
+        so no event is ever skipped. A fully processed, large log is rotated."""
         with self._lock(pid):
             state = self.state(pid)
-            events, state.byte_offset = self.events.read_from(pid, state.byte_offset)
-            for event in events:
+            state.error = None
+            for event, end in self.events.read_from(pid, state.byte_offset):
                 try:
-                    if self._apply(pid, event, state):
+                    if self._apply(pid, event, state, state.rotated_bytes + end):
                         state.since_training += 1
                         state.annotations += 1
-                except Exception:  # one odd event must not block the ones after it
-                    log.exception("project %s: could not use event %s", pid, str(event)[:200])
+                except Exception as exc:
+                    state.error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.exception("project %s: event at byte %d not processed yet", pid, state.byte_offset)
+                    break
+                state.byte_offset = end
+            if state.error is None and self.events.rotate(pid, state.byte_offset):
+                state.rotated_bytes += state.byte_offset
+                state.byte_offset = 0
             self._save_state(pid, state)
             return state
 
@@ -173,9 +186,16 @@ class FeedbackStore:
     def summary(self, pid: str) -> dict[str, Any]:
         """Counts for /health, from the state file alone (cheap however large the project)."""
         state = self.state(pid)
-        return {"annotated_tasks": state.tasks, "regions": dict(state.regions), "since_training": state.since_training}
+        summary = {
+            "annotated_tasks": state.tasks,
+            "regions": dict(state.regions),
+            "since_training": state.since_training,
+        }
+        if state.error:
+            summary["error"] = f"annotation events wait to be processed: {state.error}"
+        return summary
 
-    def _apply(self, pid: str, event: dict[str, Any], state: FeedbackState) -> bool:
+    def _apply(self, pid: str, event: dict[str, Any], state: FeedbackState, end: int) -> bool:
         action = event.get("action")
         if action in ANNOTATION_ACTIONS:
             annotation = event.get("annotation") or {}
@@ -184,28 +204,30 @@ class FeedbackStore:
             task_id = task_id if task_id is not None else annotation.get("task")
             if task_id is None:
                 return False
-            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {}, state)
+            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {}, state, end)
             return True
         if action == "ANNOTATIONS_DELETED":
             deleted = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
-            index = self._dir(pid) / "annotations.json"  # annotation id -> task id
-            owners = _read_json(index) or {}
             for annotation_id in deleted:
-                task_id = owners.pop(str(annotation_id), None)
+                owner = self._dir(pid, "annotations") / _safe_name(annotation_id)
+                task_id = _read_int(owner)
+                if task_id is None:  # recorded by an earlier version, in one index file
+                    task_id = (_read_json(self._dir(pid) / "annotations.json") or {}).get(str(annotation_id))
                 if task_id is not None:
                     known = _read_json(self._dir(pid, "tasks") / f"{task_id}.json") or {}
                     if known.get("annotation") == annotation_id:
-                        self._forget(pid, int(task_id), state, known)
+                        self._forget(pid, task_id, state, known, end)
                         log.info("project %s: annotation %s of task %s deleted", pid, annotation_id, task_id)
-            self._write_json(index, owners)
+                owner.unlink(missing_ok=True)
         return False
 
     def _record_annotation(
-        self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any], state: FeedbackState
-    ) -> None:
+        self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any], state: FeedbackState,
+        end: int,
+    ) -> None:  # fmt: skip
         path = self._dir(pid, "tasks") / f"{task_id}.json"
         known = _read_json(path) or {}
-        self._forget(pid, task_id, state, known)
+        self._forget(pid, task_id, state, known, end)
         if annotation.get("was_cancelled"):
             return  # skipped: teaches nothing
         regions = annotation_regions(annotation.get("result") or [])
@@ -214,20 +236,25 @@ class FeedbackStore:
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         data = data or dict(known.get("data") or {})  # keep what an earlier event said about the task's image
         record = TaskFeedback(task_id, annotation.get("id"), data, regions, comparison, version, time.time())
-        self._write_json(path, asdict(record))
+        self._write_json(path, {**asdict(record), "event_end": end})
         state.tasks += 1
         for key, n in comparison.counts().items():
             state.regions[key] = state.regions.get(key, 0) + n
-        if annotation.get("id") is not None:
-            index = self._dir(pid) / "annotations.json"
-            self._write_json(index, {**(_read_json(index) or {}), str(annotation["id"]): task_id})
+        if annotation.get("id") is not None:  # one small file per annotation: O(1) per event
+            with atomic_path(self._dir(pid, "annotations") / _safe_name(annotation["id"])) as tmp:
+                tmp.write_text(str(task_id))
         log.info("project %s task %s: feedback %s", pid, task_id, comparison.counts())
 
-    def _forget(self, pid: str, task_id: int, state: FeedbackState, known: dict[str, Any]) -> None:
-        """Drop a task's record (``known``, as read) and take its counts out of the totals."""
+    def _forget(self, pid: str, task_id: int, state: FeedbackState, known: dict[str, Any], end: int) -> None:
+        """Drop a task's record (``known``, as read) and take its counts out of the totals.
+
+        A record written by this very event or a later one (``event_end >= end``) was left by a
+        catch-up that crashed before saving its state: the totals never counted it."""
         if not known:
             return
         (self._dir(pid, "tasks") / f"{task_id}.json").unlink(missing_ok=True)
+        if int(known.get("event_end", 0)) >= end > 0:
+            return
         state.tasks = max(0, state.tasks - 1)
         for key, ids in (known.get("comparison") or {}).items():
             state.regions[key] = max(0, state.regions.get(key, 0) - len(ids))
@@ -315,6 +342,19 @@ def _iou(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> 
     if a[0].shape != b[0].shape:  # drawn at another image size: not the same region
         return 0.0
     return mask_iou(a[0], a[1], b[0], b[1])
+
+
+def _safe_name(annotation_id: object) -> str:
+    """A file name for an annotation id (Label Studio's are integers; anything else is hashed)."""
+    text = str(annotation_id)
+    return text if text.isdigit() else hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

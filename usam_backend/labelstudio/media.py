@@ -6,7 +6,8 @@ Label Studio), ``http(s)://`` URLs, and cloud URIs (``s3://``, ``gs://``, ``azur
 
 Hosts: Label Studio's own, and those in ``USAM_ALLOWED_HOSTS``; a redirect from Label Studio (a
 presigned storage URL) may go to any public host. Link-local, multicast and reserved addresses
-(cloud metadata endpoints among them) are always refused, private ones unless allow-listed.
+(cloud metadata endpoints among them) are always refused, private ones unless allow-listed; only
+``LABEL_STUDIO_URL``, which the operator named, is fetched whatever its address.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import httpx
 
 from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError, host_allowed, origin, short
 from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.projects import ProjectRecord, label_studio_origin
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://", "azure-spi://")
 ACCESS_TOKEN_SECONDS = 240  # Label Studio's access tokens live 5 minutes; refresh a little early
@@ -81,10 +83,13 @@ class TaskImageFetcher(GuardedFetcher):
     """Resolves task image references and downloads them within :class:`FetchLimits`."""
 
     def __init__(self, label_studio_url: str | None, auth: LabelStudioAuth | None, limits: FetchLimits,
-                 client: httpx.Client):  # fmt: skip
+                 client: httpx.Client, *, named_by_operator: bool = False):  # fmt: skip
+        """``named_by_operator``: Label Studio's URL is ``LABEL_STUDIO_URL`` (fetched at any address),
+        not a ``/setup`` hostname (never link-local, multicast or reserved addresses)."""
         super().__init__(limits, client)
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self.auth = auth
+        self.named_by_operator = named_by_operator
 
     def resolve(self, reference: str, task_id: int | None) -> str:
         """The absolute URL to download for a task's image reference."""
@@ -116,6 +121,9 @@ class TaskImageFetcher(GuardedFetcher):
 
     def _is_trusted(self, url: str) -> bool:
         return self.label_studio_url is not None and origin(url) == origin(self.label_studio_url)
+
+    def _trusted_anywhere(self, url: str) -> bool:
+        return self.named_by_operator and self._is_trusted(url)
 
     def _headers(self, url: str, trusted: bool, basic_auth: tuple[str, str] | None) -> dict[str, str]:
         if trusted:
@@ -153,12 +161,11 @@ def _json(response: httpx.Response) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def fetcher_for(
-    settings: Settings, hostname: str | None, access_token: str | None, client: httpx.Client
-) -> TaskImageFetcher:
-    """A fetcher for one project: Label Studio at ``LABEL_STUDIO_URL`` (else the hostname its
-    /setup sent), with ``LABEL_STUDIO_API_KEY`` (else the project's /setup token)."""
-    url = settings.label_studio_url or hostname
-    auth = LabelStudioAuth(url, settings.label_studio_api_key, access_token, client) if url else None
+def fetcher_for(settings: Settings, record: ProjectRecord | None, client: httpx.Client) -> TaskImageFetcher:
+    """A fetcher for one project's task images, from its Label Studio (:func:`label_studio_origin`)."""
+    origin = label_studio_origin(settings, record)
+    auth = None
+    if origin.url:
+        auth = LabelStudioAuth(origin.url, origin.api_key, origin.setup_token, client)
     limits = FetchLimits(settings.max_image_bytes, settings.fetch_timeout, settings.allowed_hosts)
-    return TaskImageFetcher(url, auth, limits, client)
+    return TaskImageFetcher(origin.url, auth, limits, client, named_by_operator=origin.named_by_operator)

@@ -17,6 +17,7 @@ from typing import Any
 
 from usam_backend.core.errors import UsamError
 from usam_backend.core.fileio import atomic_path
+from usam_backend.core.settings import Settings
 
 
 class UnknownProjectError(UsamError):
@@ -34,11 +35,45 @@ def project_id(uid: object) -> str:
 
 @dataclass
 class ProjectRecord:
+    """A project as its last ``/setup`` (or ``PROJECT_UPDATED``) described it.
+
+    ``hostname`` is Label Studio's URL as ``/setup`` sent it; it is used only when
+    ``hostname_trusted`` (see :func:`label_studio_origin`)."""
+
     id: str
     label_config: str
     hostname: str | None = None
     access_token: str | None = None
     updated: float = 0.0
+    hostname_trusted: bool = False
+
+
+@dataclass(frozen=True)
+class LabelStudioOrigin:
+    """Where a project's Label Studio is, and which credentials may go there.
+
+    Attributes:
+        url: Label Studio's URL, or None when unknown.
+        api_key: ``LABEL_STUDIO_API_KEY``: only ever sent to ``LABEL_STUDIO_URL``.
+        setup_token: the legacy token the project's ``/setup`` sent.
+        named_by_operator: the URL is ``LABEL_STUDIO_URL`` (not a ``/setup`` hostname).
+    """
+
+    url: str | None
+    api_key: str | None
+    setup_token: str | None
+    named_by_operator: bool
+
+
+def label_studio_origin(settings: Settings, record: ProjectRecord | None) -> LabelStudioOrigin:
+    """``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY`` (else the /setup token); without it, the
+    hostname a trusted ``/setup`` sent, with that /setup's own token and never the API key."""
+    token = record.access_token if record else None
+    if settings.label_studio_url:
+        return LabelStudioOrigin(settings.label_studio_url, settings.label_studio_api_key, token, True)
+    if record is not None and record.hostname and record.hostname_trusted:
+        return LabelStudioOrigin(record.hostname, None, token, False)
+    return LabelStudioOrigin(None, None, None, False)
 
 
 class ProjectStore:
@@ -74,36 +109,80 @@ class ProjectStore:
         return sorted(p.stem for p in self.folder.glob("*.json")) if self.folder.is_dir() else []
 
 
+_LOG_LOCKS: dict[Path, threading.Lock] = {}
+_LOG_LOCKS_GUARD = threading.Lock()
+
+
+def _log_lock(path: Path) -> threading.Lock:
+    """One lock per log file in this process, however many EventLog objects point at it."""
+    with _LOG_LOCKS_GUARD:
+        return _LOG_LOCKS.setdefault(path.resolve(), threading.Lock())
+
+
 class EventLog:
-    """Append-only webhook events per project."""
+    """Append-only webhook events per project, durable before the webhook is answered.
+
+    ``<id>.jsonl`` grows until the feedback store has folded every event in; then
+    :meth:`rotate` moves it to ``<id>.jsonl.1`` (the previous generation is dropped), so a log
+    holds what is not yet processed plus at most :data:`ROTATE_BYTES` of history."""
+
+    ROTATE_BYTES = 8 * 1024 * 1024
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._lock = threading.Lock()
+
+    def path(self, pid: str) -> Path:
+        return self.folder / f"{pid}.jsonl"
 
     def append(self, pid: str, event: dict[str, Any]) -> None:
+        """Append and fsync: once this returns, the event survives a crash of the process or machine."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"received": time.time(), **event}, separators=(",", ":"))
-        with self._lock, (self.folder / f"{pid}.jsonl").open("a") as out:
-            out.write(line + "\n")
+        line = json.dumps({"received": time.time(), **event}, separators=(",", ":")) + "\n"
+        path = self.path(pid)
+        with _log_lock(path), path.open("ab") as out:
+            out.write(line.encode())
+            out.flush()
+            os.fsync(out.fileno())
 
     def read(self, pid: str) -> list[dict[str, Any]]:
-        return self.read_from(pid, 0)[0]
+        return [event for event, _ in self.read_from(pid, 0)]
 
-    def read_from(self, pid: str, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """Events after byte ``offset``, and the offset after the last complete line read (a line
-        still being written is left for the next call; an unreadable line is skipped)."""
-        path = self.folder / f"{pid}.jsonl"
+    def read_from(self, pid: str, offset: int) -> list[tuple[dict[str, Any], int]]:
+        """Events after byte ``offset``, each with the offset just past it (a line still being
+        written is left for the next call; an unreadable line is skipped). An offset past the end
+        (the log was rotated) reads from the start."""
+        path = self.path(pid)
         if not path.is_file():
-            return [], offset
+            return []
         with path.open("rb") as source:
-            source.seek(offset)
+            size = source.seek(0, os.SEEK_END)
+            source.seek(offset if offset <= size else 0)
+            start = source.tell()
             data = source.read()
-        complete = data[: data.rfind(b"\n") + 1]
         events = []
-        for line in complete.splitlines():
+        position = start
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            position += len(line)
             try:
-                events.append(json.loads(line))
+                events.append((json.loads(line), position))
             except ValueError:
                 continue  # a line cut short by a crash is skipped, the rest is kept
-        return events, offset + len(complete)
+        return events
+
+    def size(self, pid: str) -> int:
+        try:
+            return self.path(pid).stat().st_size
+        except OSError:
+            return 0
+
+    def rotate(self, pid: str, processed: int) -> bool:
+        """Move the log aside if every byte of it (``processed``) is folded in and it is large;
+        True when it moved (then reading starts again at offset 0)."""
+        path = self.path(pid)
+        with _log_lock(path):
+            if processed < self.ROTATE_BYTES or self.size(pid) != processed:
+                return False
+            os.replace(path, path.with_name(path.name + ".1"))
+            return True

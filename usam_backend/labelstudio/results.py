@@ -15,8 +15,8 @@ import hashlib
 from typing import Any
 
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
+from usam_backend.core.masks import brush_rle
 from usam_backend.labelstudio.config import ProjectLabel
 
 
@@ -31,7 +31,7 @@ def brush_region(mask: np.ndarray, label: ProjectLabel, score: float, region_id:
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label.value]},
+        "value": {"format": "rle", "rle": brush_rle(mask), "brushlabels": [label.value]},
         "score": round(float(score), 6),
     }
 

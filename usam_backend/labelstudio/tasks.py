@@ -80,15 +80,23 @@ class TaskPredictor:
                 image = self.task_image(task, field_.key, fetcher, basic)
                 head_classes = {choice.head.class_names[i] for i in by_class}
                 with self.lock:
-                    regions = self.segmenter(choice).segment(image, classes=head_classes)
-                confidences.append(regions.confidence)
-                for i in range(len(regions)):
-                    label = by_class[int(regions.class_ids[i])]
-                    rid = region_id(choice.version, task_id, image_name, i)
-                    score = float(regions.scores[i])
-                    results.append(brush_region(regions.masks[i], label, score, rid))
-                    logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(regions.masks[i]),
-                                         score))  # fmt: skip
+                    segmenter = self.segmenter(choice)
+                    embedding = segmenter.engine.embed(image)
+                    del image  # only the embedding is needed from here on
+                    survivors = segmenter.survivors(embedding, classes=head_classes)
+                    confidences.append(survivors.confidence)
+                    class_ids, scores = survivors.class_ids, survivors.scores
+                    found = 0
+                    for i in range(len(survivors)):
+                        mask = survivors.mask(i)  # one image-sized mask at a time, encoded, dropped
+                        if not mask.any():
+                            continue
+                        label = by_class[int(class_ids[i])]
+                        rid = region_id(choice.version, task_id, image_name, found)
+                        found += 1
+                        results.append(brush_region(mask, label, float(scores[i]), rid))
+                        logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(mask),
+                                             float(scores[i])))  # fmt: skip
         except UsamError as exc:
             self._failed(task_id, str(exc))
             return prediction([], choice.version)

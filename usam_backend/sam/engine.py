@@ -17,7 +17,9 @@ from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits
 from usam_backend.sam.models import LoadedSam, load_sam
 
 UPSCALE_BATCH = 8
-"""Masks brought to image size at once; bounds memory for very large images."""
+UPSCALE_PIXELS = 16_000_000
+"""Masks brought to image size at once: at most UPSCALE_BATCH, and at most UPSCALE_PIXELS pixels
+(float32 logits) in all, which bounds the memory for very large images."""
 
 
 @dataclass
@@ -158,8 +160,10 @@ class SamEngine:
     def upscale(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
         """Low-res logits (k, 256, 256) -> (k, H, W) bool masks at the original image size."""
         masks = []
-        for start in range(0, logits.shape[0], UPSCALE_BATCH):
-            batch = logits[start : start + UPSCALE_BATCH, None]
+        height, width = embedding.original_size
+        step = max(1, min(UPSCALE_BATCH, UPSCALE_PIXELS // max(1, height * width)))
+        for start in range(0, logits.shape[0], step):
+            batch = logits[start : start + step, None]
             full = self.model.postprocess_masks(batch, embedding.input_size, embedding.original_size)
             masks.append((full[:, 0] > self.model.mask_threshold).cpu().numpy())
         if not masks:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +29,8 @@ from usam_backend.labelstudio.projects import UnknownProjectError
 from usam_backend.server.service import Backend, PredictRequest
 
 log = logging.getLogger("usam.http")
+
+T = TypeVar("T")
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 WEBHOOK_SECRET_HEADER = "X-Usam-Webhook-Secret"
@@ -87,6 +92,10 @@ class WebhookResponse(BaseModel):
     action: str
 
 
+class Liveness(BaseModel):
+    status: str
+
+
 class VersionsResponse(BaseModel):
     versions: list[str]
 
@@ -106,7 +115,12 @@ ERROR_STATUS: list[tuple[type[UsamError], int]] = [
 ]
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, *, loopback_only: bool = False) -> FastAPI:
+    """The FastAPI app over ``backend``.
+
+    ``loopback_only``: the server listens on a loopback address only, so every caller is on this
+    machine; then a ``/setup`` hostname is trusted without authentication (zero-config local use).
+    """
     settings = backend.settings
     app = FastAPI(
         title="usam",
@@ -115,32 +129,59 @@ def create_app(backend: Backend) -> FastAPI:
         responses={422: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
     )
     basic = HTTPBasic(auto_error=False)
+    basic_configured = bool(settings.basic_auth_user and settings.basic_auth_pass)
+    if not loopback_only and not basic_configured:
+        warning = (
+            "usam listens beyond loopback without authentication: anyone who can reach it can run predictions "
+            "and read /health; set BASIC_AUTH_USER and BASIC_AUTH_PASS (and USAM_WEBHOOK_SECRET)"
+        )
+        log.warning(warning)
+        backend.warnings.append(warning)
+    admission = Admission(settings.max_pending_predictions)
 
-    def authorised(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        user, password = settings.basic_auth_user, settings.basic_auth_pass
-        if not user or not password:
-            return
-        if credentials is None or not (
-            secrets.compare_digest(credentials.username.encode(), user.encode())
+    def valid_basic(credentials: HTTPBasicCredentials | None) -> bool:
+        user, password = settings.basic_auth_user or "", settings.basic_auth_pass or ""
+        return bool(
+            basic_configured
+            and credentials is not None
+            and secrets.compare_digest(credentials.username.encode(), user.encode())
             & secrets.compare_digest(credentials.password.encode(), password.encode())
-        ):
+        )
+
+    def authorised(credentials: HTTPBasicCredentials | None = Depends(basic)) -> bool:
+        """Basic auth when configured; True when the caller proved who it is."""
+        if not basic_configured:
+            return False
+        if not valid_basic(credentials):
             raise HTTPException(401, "basic auth required (BASIC_AUTH_USER)", headers={"WWW-Authenticate": "Basic"})
+        return True
 
     protected = [Depends(authorised)]
 
-    @app.get("/health", dependencies=protected)
-    def health() -> dict[str, Any]:
-        """Status, SAM type and device, the heads on disk, and per project which head serves it (or why none)."""
-        return backend.health()
+    @app.get("/ping", response_model=Liveness)
+    def ping() -> Liveness:
+        """Liveness, without authentication and without details (container health checks)."""
+        return Liveness(status="UP")
 
-    @app.post("/setup", response_model=SetupResponse, dependencies=protected)
-    def setup(body: SetupRequest) -> SetupResponse:
+    @app.get("/health", dependencies=protected)
+    async def health() -> dict[str, Any]:
+        """Status, SAM type and device, the heads on disk, and per project which head serves it (or why none)."""
+        return await admission.control(backend.health)
+
+    @app.post("/setup", response_model=SetupResponse)
+    def setup(body: SetupRequest, authenticated: bool = Depends(authorised)) -> SetupResponse:
         """Read the project's label config; answer the model_version of the head serving its labels."""
-        version = backend.setup(str(body.project), body.label_config, body.hostname, body.access_token)
+        version = backend.setup(
+            str(body.project), body.label_config, body.hostname, body.access_token,
+            trust_hostname=authenticated or loopback_only,
+        )  # fmt: skip
         return SetupResponse(model_version=version)
 
-    @app.post("/predict", response_model=PredictResponse, dependencies=protected)
-    def predict(body: PredictBody) -> PredictResponse:
+    @app.post(
+        "/predict", response_model=PredictResponse, dependencies=protected,
+        responses={503: {"model": ErrorResponse, "description": "too many predictions pending: retry later"}},
+    )  # fmt: skip
+    async def predict(body: PredictBody) -> PredictResponse:
         """Brush pre-annotations for a batch of tasks, or one mask for a smart-tool prompt."""
         params = body.params.model_dump(exclude_none=True) if body.params else {}
         request = PredictRequest(
@@ -149,30 +190,28 @@ def create_app(backend: Backend) -> FastAPI:
             label_config=body.label_config,
             params=params,
         )
+        results = await admission.predict(lambda: backend.predict(request))
         return PredictResponse(
-            results=[
-                [Prediction(**q) for q in p] if isinstance(p, list) else Prediction(**p)
-                for p in backend.predict(request)
-            ]
+            results=[[Prediction(**q) for q in p] if isinstance(p, list) else Prediction(**p) for p in results]
         )
 
     @app.post("/webhook", response_model=WebhookResponse)
-    def webhook(
+    async def webhook(
         body: WebhookBody,
         secret: str | None = Header(None, alias=WEBHOOK_SECRET_HEADER),
         credentials: HTTPBasicCredentials | None = Depends(basic),
     ) -> WebhookResponse:
         """Every Label Studio webhook event is accepted and recorded; nothing is trained here.
 
-        Label Studio's webhooks carry the shared-secret header (USAM_WEBHOOK_SECRET). START_TRAINING
-        is different: Label Studio sends it as an ML-backend call, with the connection's basic auth
-        and without webhook headers, so it is checked like /predict."""
+        With ``USAM_WEBHOOK_SECRET`` or basic auth configured, a request must carry the secret header
+        or the basic-auth credentials: Label Studio's webhooks carry the header, *Start training*
+        (an ML-backend call, without webhook headers) carries the connection's basic auth."""
         expected = settings.webhook_secret
-        if body.action == "START_TRAINING" and not (secret and expected):
-            authorised(credentials)
-        elif expected and not (secret and secrets.compare_digest(secret.encode(), expected.encode())):
-            raise HTTPException(401, f"missing or wrong {WEBHOOK_SECRET_HEADER} header")
-        action = backend.webhook(body.model_dump(by_alias=True))
+        good_secret = bool(expected and secret and secrets.compare_digest(secret.encode(), expected.encode()))
+        if (expected or basic_configured) and not (good_secret or valid_basic(credentials)):
+            raise HTTPException(401, f"missing or wrong {WEBHOOK_SECRET_HEADER} header (or basic auth)")
+        payload = body.model_dump(by_alias=True)
+        action = await admission.control(lambda: backend.webhook(payload))
         return WebhookResponse(status="ok", action=action)
 
     @app.get("/jobs", dependencies=protected)
@@ -188,6 +227,40 @@ def create_app(backend: Backend) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
     return app
+
+
+class Admission:
+    """Keeps the control endpoints responsive while predictions queue.
+
+    Predictions run on their own threads, at most ``pending`` at once (one computes at a time, the
+    rest wait their turn); one more gets 503 with ``Retry-After`` rather than piling up threads.
+    ``/health`` and ``/webhook`` run on threads of their own, so they answer however many
+    predictions are in flight."""
+
+    RETRY_AFTER = 10
+
+    def __init__(self, pending: int):
+        self.pending = pending
+        self.waiting = 0
+        self._predict: anyio.CapacityLimiter | None = None
+        self._control: anyio.CapacityLimiter | None = None
+
+    async def predict(self, work: Callable[[], T]) -> T:
+        if self.waiting >= self.pending:
+            raise HTTPException(
+                503, f"{self.waiting} predictions are pending (USAM_MAX_PENDING_PREDICTIONS); retry later",
+                headers={"Retry-After": str(self.RETRY_AFTER)},
+            )  # fmt: skip
+        self._predict = self._predict or anyio.CapacityLimiter(self.pending)
+        self.waiting += 1
+        try:
+            return await anyio.to_thread.run_sync(work, limiter=self._predict)
+        finally:
+            self.waiting -= 1
+
+    async def control(self, work: Callable[[], T]) -> T:
+        self._control = self._control or anyio.CapacityLimiter(4)
+        return await anyio.to_thread.run_sync(work, limiter=self._control)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -213,7 +286,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not they declare a length."""
+    """Refuse request bodies over ``limit`` bytes with 413, whether they declare a length or arrive
+    chunked: the body is read (up to the limit) before the app sees it."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app = app
@@ -227,26 +301,26 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(send)
             return
+        messages: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse({"error": f"request body over {self.limit:,} bytes"}, 413)
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
-
-
-class _TooLarge(Exception):
-    pass

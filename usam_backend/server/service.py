@@ -62,10 +62,13 @@ class Backend:
         self.sam = LazyEngine(settings)
         self.tasks = TaskPredictor(settings, self.sam.get, self.feedback, compute_lock, self._failed)
         self.policy = TrainingPolicy(settings, self.runner, self.registry, self.projects, self.feedback, self.sam)
+        self.warnings: list[str] = []  # shown in /health: exposure without authentication, ...
 
     def warm_up(self) -> None:
-        """Load SAM in the background so the first prediction does not pay for it."""
+        """At start-up: load SAM in the background so the first prediction does not pay for it,
+        and fold in annotation events a stopped server answered but had not processed."""
         self.sam.warm_up()
+        self.policy.resume(self.projects.ids())
 
     # -- endpoints -------------------------------------------------------------------------------
 
@@ -85,8 +88,8 @@ class Backend:
         if self.sam.error:
             sam["error"] = self.sam.error
         heads = [
-            {"version": version, "classes": list(head.class_names), "file": path.name}
-            for (path, head), version in zip(self.registry.heads(), self.registry.versions(), strict=True)
+            {"version": info.version, "classes": list(info.class_names), "file": info.path.name}
+            for info in self.registry.infos()
         ]
         return {
             "status": "UP",
@@ -97,6 +100,7 @@ class Backend:
             "projects": {pid: self._project_status(pid) for pid in self.projects.ids()},
             "training": self.training_status(limit=5),
             "recent_failures": list(self.failures),
+            "warnings": list(self.warnings),
         }
 
     def training_status(self, limit: int = 50) -> dict[str, Any]:
@@ -107,10 +111,24 @@ class Backend:
         status["jobs"] = self.runner.jobs()[:limit]
         return status
 
-    def setup(self, project: str, schema: str, hostname: str | None, access_token: str | None) -> str:
+    def setup(
+        self, project: str, schema: str, hostname: str | None, access_token: str | None, *,
+        trust_hostname: bool = False,
+    ) -> str:  # fmt: skip
+        """Record the project; answer the model version serving its labels.
+
+        ``trust_hostname``: use ``hostname`` as Label Studio's URL (with this /setup's token only)
+        when ``LABEL_STUDIO_URL`` is unset. The HTTP app grants it to authenticated /setup calls and
+        to a server listening on loopback only (:func:`usam_backend.server.app.create_app`)."""
         config = parse_label_config(schema)
         pid = project_id(project)
-        self.projects.put(ProjectRecord(pid, schema, hostname, access_token))
+        trusted = bool(hostname) and trust_hostname and not self.settings.label_studio_url
+        if hostname and not trusted and not self.settings.label_studio_url:
+            log.warning(
+                "project %s: not using the /setup hostname %s (the call was not authenticated and usam listens "
+                "beyond loopback): set LABEL_STUDIO_URL", project_id(project), hostname[:100],
+            )  # fmt: skip
+        self.projects.put(ProjectRecord(pid, schema, hostname, access_token, hostname_trusted=trusted))
         choice = self.registry.choose(config.labels, pid)
         version = choice.version if choice else no_head_version(self.settings.sam_type)
         log.info("setup project %s: labels %s -> %s", pid, list(config.label_values), version)
@@ -132,7 +150,8 @@ class Backend:
         schema = project.get("label_config") if isinstance(project, dict) else None
         if action == "PROJECT_UPDATED" and schema:
             hostname, token = (known.hostname, known.access_token) if known else (None, None)
-            self.projects.put(ProjectRecord(pid, str(schema), hostname, token))
+            trusted = known.hostname_trusted if known else False
+            self.projects.put(ProjectRecord(pid, str(schema), hostname, token, hostname_trusted=trusted))
         event: dict[str, Any] = {key: payload[key] for key in ("annotation", "task", "annotations") if key in payload}
         self.events.append(pid, {"action": action, **event})
         if action in (*ANNOTATION_ACTIONS, "ANNOTATIONS_DELETED"):
@@ -195,8 +214,7 @@ class Backend:
 
     def fetcher(self, record: ProjectRecord | None) -> TaskImageFetcher:
         """Task images of a project: Label Studio's address and token from its record."""
-        return fetcher_for(self.settings, record.hostname if record else None,
-                           record.access_token if record else None, self.http)  # fmt: skip
+        return fetcher_for(self.settings, record, self.http)
 
     def _failed(self, task_id: object, reason: str) -> None:
         self.failures.append({"time": time.time(), "task": task_id, "reason": reason})

@@ -4,7 +4,8 @@
 2. a grid of point prompts decoded to mask-token embeddings, chunk by chunk;
 3. the head's class probabilities per point; points under the score threshold are dropped;
 4. for the kept points only, SAM's three masks, of which the one with the best predicted IoU;
-5. those masks at image size, empty ones dropped, then mask NMS.
+5. mask NMS on those masks at SAM's low resolution (256x256), then only the survivors are brought
+   to image size (empty ones dropped): work and memory do not grow with the number of points kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from training.head import Head
-from usam_backend.core.masks import mask_nms
+from usam_backend.core.masks import low_res_nms, mask_nms
 from usam_backend.core.regions import Regions, decision_confidence
 from usam_backend.core.timing import StageTimer
 from usam_backend.sam.cache import ImageEmbedding
@@ -33,6 +34,47 @@ class Candidates:
     sam_scores: torch.Tensor  # k
     logits: torch.Tensor  # k, 256, 256
     confidence: float = float("nan")  # of the whole grid, regions.decision_confidence
+
+
+@dataclass
+class Survivors:
+    """Regions after mask NMS, their masks still at SAM's low resolution."""
+
+    segmenter: SemanticSegmenter
+    embedding: ImageEmbedding
+    candidates: Candidates
+
+    def __len__(self) -> int:
+        return len(self.candidates.scores)
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        return self.candidates.class_ids.cpu().numpy().astype(np.int64)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.candidates.scores.float().cpu().numpy()
+
+    @property
+    def confidence(self) -> float:
+        return self.candidates.confidence
+
+    def mask(self, i: int) -> np.ndarray:
+        """Region ``i``'s (H, W) bool mask at the image's size (may be empty)."""
+        return self.segmenter.engine.upscale(self.candidates.logits[i : i + 1], self.embedding)[0]
+
+    def regions(self, masks: np.ndarray) -> Regions:
+        """The :class:`Regions` of these survivors with their full ``masks`` (n, H, W)."""
+        c = self.candidates
+        return Regions(
+            masks=masks,
+            class_ids=self.class_ids,
+            scores=self.scores,
+            points=c.points,
+            sam_scores=c.sam_scores.float().cpu().numpy(),
+            class_names=self.segmenter.class_names,
+            confidence=c.confidence,
+        )
 
 
 class SemanticSegmenter:
@@ -70,22 +112,43 @@ class SemanticSegmenter:
         self, embedding: ImageEmbedding, *, classes: set[str] | None = None, timer: StageTimer | None = None
     ) -> Regions:
         timer = timer or StageTimer()
-        candidates = self.candidates(embedding, classes=classes, timer=timer)
-        if len(candidates.scores) == 0:
-            return Regions.empty(embedding.original_size, self.class_names, candidates.confidence)
+        survivors = self.survivors(embedding, classes=classes, timer=timer)
+        if len(survivors) == 0:
+            return Regions.empty(embedding.original_size, self.class_names, survivors.confidence)
         with timer.stage("masks"):
-            masks = self.engine.upscale(candidates.logits, embedding)
-        regions = Regions(
-            masks=masks,
-            class_ids=candidates.class_ids.cpu().numpy().astype(np.int64),
-            scores=candidates.scores.float().cpu().numpy(),
-            points=candidates.points,
-            sam_scores=candidates.sam_scores.float().cpu().numpy(),
-            class_names=self.class_names,
+            masks = self.engine.upscale(survivors.candidates.logits, embedding)
+        regions = survivors.regions(masks)
+        return regions.select(np.asarray(masks.reshape(len(masks), -1).any(axis=1)))
+
+    def survivors(
+        self, embedding: ImageEmbedding, *, classes: set[str] | None = None, timer: StageTimer | None = None
+    ) -> Survivors:
+        """Steps 1-5 without bringing masks to image size: the regions that survive mask NMS at
+        SAM's low resolution. Their full masks come one at a time (:meth:`Survivors.mask`), so a
+        caller that encodes each mask (Label Studio's RLE) holds one image-sized mask at a time."""
+        timer = timer or StageTimer()
+        candidates = self.candidates(embedding, classes=classes, timer=timer)
+        scores = candidates.scores.float().cpu().numpy()
+        with timer.stage("nms"):
+            kept = low_res_nms(self._low_res_masks(candidates.logits, embedding), scores, self.nms_iou)
+        index = torch.as_tensor(kept, device=candidates.logits.device, dtype=torch.long)
+        chosen = Candidates(
+            class_ids=candidates.class_ids[index],
+            scores=candidates.scores[index],
+            points=candidates.points[kept],
+            sam_scores=candidates.sam_scores[index],
+            logits=candidates.logits[index],
             confidence=candidates.confidence,
         )
-        with timer.stage("nms"):
-            return finish(regions, self.nms_iou)
+        return Survivors(self, embedding, chosen)
+
+    def _low_res_masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+        """(k, h, w) bool masks of the low-res logits, cropped to the image (not SAM's padding)."""
+        side = logits.shape[-1]
+        encoder_side = self.engine.model.image_encoder.img_size
+        height = math.ceil(embedding.input_size[0] * side / encoder_side)
+        width = math.ceil(embedding.input_size[1] * side / encoder_side)
+        return (logits[:, :height, :width] > self.engine.model.mask_threshold).cpu().numpy()
 
     @torch.inference_mode()
     def candidates(

@@ -87,17 +87,23 @@ class BenchReport:
         }
 
 
-def bench_image(size: int, seed: int = 0) -> np.ndarray:
-    """A deterministic size x size RGB scene: a gradient with a few filled shapes."""
+def bench_image(size: int | tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A deterministic RGB scene, ``size`` x ``size`` or (height, width): a gradient with a few
+    filled ellipses."""
+    height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    image = np.stack([80 + 100 * xx, 90 + 80 * yy, 120 + 60 * (1 - xx)], axis=-1)
+    yy, xx = np.ogrid[0:height, 0:width]
+    fx, fy = xx.astype(np.float32) / max(width - 1, 1), yy.astype(np.float32) / max(height - 1, 1)
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[..., 0] = (80 + 100 * fx + 0 * fy).astype(np.uint8)
+    image[..., 1] = (90 + 80 * fy + 0 * fx).astype(np.uint8)
+    image[..., 2] = (120 + 60 * (1 - fx) + 0 * fy).astype(np.uint8)
     for _ in range(6):
-        cx, cy = rng.uniform(0.15, 0.85, size=2) * size
-        rx, ry = rng.uniform(0.05, 0.18, size=2) * size
-        inside = ((xx * (size - 1) - cx) / rx) ** 2 + ((yy * (size - 1) - cy) / ry) ** 2 <= 1
+        cx, cy = rng.uniform(0.15, 0.85, size=2) * (width, height)
+        rx, ry = rng.uniform(0.05, 0.18, size=2) * (width, height)
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
         image[inside] = rng.integers(0, 256, size=3)
-    return image.clip(0, 255).astype(np.uint8)
+    return image
 
 
 def random_head(engine: SamEngine, classes: int = 5, seed: int = 0) -> Head:

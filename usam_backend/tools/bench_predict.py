@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 import uvicorn
 from PIL import Image
 
 from usam_backend.core.settings import Settings
+from usam_backend.core.timing import PeakMemory
 from usam_backend.sam.engine import SamEngine
 from usam_backend.server.app import create_app
 from usam_backend.server.service import Backend
@@ -64,7 +66,7 @@ class Latency:
 def run_predict_latency(settings: Settings, *, size: int = 1024, repeat: int = 3, keep: float = 0.25) -> Latency:
     with tempfile.TemporaryDirectory(prefix="usam-bench-") as tmp:
         root = Path(tmp)
-        settings, random_weights = _prepare(settings, root, size, keep)
+        settings, random_weights = _prepare(settings, root, bench_image(size), keep)
         backend = Backend(settings)
         engine = backend.sam.get()
         server, url = _serve(backend)
@@ -89,7 +91,9 @@ def run_predict_latency(settings: Settings, *, size: int = 1024, repeat: int = 3
         return Latency(engine.sam.sam_type, weights, str(engine.device), size, regions, timings[0], timings[1:], setup)
 
 
-def _prepare(settings: Settings, root: Path, size: int, keep: float) -> tuple[Settings, bool]:
+def _prepare(
+    settings: Settings, root: Path, image: np.ndarray, keep: float, name: str = "bench.png"
+) -> tuple[Settings, bool]:
     """Checkpoint (random if none on disk), a random head, and the threshold that keeps ``keep``."""
     engine = SamEngine.from_settings(settings.replace(embedding_cache_size=0), allow_random=True)
     checkpoint = settings.sam_checkpoint
@@ -99,8 +103,7 @@ def _prepare(settings: Settings, root: Path, size: int, keep: float) -> tuple[Se
     head = random_head(engine)
     head.save(root / "models" / "heads" / "random.pt")
     (root / "www").mkdir()
-    image = bench_image(size)
-    Image.fromarray(image).save(root / "www" / "bench.png")
+    Image.fromarray(image).save(root / "www" / name, quality=92)
     threshold, _ = keep_threshold(SemanticSegmenter(engine, head, points=settings.points), image, keep)
     prepared = settings.replace(
         sam_checkpoint=checkpoint,
@@ -116,7 +119,9 @@ def _serve(backend: Backend) -> tuple[uvicorn.Server, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(backend, loopback_only=True), host="127.0.0.1", port=port, log_level="warning")
+    )
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
@@ -124,7 +129,7 @@ def _serve(backend: Backend) -> tuple[uvicorn.Server, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
-def _image_host(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+def _image_host(folder: Path, name: str = "bench.png") -> tuple[http.server.ThreadingHTTPServer, str]:
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, directory=str(folder), **kwargs)  # type: ignore[arg-type]
@@ -134,4 +139,66 @@ def _image_host(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
     host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=host.serve_forever, daemon=True).start()
-    return host, f"http://127.0.0.1:{host.server_port}/bench.png"
+    return host, f"http://127.0.0.1:{host.server_port}/{name}"
+
+
+@dataclass
+class MemoryRow:
+    megapixels: float
+    width: int
+    height: int
+    kept_points: int
+    regions: int
+    seconds: float
+    peak_bytes: int
+
+
+def run_memory_bench(
+    settings: Settings, *, megapixels: tuple[float, ...] = (1, 12, 48), keep: float = 1.0
+) -> list[MemoryRow]:
+    """Seconds and peak resident memory added by one ``/predict`` of a 4:3 JPEG of each size, with
+    ``keep`` of the grid points over the threshold (1.0: every point kept, the worst case)."""
+    rows = []
+    for mp in megapixels:
+        width = round((mp * 1e6 * 4 / 3) ** 0.5)
+        height = round(width * 3 / 4)
+        with tempfile.TemporaryDirectory(prefix="usam-bench-") as tmp:
+            root = Path(tmp)
+            image = bench_image((height, width))
+            prepared, _ = _prepare(settings, root, image, keep, name="bench.jpg")
+            prepared = prepared.replace(max_image_bytes=1 << 30, max_image_pixels=max(prepared.max_image_pixels,
+                                                                                    width * height))  # fmt: skip
+            threshold_kept = int(keep * prepared.points)
+            del image
+            backend = Backend(prepared)
+            backend.sam.get()
+            server, url = _serve(backend)
+            host, image_url = _image_host(root / "www", "bench.jpg")
+            try:
+                client = httpx.Client(base_url=url, timeout=1800)
+                client.post("/setup", json={"project": "1.1", "schema": CONFIG}).raise_for_status()
+                body = {"tasks": [{"id": 1, "data": {"image": image_url}}], "project": "1.1"}
+                with PeakMemory(interval=0.005) as peak:
+                    started = time.perf_counter()
+                    response = client.post("/predict", json=body)
+                    seconds = time.perf_counter() - started
+                response.raise_for_status()
+                regions = len(response.json()["results"][0]["result"])
+            finally:
+                server.should_exit = True
+                host.shutdown()
+            rows.append(MemoryRow(mp, width, height, threshold_kept, regions, seconds, peak.host_bytes))
+    return rows
+
+
+def memory_report(rows: list[MemoryRow], limit_bytes: int = 2 << 30) -> str:
+    lines = [
+        f"usam bench-predict --megapixels: one /predict per image, {torch.get_num_threads()} CPU threads",
+        "megapixels   width x height   kept points   regions   seconds   peak memory added   of the 2 GiB budget",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.megapixels:>10g}   {row.width:>5} x {row.height:<6}   {row.kept_points:>11}   {row.regions:>7}   "
+            f"{row.seconds:>7.2f}   {row.peak_bytes / 2**20:>13.0f} MiB   {row.peak_bytes / limit_bytes:>17.0%}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The trust boundary, tried as an attacker would: credentials go only where the operator pointed
+them, nothing a caller sends makes usam connect to internal addresses, webhooks need the secret."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError
+
+from conftest import scene
+from helpers import UsamServer, WebHost
+
+API_KEY = "k" * 40
+SETUP_TOKEN = "s" * 40
+CONFIG = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
+<Label value="tomato"/><Label value="sky"/></BrushLabels></View>"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, trained_head):
+    models = tmp_path_factory.mktemp("trust-models")
+    trained_head.save(models / "heads" / "head.pt")
+    return models
+
+
+def web_root(tmp_path_factory) -> WebHost:
+    root = tmp_path_factory.mktemp("www")
+    (root / "data" / "upload" / "1").mkdir(parents=True)
+    Image.fromarray(scene((64, 64), [("sky", (4, 4, 60, 60))])).save(root / "data" / "upload" / "1" / "a.png")
+    return WebHost(root)
+
+
+@pytest.fixture(scope="module")
+def attacker(tmp_path_factory):
+    host = web_root(tmp_path_factory)
+    yield host
+    host.stop()
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """Stands in for the operator's Label Studio (only its /data/upload files matter here)."""
+    host = web_root(tmp_path_factory)
+    yield host
+    host.stop()
+
+
+def env(tmp_path_factory, **extra: str) -> dict[str, str]:
+    return {
+        "USAM_SAM_TYPE": "tiny",
+        "USAM_DEVICE": "cpu",
+        "USAM_POINTS": "64",
+        "USAM_MODEL_DIR": str(tmp_path_factory.mktemp("models-copy")),
+        "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "USAM_AUTO_TRAIN": "false",
+        "LABEL_STUDIO_API_KEY": API_KEY,
+        **extra,
+    }
+
+
+def start(model_dir, tmp_path_factory, *, host: str, **extra: str) -> UsamServer:
+    """A server with its own model folder holding the trained head."""
+    settings = env(tmp_path_factory, **extra)
+    shutil.copytree(model_dir / "heads", Path(settings["USAM_MODEL_DIR"]) / "heads")
+    return UsamServer(settings, tmp_path_factory.mktemp("logs") / "serve.log", host=host)
+
+
+def predict_upload(server: UsamServer, project: str = "1.1") -> dict:
+    body = {"tasks": [{"id": 7, "data": {"image": "/data/upload/1/a.png"}}], "project": project}
+    response = server.client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return dict(response.json()["results"][0])
+
+
+def authorizations(host: WebHost) -> list[str]:
+    return [headers.get("Authorization", "") for _, headers in host.requests]
+
+
+def test_an_unauthenticated_caller_gets_no_key_and_no_connection(model_dir, tmp_path_factory, attacker):
+    """usam listens beyond loopback without authentication (make serve's defaults)."""
+    server = start(model_dir, tmp_path_factory, host="0.0.0.0", USAM_WEBHOOK_SECRET="hook")
+    try:
+        before = len(attacker.requests)
+        for project in ("1.1", "1.1", "2.1"):  # a new project, the same again, another
+            setup = {"project": project, "schema": CONFIG, "hostname": attacker.url}
+            assert server.client.post("/setup", json=setup).status_code == 200
+        assert predict_upload(server)["result"] == []
+        assert predict_upload(server, "2.1")["result"] == []
+        assert attacker.requests[before:] == []  # not one connection, so no key either
+        health = server.health()
+        assert "set LABEL_STUDIO_URL" in health["recent_failures"][-1]["reason"]
+        assert any("without authentication" in w for w in health["warnings"])
+        assert "without authentication" in server.log()
+
+        metadata = {"project": "3.1", "schema": CONFIG, "hostname": "http://169.254.169.254"}
+        assert server.client.post("/setup", json=metadata).status_code == 200
+        assert predict_upload(server, "3.1")["result"] == []
+        assert "set LABEL_STUDIO_URL" in server.health()["recent_failures"][-1]["reason"]
+
+        for action in ("ANNOTATION_CREATED", "START_TRAINING", "PROJECT_UPDATED"):
+            event = {"action": action, "project": {"id": 1, "label_config": CONFIG}, "annotation": {"id": 1}}
+            assert server.client.post("/webhook", json=event).status_code == 401, action
+        events = server.client.get("/health").json()["projects"]["1"]["feedback"]
+        assert events["annotated_tasks"] == 0
+    finally:
+        server.stop()
+
+
+def test_on_loopback_the_setup_hostname_gets_only_its_own_token(model_dir, tmp_path_factory, label_studio):
+    server = start(model_dir, tmp_path_factory, host="127.0.0.1")
+    try:
+        before = len(label_studio.requests)
+        setup = {"project": "1.1", "schema": CONFIG, "hostname": label_studio.url, "access_token": SETUP_TOKEN}
+        assert server.client.post("/setup", json=setup).status_code == 200
+        assert predict_upload(server)["model_version"].startswith("usam-tiny-")
+        sent = authorizations(label_studio)[before:]
+        assert sent and set(sent) == {f"Token {SETUP_TOKEN}"}  # never LABEL_STUDIO_API_KEY
+        assert server.health()["warnings"] == []
+
+        metadata = {"project": "3.1", "schema": CONFIG, "hostname": "http://169.254.169.254"}
+        assert server.client.post("/setup", json=metadata).status_code == 200
+        assert predict_upload(server, "3.1")["result"] == []
+        assert "internal address 169.254.169.254" in server.health()["recent_failures"][-1]["reason"]
+    finally:
+        server.stop()
+
+
+def test_the_key_goes_to_label_studio_url_only_and_webhooks_need_credentials(
+    model_dir, tmp_path_factory, label_studio, attacker
+):
+    server = start(
+        model_dir, tmp_path_factory, host="0.0.0.0", LABEL_STUDIO_URL=label_studio.url, BASIC_AUTH_USER="ann",
+        BASIC_AUTH_PASS="pw", USAM_WEBHOOK_SECRET="hook",
+    )  # fmt: skip
+    try:
+        before_ls, before_attacker = len(label_studio.requests), len(attacker.requests)
+        setup = {"project": "1.1", "schema": CONFIG, "hostname": attacker.url, "access_token": SETUP_TOKEN}
+        assert server.client.post("/setup", json=setup).status_code == 200
+        assert predict_upload(server)["model_version"].startswith("usam-tiny-")
+        assert set(authorizations(label_studio)[before_ls:]) == {f"Token {API_KEY}"}
+        assert attacker.requests[before_attacker:] == []
+        assert server.health()["warnings"] == []
+
+        anonymous = httpx.Client(base_url=server.url, timeout=30)
+        assert anonymous.get("/ping").json() == {"status": "UP"}  # the container's health check
+        assert anonymous.get("/health").status_code == 401
+        event = {"action": "START_TRAINING", "project": {"id": 1, "label_config": CONFIG}}
+        assert anonymous.post("/webhook", json=event).status_code == 401
+        created = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 5, "task": 7}}
+        assert anonymous.post("/webhook", json=created).status_code == 401
+        secret = {"X-Usam-Webhook-Secret": "hook"}
+        assert anonymous.post("/webhook", json=created, headers=secret).status_code == 200
+        assert server.client.post("/webhook", json=event).status_code == 200  # Start training: basic auth
+        wrong = anonymous.post("/webhook", json=created, headers={"X-Usam-Webhook-Secret": "nope"})
+        assert wrong.status_code == 401
+    finally:
+        server.stop()
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypatch):
+    """DNS rebinding: the name resolves to an allowed address for the check, then to the metadata
+    endpoint. usam resolves once and connects to the checked address."""
+    (tmp_path / "a.png").write_bytes(b"image bytes")
+    host = WebHost(tmp_path)
+    port = host.server.server_port
+    answers = iter(["127.0.0.1", "169.254.169.254", "169.254.169.254"])
+    real = socket.getaddrinfo
+
+    def rebinding(name, *args, **kwargs):
+        if name == "images.test":
+            address = next(answers)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        with httpx.Client() as client:
+            fetcher = GuardedFetcher(FetchLimits(1000, 5.0, ("images.test",)), client)
+            assert fetcher.fetch_public(f"http://images.test:{port}/a.png") == b"image bytes"
+            assert host.requests[-1][1]["Host"] == f"images.test:{port}"  # the name still travels
+            with pytest.raises(ImageFetchError, match=r"internal address 169\.254\.169\.254"):
+                fetcher.fetch_public(f"http://images.test:{port}/a.png")  # the next check sees the new answer
+    finally:
+        host.stop()
