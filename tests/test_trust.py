@@ -188,3 +188,15 @@ def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypat
                 fetcher.fetch_public(f"http://images.test:{port}/a.png")  # the next check sees the new answer
     finally:
         host.stop()
+
+
+def test_the_rest_client_refuses_a_setup_hostname_at_a_metadata_address():
+    from usam_backend.core.settings import Settings
+    from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
+    from usam_backend.labelstudio.projects import ProjectRecord
+
+    record = ProjectRecord("1", CONFIG, "http://169.254.169.254", SETUP_TOKEN, hostname_trusted=True)
+    with httpx.Client() as client, pytest.raises(LabelStudioApiError, match="internal address"):
+        LabelStudioApi.for_project(Settings(), record, client)
+    named = LabelStudioApi.for_project(Settings(label_studio_url="http://127.0.0.1:1"), record, httpx.Client())
+    assert named.url == "http://127.0.0.1:1"  # the operator's URL, whatever its address

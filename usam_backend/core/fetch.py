@@ -178,6 +178,17 @@ def short(url: str, limit: int = 160) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
+def check_not_forbidden(url: str) -> None:
+    """Refuse a URL whose host resolves to a link-local, multicast, reserved or unspecified address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageFetchError(f"refusing {short(url)}: only http(s) URLs")
+    for address in _addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)):
+        plain = _unmapped(address)
+        if plain.is_link_local or plain.is_multicast or plain.is_reserved or plain.is_unspecified:
+            raise ImageFetchError(f"refusing {short(url)}: {parts.hostname} resolves to internal address {plain}")
+
+
 def _unmapped(address: Address) -> Address:
     """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) as the IPv4 address it is."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

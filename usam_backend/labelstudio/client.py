@@ -15,6 +15,7 @@ from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from usam_backend.core.errors import UsamError
+from usam_backend.core.fetch import ImageFetchError, check_not_forbidden
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.projects import ProjectRecord, label_studio_origin
 
@@ -41,6 +42,11 @@ class LabelStudioApi:
         token = origin.api_key or origin.setup_token
         if not token:
             raise LabelStudioApiError("no Label Studio token: set LABEL_STUDIO_API_KEY")
+        if not origin.named_by_operator:  # a /setup hostname: never a link-local, multicast or reserved address
+            try:
+                check_not_forbidden(origin.url)
+            except ImageFetchError as exc:
+                raise LabelStudioApiError(str(exc)) from None
         return cls(origin.url, token, client)
 
     def project(self, pid: str) -> dict[str, Any]:
