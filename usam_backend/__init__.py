@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from usam_backend.sam.predictor import EnginePredictor
     from usam_backend.sam.shared import shared_engine
     from usam_backend.systems.prompts import PromptMask, segment_prompt
+    from usam_backend.systems.uosam import RefineOptions, RefineReport, refine_masks
     from usam_backend.systems.usam import SemanticSegmenter
 
 _EXPORTS = {
@@ -65,6 +66,9 @@ _EXPORTS = {
     "shared_engine": "usam_backend.sam.shared",
     "SemanticSegmenter": "usam_backend.systems.usam",
     "segment_prompt": "usam_backend.systems.prompts",
+    "refine_masks": "usam_backend.systems.uosam",
+    "RefineOptions": "usam_backend.systems.uosam",
+    "RefineReport": "usam_backend.systems.uosam",
     "PromptMask": "usam_backend.systems.prompts",
     "HeadRegistry": "usam_backend.registry",
     "model_version": "usam_backend.registry",
@@ -82,6 +86,8 @@ __all__ = [
     "PromptBatch",
     "PromptMask",
     "PromptResult",
+    "RefineOptions",
+    "RefineReport",
     "Region",
     "Regions",
     "SamEngine",
@@ -92,6 +98,7 @@ __all__ = [
     "load_image",
     "load_sam",
     "model_version",
+    "refine_masks",
     "segment_prompt",
     "shared_engine",
 ]
