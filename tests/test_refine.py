@@ -207,3 +207,74 @@ def test_plumbing_with_the_tiny_sam(tiny_engine, kind):
     assert refined.shape == coarse.shape and refined.dtype == coarse.dtype
     assert set(np.unique(refined)) <= set(np.unique(coarse)) | {0}
     assert (refined[:5, :5] == 255).all()
+
+
+def test_refine_and_eval_on_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from usam_backend.cli import main
+
+    data, masks, gt, out = (tmp_path / name for name in ("data", "masks", "gt", "out"))
+    for folder in (data, masks, gt):
+        folder.mkdir()
+    palette = [v for i in range(256) for v in ((i * 40) % 256, (i * 90) % 256, (i * 150) % 256)]
+    for seed in (0, 1):
+        image, _, semantic = scene(seed)
+        Image.fromarray(image).save(data / f"s{seed}.jpg")
+        coarse = Image.fromarray(corrupt(semantic, "dilated", seed))
+        coarse.putpalette(palette)
+        coarse.save(masks / f"s{seed}.png")
+        Image.fromarray(semantic).save(gt / f"s{seed}.png")
+    image, _, semantic = scene(2)
+    Image.fromarray(image).save(data / "grey16.png")
+    Image.fromarray(semantic.astype(np.uint16) * 1000 // 1000).save(masks / "grey16.png")
+    Image.fromarray(image).save(data / "lonely.png")  # no map
+    Image.fromarray(semantic[:50]).save(masks / "small.png")
+    Image.fromarray(image).save(data / "small.png")  # map of another size
+
+    args = ["refine", "--data", str(data), "--mask", str(masks), "--outdir", str(out), "--sam", "tiny", "--viz"]
+    assert main([*args, "--global-points", "4"]) == 1  # the unmatched and mismatched are listed, not fatal
+    captured = capsys.readouterr()
+    assert "lonely.png: no coarse map" in captured.err and "small.png: the map is" in captured.err
+    assert "refined 3 map(s)" in captured.out
+    refined = Image.open(out / "s0.png")
+    assert refined.mode == "P" and refined.getpalette()[:30] == palette[:30]
+    assert Image.open(out / "grey16.png").mode in ("I;16", "I")
+    assert Image.open(out / "viz" / "s0.png").size == (3 * SIZE + 16, SIZE)
+    assert main([*args, "--no-global"]) == 1
+    assert "3 already there" in capsys.readouterr().out  # resumable
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "masks", "--pred", str(out), "--gt", str(gt), "--baseline", str(masks), "--json",
+                 str(report)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "mIoU" in table and "baseline mIoU" in table and "change" in table
+    import json
+
+    numbers = json.loads(report.read_text())
+    assert numbers["pred"]["images"] == 2 and 0.0 <= numbers["pred"]["miou"] <= 1.0
+    assert numbers["baseline"]["miou"] < 1.0  # the dilated coarse maps
+
+
+def test_eval_masks_counts_like_a_hand_computation():
+    from usam_backend.tools.evaluate import Confusion
+
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [0, 0, 1, 0], [2, 1, 2, 0]])
+    confusion = Confusion(ignore=255)
+    confusion.add(pred, gt)
+    metrics = confusion.metrics()
+    # class 0: tp 3, fp 1 (a 1 predicted 0), fn 1 -> 3/5; class 1: tp 3, fp 2, fn 1 -> 3/6; class 2: tp 1, fn 1 -> 1/2
+    assert metrics["iou"] == {0: 0.6, 1: 0.5, 2: 0.5}
+    assert metrics["miou"] == pytest.approx((0.6 + 0.5 + 0.5) / 3) and metrics["pixel_accuracy"] == 7 / 10
+
+
+def test_the_automatic_masks_answer_none_where_no_mask_passes(tiny_engine):
+    from usam_backend.sam.generator import AutomaticMasks
+    from usam_backend.systems.uosam import GENERATOR_OPTIONS
+
+    image, _, _ = scene(3)
+    strict = {**GENERATOR_OPTIONS, "points_per_side": 4, "pred_iou_thresh": 1.1}  # nothing can pass
+    with pytest.raises(IndexError):  # what segment_anything itself does
+        SamAutomaticMaskGenerator(tiny_engine.model, **strict).generate(image)
+    assert AutomaticMasks(tiny_engine.model, **strict).generate(image) == []

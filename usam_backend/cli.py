@@ -102,6 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(latency)
     latency.set_defaults(command=_bench_predict)
 
+    refine = commands.add_parser(
+        "refine",
+        help="refine coarse label maps with SAM (UO-SAM)",
+        description="For every image of DIR with a coarse label-map PNG of the same stem in MASKS: SAM refines each "
+        "region of the map (local optimizer) and then repaints SAM's automatic masks with the majority class beneath "
+        "them (global optimizer). Refined maps keep the coarse maps' format (palette or grey); maps already in OUTDIR "
+        "are skipped, so a stopped run resumes. Pixels of value 255 are left alone.",
+    )
+    refine.add_argument("--data", type=Path, required=True, metavar="DIR", help="images")
+    refine.add_argument("--mask", type=Path, required=True, metavar="MASKS", help="coarse label-map PNGs")
+    refine.add_argument("--outdir", type=Path, required=True, metavar="OUTDIR", help="where refined maps go")
+    refine.add_argument("--no-global", action="store_true", help="local optimizer only (much faster on CPU)")
+    refine.add_argument("--global-points", type=int, default=64, help="automatic-mask points per side (paper: 64)")
+    refine.add_argument("--accept-iou", type=float, default=0.4, help="replace a region if SAM agrees this much")
+    refine.add_argument("--viz", action="store_true", help="also write OUTDIR/viz/<stem>.png: image | coarse | refined")
+    refine.add_argument("--overwrite", action="store_true", help="refine maps already in OUTDIR again")
+    refine.add_argument("--sam-type", dest="sam", choices=SAM_TYPES, help=argparse.SUPPRESS)
+    _model_flags(refine)
+    refine.set_defaults(command=_refine)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate predictions against ground truth",
+        description="usam eval masks: per-class IoU, mIoU and pixel accuracy of label-map PNGs against ground-truth "
+        "PNGs of the same stem (and with --baseline, the change per class), as a table and JSON.",
+    )
+    evaluate.add_argument("what", choices=["masks"], help="what to evaluate")
+    evaluate.add_argument("--pred", type=Path, required=True, metavar="DIR")
+    evaluate.add_argument("--gt", type=Path, required=True, metavar="DIR")
+    evaluate.add_argument("--baseline", type=Path, metavar="DIR", help="e.g. the coarse maps before refinement")
+    evaluate.add_argument("--ignore", type=int, default=255, help="ground-truth value left out (default 255)")
+    evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
+    evaluate.set_defaults(command=_evaluate)
+
     health = commands.add_parser(
         "bench-health",
         help="time /health with many heads on disk and many projects",
@@ -248,6 +282,41 @@ def _bench_predict(args: argparse.Namespace) -> int:
         return 0
     keep = 0.25 if args.keep is None else args.keep
     print(run_predict_latency(_settings(args), size=args.size, repeat=args.repeat, keep=keep).report())
+    return 0
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from usam_backend.sam.engine import SamEngine
+    from usam_backend.sam.generator import AutomaticMasks
+    from usam_backend.sam.predictor import EnginePredictor
+    from usam_backend.systems.uosam import GENERATOR_OPTIONS
+    from usam_backend.tools.refine_files import refine_folder
+
+    settings = _settings(args)
+    engine = SamEngine.from_settings(settings)
+    generator = None
+    if not args.no_global:
+        generator = AutomaticMasks(engine.model, **{**GENERATOR_OPTIONS, "points_per_side": args.global_points})
+    run = refine_folder(
+        args.data, args.mask, args.outdir, EnginePredictor(engine), generator=generator,
+        max_pixels=settings.max_image_pixels, viz=args.viz, overwrite=args.overwrite, accept_iou=args.accept_iou,
+    )  # fmt: skip
+    for path, why in run.problems:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(
+        f"refined {len(run.refined)} map(s) into {args.outdir} ({run.accepted_regions} of {run.regions} regions "
+        f"replaced by SAM's), {len(run.already_done)} already there, {len(run.problems)} skipped"
+    )
+    return 1 if run.problems else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from usam_backend.tools.refine_files import evaluate_folders, format_evaluation, to_json
+
+    result = evaluate_folders(args.pred, args.gt, baseline=args.baseline, ignore=args.ignore)
+    print(format_evaluation(result))
+    if args.json:
+        args.json.write_text(to_json(result))
     return 0
 
 

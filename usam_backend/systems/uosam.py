@@ -31,6 +31,16 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+GENERATOR_OPTIONS: dict[str, Any] = {
+    "points_per_side": 64,
+    "pred_iou_thresh": 0.86,
+    "stability_score_thresh": 0.92,
+    "crop_n_layers": 1,
+    "crop_n_points_downscale_factor": 2,
+    "min_mask_region_area": 100,
+}
+"""``SamAutomaticMaskGenerator``'s settings for the global step, as UO-SAM's paper and script use them."""
+
 IGNORE = 255
 """A coarse-map value left alone: neither refined nor painted over (VOC's "void")."""
 
