@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from label_studio_sdk import LabelStudio
-from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
 from training import Head
@@ -288,6 +288,65 @@ def test_interactive_click_through_label_studio(label_studio, usam, project):
     (region,) = response.json()["data"]["result"]
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["tomato"]
     assert usam.health()["sam"]["encoder_passes"] == passes  # the image was embedded by the batch already
+
+
+def test_smart_brush_strokes_come_back_refined_through_label_studio(label_studio, usam, project):
+    task = tasks_by_kind(label_studio.sdk, project["id"])["local"]
+    stroke = np.zeros((160, 240), dtype=np.uint8)
+    stroke[40:120, 30:90] = 255  # a rough stroke over the tomato (20, 30, 100, 130)
+    context = {
+        "result": [
+            {
+                "id": "stroke1", "type": "brushlabels", "from_name": "tag", "to_name": "image", "origin": "manual",
+                "original_width": 240, "original_height": 160, "image_rotation": 0,
+                "value": {"format": "rle", "rle": mask2rle(stroke), "brushlabels": ["tomato"]},
+            }
+        ]
+    }  # fmt: skip
+    response = label_studio.http.post(
+        f"/api/ml/{project['backend']}/interactive-annotating", json={"task": task.id, "context": context}
+    )
+    assert response.status_code == 200, response.text
+    (region,) = response.json()["data"]["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["tomato"]
+    assert (region["original_width"], region["original_height"]) == (240, 160) and region["id"] != "stroke1"
+    mask = decode_rle(region["value"]["rle"]).reshape(160, 240, 4)[:, :, 3] > 127
+    assert mask.any()
+
+
+def test_another_models_predictions_refined_into_a_new_version(label_studio, usam, images, tmp_path):
+    """Coarse brush predictions imported under a model version -> usam refine --project -> the same
+    regions, refined, under V+uosam; a second run finds nothing left."""
+    sdk = label_studio.sdk
+    pid = sdk.projects.create(title="coarse", label_config=project_config("semantic_brush.xml", LABELS)).id
+    for name in ("local", "upload"):
+        label_studio.upload(pid, images[name])
+    tasks = sorted(t.id for t in sdk.tasks.list(project=pid))
+    coarse = np.zeros((160, 240), dtype=np.uint8)
+    coarse[20:140, 10:110] = 255  # a blob larger than any object
+    region = {
+        "from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 240, "original_height": 160,
+        "image_rotation": 0, "value": {"format": "rle", "rle": mask2rle(coarse), "brushlabels": ["tomato"]},
+    }  # fmt: skip
+    for task_id in tasks:
+        sdk.predictions.create(task=task_id, result=[region], model_version="coarse-v1", score=0.5)
+    env = {
+        **{k: v for k, v in usam.env.items() if k != "USAM_WEBHOOK_SECRET"},
+        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+        "USAM_MODEL_DIR": str(tmp_path / "models"),
+    }  # fmt: skip
+    command = [sys.executable, "-m", "usam_backend.cli", "refine", "--project", str(pid), "--from-version",
+               "coarse-v1", "--no-global"]  # fmt: skip
+    run = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 task(s) have a coarse-v1 prediction, 2 lack coarse-v1+uosam" in run.stdout
+    assert "refined 2 under coarse-v1+uosam" in run.stdout and "refining" in run.stderr
+    for task_id in tasks:
+        refined = [p for p in sdk.predictions.list(task=task_id) if p.model_version == "coarse-v1+uosam"]
+        assert len(refined) == 1 and refined[0].result[0]["value"]["brushlabels"] == ["tomato"]
+        assert (refined[0].result[0]["original_width"], refined[0].result[0]["original_height"]) == (240, 160)
+    again = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 lack" in again.stdout
 
 
 def test_label_added_in_label_studio_reaches_setup(label_studio, usam, project):

@@ -278,3 +278,95 @@ def test_the_automatic_masks_answer_none_where_no_mask_passes(tiny_engine):
     with pytest.raises(IndexError):  # what segment_anything itself does
         SamAutomaticMaskGenerator(tiny_engine.model, **strict).generate(image)
     assert AutomaticMasks(tiny_engine.model, **strict).generate(image) == []
+
+
+@pytest.fixture
+def served(tmp_path, trained_head):
+    from PIL import Image
+
+    from helpers import WebHost
+
+    image, _, _ = scene(4)
+    (tmp_path / "www").mkdir()
+    Image.fromarray(image).save(tmp_path / "www" / "a.png")
+    host = WebHost(tmp_path / "www")
+    trained_head.save(tmp_path / "models" / "heads" / "head.pt")
+    yield host, tmp_path
+    host.stop()
+
+
+BRUSH_CONFIG = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image" smart="true">
+<Label value="tomato"/><Label value="sky"/></BrushLabels></View>"""
+
+
+def backend_for(tmp_path, **extra):
+    from usam_backend.core.settings import Settings
+    from usam_backend.server.service import Backend
+
+    return Backend(Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
+                            model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",), **extra))  # fmt: skip
+
+
+def test_a_smart_brush_stroke_comes_back_refined_with_its_label(served):
+    from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+    from usam_backend.server.service import PredictRequest
+
+    host, tmp_path = served
+    backend = backend_for(tmp_path)
+    strokes = []
+    for box in ((20, 20, 60, 50), (50, 40, 80, 70)):  # two overlapping rough strokes of one label
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        x0, y0, x1, y1 = box
+        mask[y0:y1, x0:x1] = 255
+        strokes.append({
+            "id": f"s{x0}", "type": "brushlabels", "from_name": "tag", "to_name": "image", "origin": "manual",
+            "original_width": SIZE, "original_height": SIZE, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["sky"]},
+        })  # fmt: skip
+    request = PredictRequest(
+        tasks=[{"id": 3, "data": {"image": f"{host.url}/a.png"}}], label_config=BRUSH_CONFIG,
+        params={"context": {"result": strokes}},
+    )  # fmt: skip
+    ((prediction,),) = [backend.predict(request)]
+    (region,) = prediction["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["sky"]
+    mask = decode_rle(region["value"]["rle"]).reshape(SIZE, SIZE, 4)[:, :, 3] > 127
+    union = np.zeros((SIZE, SIZE), dtype=bool)
+    union[20:50, 20:60] = union[40:70, 50:80] = True
+    if region["score"] == 0.0:  # SAM (random weights here) disagreed: the strokes stay as drawn
+        assert np.array_equal(mask, union)
+    assert mask.any()
+
+    bad = {"type": "brushlabels", "to_name": "image", "original_width": 3, "original_height": 3,
+           "value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["sky"]}}  # fmt: skip
+    from usam_backend.labelstudio.interactive import PromptError
+
+    with pytest.raises(PromptError, match="could not be read"):
+        backend.predict(PredictRequest(tasks=request.tasks, label_config=BRUSH_CONFIG,
+                                       params={"context": {"result": [bad]}}))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["local", "both"])
+def test_usam_refine_post_processes_predictions(served, mode, monkeypatch):
+    from usam_backend.server.service import PredictRequest
+    from usam_backend.systems.uosam import GENERATOR_OPTIONS
+
+    monkeypatch.setitem(GENERATOR_OPTIONS, "points_per_side", 4)  # the paper's 64 x 64 and crops: minutes on CPU
+    monkeypatch.setitem(GENERATOR_OPTIONS, "crop_n_layers", 0)
+
+    host, tmp_path = served
+    request = PredictRequest(tasks=[{"id": 1, "data": {"image": f"{host.url}/a.png"}}], label_config=BRUSH_CONFIG)
+    plain = backend_for(tmp_path, score_threshold=0.2).predict(request)[0]
+    refined = backend_for(tmp_path, score_threshold=0.2, refine=mode).predict(request)[0]
+    assert plain["result"] and refined["model_version"] == plain["model_version"]
+    assert {r["value"]["brushlabels"][0] for r in refined["result"]} <= {"tomato", "sky"}
+    assert all(r["original_width"] == SIZE for r in refined["result"])
+
+
+def test_bench_refine_prints_the_cost_per_image_and_region(capsys):
+    from usam_backend.cli import main
+
+    assert main(["bench-refine", "--sam", "tiny", "--size", "256", "--objects", "4", "--global-points", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "local, embedding cached" in out and "s per region" in out and "local + global (4x4 points)" in out

@@ -44,6 +44,7 @@ def test_every_field_is_read_from_its_variable():
         "USAM_FEEDBACK_IOU": "0.6",
         "USAM_PREDICT_BUDGET": "30",
         "USAM_PREANNOTATE_CHUNK": "100",
+        "USAM_REFINE": "both",
         "USAM_KEEP_PROJECT_HEADS": "5",
         "USAM_MAX_PENDING_PREDICTIONS": "2",
         "REDIS_URL": "redis://redis:6379/0",

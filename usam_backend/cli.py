@@ -110,9 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         "them (global optimizer). Refined maps keep the coarse maps' format (palette or grey); maps already in OUTDIR "
         "are skipped, so a stopped run resumes. Pixels of value 255 are left alone.",
     )
-    refine.add_argument("--data", type=Path, required=True, metavar="DIR", help="images")
-    refine.add_argument("--mask", type=Path, required=True, metavar="MASKS", help="coarse label-map PNGs")
-    refine.add_argument("--outdir", type=Path, required=True, metavar="OUTDIR", help="where refined maps go")
+    refine.add_argument("--data", type=Path, metavar="DIR", help="images")
+    refine.add_argument("--mask", type=Path, metavar="MASKS", help="coarse label-map PNGs")
+    refine.add_argument("--outdir", type=Path, metavar="OUTDIR", help="where refined maps go")
+    refine.add_argument("--project", help="instead: refine a Label Studio project's predictions (with --from-version)")
+    refine.add_argument(
+        "--from-version",
+        metavar="V",
+        help="the model_version whose predictions to refine; the refined ones are posted as V+uosam",
+    )
+    refine.add_argument("--no-wait", action="store_true", help="with --project and REDIS_URL: queue and return")
     refine.add_argument("--no-global", action="store_true", help="local optimizer only (much faster on CPU)")
     refine.add_argument("--global-points", type=int, default=64, help="automatic-mask points per side (paper: 64)")
     refine.add_argument("--accept-iou", type=float, default=0.4, help="replace a region if SAM agrees this much")
@@ -135,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ignore", type=int, default=255, help="ground-truth value left out (default 255)")
     evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     evaluate.set_defaults(command=_evaluate)
+
+    bench_refine = commands.add_parser(
+        "bench-refine",
+        help="time refinement per image and per object",
+        description="Refine a synthetic scene's coarse map with SAM: the local step with and without the image's "
+        "embedding cached, and local + global. Random weights when no checkpoint is on disk: timings are real.",
+    )
+    bench_refine.add_argument("--size", type=int, default=1024, help="image width in pixels (4:3; default 1024)")
+    bench_refine.add_argument("--objects", type=int, default=8, help="objects in the scene (default 8)")
+    bench_refine.add_argument("--global-points", type=int, default=16, help="automatic-mask points per side")
+    _model_flags(bench_refine)
+    bench_refine.set_defaults(command=_bench_refine)
 
     health = commands.add_parser(
         "bench-health",
@@ -286,6 +305,16 @@ def _bench_predict(args: argparse.Namespace) -> int:
 
 
 def _refine(args: argparse.Namespace) -> int:
+    if args.project:
+        from usam_backend.jobs.refine import run_refine_project
+
+        if not args.from_version:
+            raise ConfigurationError("usam refine --project needs --from-version: the predictions to refine")
+        settings = _settings(args)
+        return run_refine_project(settings, args.project, args.from_version, use_global=not args.no_global,
+                                  wait=not args.no_wait)  # fmt: skip
+    if not (args.data and args.mask and args.outdir):
+        raise ConfigurationError("usam refine needs --data, --mask and --outdir (or --project and --from-version)")
     from usam_backend.sam.engine import SamEngine
     from usam_backend.sam.generator import AutomaticMasks
     from usam_backend.sam.predictor import EnginePredictor
@@ -317,6 +346,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(result))
     if args.json:
         args.json.write_text(to_json(result))
+    return 0
+
+
+def _bench_refine(args: argparse.Namespace) -> int:
+    from usam_backend.tools.bench_refine import run_refine_bench
+
+    print(run_refine_bench(_settings(args), size=args.size, objects=args.objects, global_points=args.global_points))
     return 0
 
 

@@ -18,6 +18,7 @@ from usam_backend.core.errors import ConfigurationError
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "tiny")
 DATA_SOURCES = ("auto", "synthetic", "web", "folder")
+REFINE_MODES = ("off", "local", "global", "both")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -50,6 +51,11 @@ class Settings:
         "USAM_SCORE_THRESHOLD", "keep a grid point when its class probability is at least this", default=0.5
     )
     nms_iou: float = _env("USAM_NMS_IOU", "drop a mask overlapping a better one by more than this IoU", default=0.5)
+    refine: str = _env(
+        "USAM_REFINE",
+        "refine predicted regions with SAM before sending them (UO-SAM): off, local, global or both",
+        default="off",
+    )
     decode_chunk: int = _env("USAM_DECODE_CHUNK", "grid points decoded per batch; 0: 8 on CPU, 64 on CUDA", default=0)
     cache_dir: Path = _env(
         "USAM_CACHE_DIR",
@@ -197,6 +203,8 @@ class Settings:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise _bad(name, value, "a number between 0 and 1")
+        if self.refine not in REFINE_MODES:
+            raise _bad("refine", self.refine, f"one of {', '.join(REFINE_MODES)}")
         if self.decode_chunk < 0:
             raise _bad("decode_chunk", self.decode_chunk, "0 (automatic) or a positive number")
         if self.embedding_cache_size < 0:

@@ -38,6 +38,7 @@ JOBS = {
     "labels": "usam_backend.jobs.training.train_labels_job",
     "feedback": "usam_backend.jobs.training.train_feedback_job",
     "preannotate": "usam_backend.jobs.preannotate.preannotate_job",
+    "refine": "usam_backend.jobs.refine.refine_job",
 }
 """The job table: kind -> the top-level function a runner calls."""
 

@@ -65,6 +65,11 @@ class LabelStudioApi:
     def task(self, task_id: int) -> dict[str, Any]:
         return self._call(f"GET /api/tasks/{task_id}/", lambda: _plain(self.sdk.tasks.get(id=str(task_id))))
 
+    def predictions(self, task_id: int) -> list[dict[str, Any]]:
+        """The task's predictions (model_version, result, score)."""
+        found = self._call("GET /api/predictions/", lambda: self.sdk.predictions.list(task=task_id))
+        return [_plain(p) for p in found or []]
+
     def prediction_versions(self, task_id: int) -> set[str]:
         found = self._call("GET /api/predictions/", lambda: self.sdk.predictions.list(task=task_id))
         return {str(_plain(p).get("model_version")) for p in found or []}

@@ -1,4 +1,5 @@
-"""Smart-tool requests: Label Studio's interactive context -> a prompt in image pixels."""
+"""Smart-tool requests: Label Studio's interactive context -> a prompt in image pixels, or the
+strokes of a smart brush to refine."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
 
 from usam_backend.core.errors import UsamError
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
@@ -66,3 +68,58 @@ def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
     if label is None:
         raise PromptError("the prompt's label has no BrushLabels label of the same name on this image")
     return Prompt(label, image, points, point_labels, box)
+
+
+@dataclass(frozen=True)
+class BrushStrokes:
+    """A smart brush's strokes: every stroke of one label on one image, as one (H, W) bool mask at
+    the image's natural size."""
+
+    label: ProjectLabel
+    image: str
+    mask: np.ndarray
+
+
+def parse_brush_strokes(context: list[Any], config: LabelConfig) -> BrushStrokes | None:
+    """The smart-brush strokes in an interactive context (None when it holds no brush region).
+
+    Label Studio sends every brush region of the annotation with the stroke's label and image;
+    the label is that of the last region, and the strokes of that label and image are united."""
+    brushes = [item for item in context if isinstance(item, dict) and item.get("type") == "brushlabels"]
+    if not brushes:
+        return None
+    last = brushes[-1]
+    value = _value(last)
+    names = value.get("brushlabels") or []
+    image = str(last.get("to_name"))
+    if not names or image not in config.images:
+        raise PromptError("the smart brush stroke has no label, or is on an image without BrushLabels")
+    label = config.brush_label(str(names[0]), image)
+    if label is None:
+        raise PromptError(f"the stroke's label {names[0]!r} is not a BrushLabels label of {image!r}")
+    mask: np.ndarray | None = None
+    for item in brushes:
+        item_value = _value(item)
+        if item.get("to_name") != image or (item_value.get("brushlabels") or [None])[0] != names[0]:
+            continue
+        stroke = _stroke(item, item_value)
+        if mask is not None and stroke.shape != mask.shape:
+            raise PromptError("the smart brush strokes are drawn at different image sizes")
+        mask = stroke if mask is None else mask | stroke
+    assert mask is not None
+    return BrushStrokes(label, image, mask)
+
+
+def _value(item: dict[str, Any]) -> dict[str, Any]:
+    value = item.get("value")
+    return value if isinstance(value, dict) else {}
+
+
+def _stroke(item: dict[str, Any], value: dict[str, Any]) -> np.ndarray:
+    try:
+        height, width = int(item["original_height"]), int(item["original_width"])
+        if value.get("format", "rle") != "rle" or height < 1 or width < 1:
+            raise ValueError("not an RLE brush")
+        return np.asarray(decode_rle(value["rle"]), dtype=np.uint8).reshape(height, width, 4)[:, :, 3] > 127
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise PromptError(f"a smart brush stroke could not be read ({exc}): expected RLE at the image's size") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,16 @@ from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
 from usam_backend.labelstudio.feedback import FeedbackStore
-from usam_backend.labelstudio.interactive import parse_prompt
+from usam_backend.labelstudio.interactive import BrushStrokes, PromptError, parse_brush_strokes, parse_prompt
 from usam_backend.labelstudio.media import TaskImageFetcher
 from usam_backend.labelstudio.results import brush_region, prediction, region_id
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.engine import SamEngine
+from usam_backend.sam.generator import AutomaticMasks
+from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.prompts import segment_prompt
-from usam_backend.systems.usam import SemanticSegmenter
+from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
+from usam_backend.systems.usam import SemanticSegmenter, Survivors
 
 log = logging.getLogger("usam.tasks")
 
@@ -81,22 +84,15 @@ class TaskPredictor:
                 head_classes = {choice.head.class_names[i] for i in by_class}
                 with self.lock:
                     segmenter = self.segmenter(choice)
-                    embedding = segmenter.engine.embed(image)
-                    del image  # only the embedding is needed from here on
-                    survivors = segmenter.survivors(embedding, classes=head_classes)
+                    survivors = segmenter.survivors(segmenter.engine.embed(image), classes=head_classes)
                     confidences.append(survivors.confidence)
-                    class_ids, scores = survivors.class_ids, survivors.scores
-                    found = 0
-                    for i in range(len(survivors)):
-                        mask = survivors.mask(i)  # one image-sized mask at a time, encoded, dropped
-                        if not mask.any():
-                            continue
-                        label = by_class[int(class_ids[i])]
+                    for found, (i, mask) in enumerate(self._masks(image, survivors)):  # one image-sized mask at a time
+                        label = by_class[int(survivors.class_ids[i])]
+                        score = float(survivors.scores[i])
                         rid = region_id(choice.version, task_id, image_name, found)
-                        found += 1
-                        results.append(brush_region(mask, label, float(scores[i]), rid))
-                        logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(mask),
-                                             float(scores[i])))  # fmt: skip
+                        results.append(brush_region(mask, label, score, rid))
+                        logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(mask), score))
+                del image
         except UsamError as exc:
             self._failed(task_id, str(exc))
             return prediction([], choice.version)
@@ -108,11 +104,37 @@ class TaskPredictor:
         confidence = float(np.nanmean(confidences)) if confidences and not np.isnan(confidences).all() else None
         return prediction(results, choice.version, confidence)
 
+    def _masks(self, image: np.ndarray, survivors: Survivors) -> Iterator[tuple[int, np.ndarray]]:
+        """(survivor index, non-empty (H, W) bool mask), refined as ``USAM_REFINE`` says."""
+        mode = self.settings.refine
+        if mode == "off":
+            for i in range(len(survivors)):
+                mask = survivors.mask(i)
+                if mask.any():
+                    yield i, mask
+            return
+        regions = np.zeros(image.shape[:2], dtype=np.int32)  # survivor index + 1, the best painted last
+        for i in np.argsort(survivors.scores, kind="stable"):
+            regions[survivors.mask(int(i))] = int(i) + 1
+        generator = AutomaticMasks(survivors.segmenter.engine.model, **GENERATOR_OPTIONS) if mode != "local" else None
+        refined = refine_masks(
+            image, regions, EnginePredictor(survivors.segmenter.engine), generator=generator, local=mode != "global",
+            ignore=None, min_region_area=max(100, regions.size // 1000), max_regions=2 * len(survivors),
+        )  # fmt: skip
+        for i in range(len(survivors)):
+            mask = refined == i + 1
+            if mask.any():
+                yield i, mask
+
     def interactive(
         self, task: dict[str, Any], context: list[Any], config: LabelConfig, fetcher: TaskImageFetcher,
         basic: Basic, version: str,
     ) -> dict[str, Any]:  # fmt: skip
-        """One brush mask for a smart-tool prompt, with the prompt's label."""
+        """One brush mask for a smart-tool prompt, with the prompt's label; for smart-brush
+        strokes, the strokes refined by SAM (:func:`~usam_backend.systems.uosam.refine_masks`)."""
+        strokes = parse_brush_strokes(context, config)
+        if strokes is not None:
+            return self.refine_strokes(task, strokes, config, fetcher, basic, version)
         prompt = parse_prompt(context, config)
         image = self.task_image(task, config.images[prompt.image].key, fetcher, basic)
         points, point_labels, box = prompt.pixels(*image.shape[:2])
@@ -121,6 +143,27 @@ class TaskPredictor:
             found = segment_prompt(engine, image, points=points, point_labels=point_labels, box=box)
         region = brush_region(found.mask, prompt.label, found.score, region_id(version, task.get("id"), "prompt"))
         return prediction([region], version)
+
+    def refine_strokes(
+        self, task: dict[str, Any], strokes: BrushStrokes, config: LabelConfig, fetcher: TaskImageFetcher,
+        basic: Basic, version: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A rough brush refined to SAM's boundaries, per connected stroke region; a region SAM does
+        not agree with stays as drawn. The answer is one brush region with the strokes' label."""
+        image = self.task_image(task, config.images[strokes.image].key, fetcher, basic)
+        if strokes.mask.shape != image.shape[:2]:
+            raise PromptError(
+                f"the strokes are {strokes.mask.shape[::-1]} (W, H), the image {image.shape[1::-1]}: "
+                "they must be drawn at the image's natural size"
+            )
+        report = RefineReport()
+        with self.lock:
+            refined = refine_masks(image, strokes.mask.astype(np.uint8), EnginePredictor(self.engine()),
+                                   report=report, min_region_area=16)  # fmt: skip
+        accepted = [r["iou"] for r in report.regions if r["accepted"]]
+        score = float(np.mean(accepted)) if accepted else 0.0
+        rid = region_id(version, task.get("id"), "brush", strokes.label.value)
+        return prediction([brush_region(refined == 1, strokes.label, score, rid)], version)
 
     def segmenter(self, choice: HeadChoice) -> SemanticSegmenter:
         """The segmenter for a head, kept for the :data:`MAX_SEGMENTERS` heads used last."""

@@ -73,6 +73,7 @@ class RefineOptions:
 
     Attributes:
         min_region_area: connected regions smaller than this (pixels) are left as they are.
+        max_regions: at most this many regions are refined, the largest first (the rest stay).
         accept_iou: the SAM mask replaces a region only with at least this IoU to it (paper: 0.4).
         cascade: run SAM's second pass (mask_input) on the best first-pass mask.
         background: the class of pixels a refined region gives up.
@@ -82,6 +83,7 @@ class RefineOptions:
     """
 
     min_region_area: int = 100
+    max_regions: int = 256
     accept_iou: float = 0.4
     cascade: bool = True
     background: int = 0
@@ -108,6 +110,7 @@ def refine_masks(
     predictor: Predictor,
     *,
     generator: MaskGenerator | None = None,
+    local: bool = True,
     report: RefineReport | None = None,
     **options: Any,
 ) -> np.ndarray:
@@ -119,6 +122,7 @@ def refine_masks(
             left alone.
         predictor: ``SamPredictor``'s interface; ``set_image`` is called once.
         generator: ``SamAutomaticMaskGenerator``'s interface; None runs the local step only.
+        local: run the local step (False with a generator: the global step alone).
         report: filled with the per-region decisions, if given.
         options: :class:`RefineOptions` fields.
 
@@ -128,18 +132,21 @@ def refine_masks(
     opts = RefineOptions(**options)
     _check(image, coarse)
     report = report if report is not None else RefineReport()
-    predictor.set_image(image)
-    local = local_refine(coarse, predictor, opts, report)
+    refined = coarse
+    if local:
+        predictor.set_image(image)
+        refined = local_refine(coarse, predictor, opts, report)
     if generator is None:
-        return local
-    return global_refine(local, generator.generate(image), opts, report)
+        return refined.copy() if refined is coarse else refined
+    return global_refine(refined, generator.generate(image), opts, report)
 
 
 def local_refine(coarse: np.ndarray, predictor: Predictor, opts: RefineOptions, report: RefineReport) -> np.ndarray:
     """Step 1 over every region, largest first (a smaller region painted later wins)."""
     refined = coarse.copy()
     frozen = coarse == opts.ignore if opts.ignore is not None else np.zeros(coarse.shape, dtype=bool)
-    for cls, region in sorted(regions_of(coarse, opts), key=lambda item: -int(item[1].sum())):
+    by_size = sorted(regions_of(coarse, opts), key=lambda item: -int(item[1].sum()))
+    for cls, region in by_size[: opts.max_regions]:
         mask = _sam_mask(predictor, region, opts)
         iou = _iou(mask, region) if mask is not None else 0.0
         accepted = iou >= opts.accept_iou

@@ -1,0 +1,197 @@
+"""Refining another model's predictions: a project's brush predictions of one model version, refined
+by SAM (UO-SAM), posted back under a new version.
+
+``usam refine --project ID --from-version V`` lists the project's tasks, keeps those with a
+prediction of version ``V`` and none of ``V+uosam`` yet, and refines them in chunks of
+``USAM_PREANNOTATE_CHUNK`` tasks: as RQ jobs with ``REDIS_URL``, else in this process. A job
+checks each task again before posting, so re-running resumes where it stopped. Only
+``brushlabels`` regions are refined; other results are carried over as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+from tqdm.auto import tqdm
+
+from training.progress import Progress
+from usam_backend.core.errors import UsamError
+from usam_backend.core.masks import brush_rle
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.policy import JOBS
+from usam_backend.jobs.preannotate import wait_for
+from usam_backend.jobs.runners import JobSpec, Publish, make_runner, run_function
+from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
+from usam_backend.labelstudio.config import parse_label_config
+from usam_backend.labelstudio.feedback import FeedbackStore
+from usam_backend.labelstudio.media import fetcher_for
+from usam_backend.labelstudio.projects import ProjectRecord, ProjectStore, project_id
+from usam_backend.labelstudio.results import prediction
+from usam_backend.labelstudio.tasks import TaskPredictor
+from usam_backend.sam.generator import AutomaticMasks
+from usam_backend.sam.predictor import EnginePredictor
+from usam_backend.sam.shared import compute_lock, shared_engine
+from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
+
+log = logging.getLogger("usam.refine")
+
+
+def refined_version(version: str) -> str:
+    return f"{version}+uosam"
+
+
+def refine_jobs(
+    project: str, task_ids: list[int], from_version: str, *, chunk: int, use_global: bool, trigger: str
+) -> list[JobSpec]:
+    """Chunks of tasks to refine, one job each (idempotent per chunk)."""
+    specs = []
+    for start in range(0, len(task_ids), chunk):
+        part = task_ids[start : start + chunk]
+        digest = hashlib.sha256(f"{project}/{from_version}/{use_global}/{part}".encode()).hexdigest()[:16]
+        request = {"project": project, "tasks": part, "from_version": from_version, "global": use_global,
+                   "trigger": trigger, "labels": []}  # fmt: skip
+        specs.append(
+            JobSpec(
+                f"usam-refine-{project}-{digest}",
+                JOBS["refine"],
+                request,
+                "refine",
+                f"refine {len(part)} task(s) of project {project} from {from_version}",
+            )
+        )
+    return specs
+
+
+def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish | None = None) -> dict[str, Any]:
+    """Refine ``request["tasks"]``' predictions of ``from_version`` and post them as
+    :func:`refined_version`. Returns counts: ``refined``, ``skipped`` (already refined, or no
+    prediction to refine), ``failed`` (image or prediction unusable)."""
+    project, source = str(request["project"]), str(request["from_version"])
+    target = refined_version(source)
+    task_ids = [int(t) for t in request.get("tasks") or []]
+    progress = Progress(publish)
+    progress.stage("refining", len(task_ids))
+    record = ProjectStore(settings.model_dir / "projects").get(project)
+    if record is None:
+        raise UsamError(f"project {project} is unknown here: run usam refine --project {project} first")
+    config = parse_label_config(record.label_config)
+    engine = shared_engine(settings)
+    tasks = TaskPredictor(settings, lambda: engine, FeedbackStore.for_settings(settings), compute_lock)
+    generator = AutomaticMasks(engine.model, **GENERATOR_OPTIONS) if request.get("global") else None
+    counts: dict[str, Any] = {"refined": 0, "skipped": 0, "failed": 0, "model_version": target}
+    with httpx.Client(follow_redirects=False) as client:
+        api = LabelStudioApi.for_project(settings, record, client)
+        fetcher = fetcher_for(settings, record, client)
+        for task_id in task_ids:
+            try:
+                found = {str(p.get("model_version")): p for p in api.predictions(task_id)}
+                if target in found or source not in found:
+                    counts["skipped"] += 1
+                else:
+                    task = api.task(task_id)
+                    result = []
+                    for image_name, field in config.images.items():
+                        regions = [r for r in found[source].get("result") or [] if r.get("to_name") == image_name]
+                        if not regions:
+                            continue
+                        image = tasks.task_image(task, field.key, fetcher, None)
+                        with compute_lock:
+                            result += refine_regions(image, regions, EnginePredictor(engine), generator)
+                    score = found[source].get("score")
+                    api.create_prediction(project, task_id, prediction(result, target, score))
+                    counts["refined"] += 1
+            except LabelStudioApiError:
+                raise
+            except UsamError as exc:
+                counts["failed"] += 1
+                log.warning("project %s task %s: not refined: %s", project, task_id, exc)
+            progress.advance()
+    progress.close()
+    return counts
+
+
+def refine_regions(
+    image: np.ndarray, regions: list[dict[str, Any]], predictor: EnginePredictor, generator: AutomaticMasks | None
+) -> list[dict[str, Any]]:
+    """One image's prediction regions refined: brush regions become one label map (region index
+    + 1, later regions on top), refined, and are cut out again; others are kept as they are."""
+    height, width = image.shape[:2]
+    brushes = [r for r in regions if r.get("type") == "brushlabels"]
+    others = [r for r in regions if r.get("type") != "brushlabels"]
+    coarse = np.zeros((height, width), dtype=np.int32)
+    for index, region in enumerate(brushes, start=1):
+        value = region.get("value") or {}
+        if (region.get("original_height"), region.get("original_width")) != (height, width):
+            raise UsamError(f"a predicted region is {region.get('original_width')}x{region.get('original_height')}, "
+                            f"the image {width}x{height}")  # fmt: skip
+        try:
+            mask = np.asarray(decode_rle(value["rle"]), dtype=np.uint8).reshape(height, width, 4)[:, :, 3] > 127
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsamError(f"a predicted brush region does not decode: {exc}") from None
+        coarse[mask] = index
+    report = RefineReport()
+    refined = refine_masks(image, coarse, predictor, generator=generator, report=report, ignore=None)
+    out = []
+    for index, region in enumerate(brushes, start=1):
+        mask = refined == index
+        if mask.any():
+            value = {**region["value"], "format": "rle", "rle": brush_rle(mask)}
+            out.append({**region, "id": hashlib.sha1(f"{region.get('id')}+uosam".encode()).hexdigest()[:10],
+                        "value": value})  # fmt: skip
+    return out + others
+
+
+def run_refine_project(
+    settings: Settings, project: str, from_version: str, *, use_global: bool = False, wait: bool = True,
+    timeout: float | None = None,
+) -> int:  # fmt: skip
+    """``usam refine --project``: returns the exit status (0: every task with a ``from_version``
+    prediction has a refined one)."""
+    pid = project_id(project)
+    target = refined_version(from_version)
+    store = ProjectStore(settings.model_dir / "projects")
+    known = store.get(pid)
+    with httpx.Client(follow_redirects=False) as client:
+        api = LabelStudioApi.for_project(settings, known, client)
+        schema = str(api.project(pid).get("label_config") or "")
+        parse_label_config(schema)  # a config usam cannot read fails here, before any job
+        store.put(ProjectRecord(pid, schema, known.hostname if known else api.url,
+                                known.access_token if known else None,
+                                hostname_trusted=known.hostname_trusted if known else False))  # fmt: skip
+        listed = list(api.tasks(pid))
+    versions = {int(t["id"]): {str(p.get("model_version")) for p in t.get("predictions") or []} for t in listed}
+    with_source = sorted(t for t, v in versions.items() if from_version in v)
+    todo = [t for t in with_source if target not in versions[t]]
+    print(f"project {pid}: {len(with_source)} task(s) have a {from_version} prediction, {len(todo)} lack {target}")
+    if not todo:
+        return 0 if with_source else 1
+    specs = refine_jobs(pid, todo, from_version, chunk=settings.preannotate_chunk, use_global=use_global,
+                        trigger="usam refine")  # fmt: skip
+    runner = make_runner(settings)
+    if runner.kind == "embedded":
+        totals = {"refined": 0, "skipped": 0, "failed": 0}
+        with tqdm(total=len(todo), desc="refining", unit="task") as bar:
+            for spec in specs:
+                counts = run_function(spec.function, settings, spec.request, None)
+                bar.update(len(spec.request["tasks"]))
+                for key in totals:
+                    totals[key] += int(counts[key])
+        print(f"refined {totals['refined']} under {target}, skipped {totals['skipped']}, failed {totals['failed']}")
+        return 1 if totals["failed"] else 0
+    for spec in specs:
+        runner.submit(spec, force=True)
+    print(f"queued {len(specs)} job(s) on {settings.queue}")
+    if not wait:
+        return 0
+    started = time.monotonic()
+    jobs = wait_for(runner, [s.id for s in specs], len(todo), timeout=timeout)
+    refined = sum(int((j.get("result") or {}).get("refined", 0)) for j in jobs)
+    failed = [j for j in jobs if j["status"] != "finished"]
+    print(f"refined {refined} under {target} in {time.monotonic() - started:.0f} s; {len(failed)} job(s) failed")
+    return 1 if failed else 0
