@@ -329,14 +329,16 @@ def test_a_smart_brush_stroke_comes_back_refined_with_its_label(served):
         params={"context": {"result": strokes}},
     )  # fmt: skip
     ((prediction,),) = [backend.predict(request)]
-    (region,) = prediction["result"]
-    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["sky"]
-    mask = decode_rle(region["value"]["rle"]).reshape(SIZE, SIZE, 4)[:, :, 3] > 127
-    union = np.zeros((SIZE, SIZE), dtype=bool)
-    union[20:50, 20:60] = union[40:70, 50:80] = True
-    if region["score"] == 0.0:  # SAM (random weights here) disagreed: the strokes stay as drawn
-        assert np.array_equal(mask, union)
-    assert mask.any()
+    regions = {region["id"]: region for region in prediction["result"]}
+    assert set(regions) == {"s20", "s50"}  # each rough region answered under its own id: accepting replaces it
+    for (x0, y0, x1, y1), rid in (((20, 20, 60, 50), "s20"), ((50, 40, 80, 70), "s50")):
+        region = regions[rid]
+        assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["sky"]
+        mask = decode_rle(region["value"]["rle"]).reshape(SIZE, SIZE, 4)[:, :, 3] > 127
+        drawn = np.zeros((SIZE, SIZE), dtype=bool)
+        drawn[y0:y1, x0:x1] = True
+        if region["score"] == 0.0:  # SAM (random weights here) disagreed: the stroke stays as drawn
+            assert np.array_equal(mask, drawn)
 
     bad = {"type": "brushlabels", "to_name": "image", "original_width": 3, "original_height": 3,
            "value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["sky"]}}  # fmt: skip

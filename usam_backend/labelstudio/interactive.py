@@ -71,43 +71,36 @@ def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
 
 
 @dataclass(frozen=True)
-class BrushStrokes:
-    """A smart brush's strokes: every stroke of one label on one image, as one (H, W) bool mask at
-    the image's natural size."""
+class BrushStroke:
+    """One brush region of a smart-brush request: its id, label, image and (H, W) bool mask at the
+    image's natural size."""
 
+    id: str
     label: ProjectLabel
     image: str
     mask: np.ndarray
 
 
-def parse_brush_strokes(context: list[Any], config: LabelConfig) -> BrushStrokes | None:
-    """The smart-brush strokes in an interactive context (None when it holds no brush region).
+def parse_brush_strokes(context: list[Any], config: LabelConfig) -> list[BrushStroke]:
+    """The smart brush's regions in an interactive context (empty when it holds none).
 
     Label Studio sends every brush region of the annotation with the stroke's label and image;
-    the label is that of the last region, and the strokes of that label and image are united."""
-    brushes = [item for item in context if isinstance(item, dict) and item.get("type") == "brushlabels"]
-    if not brushes:
-        return None
-    last = brushes[-1]
-    value = _value(last)
-    names = value.get("brushlabels") or []
-    image = str(last.get("to_name"))
-    if not names or image not in config.images:
-        raise PromptError("the smart brush stroke has no label, or is on an image without BrushLabels")
-    label = config.brush_label(str(names[0]), image)
-    if label is None:
-        raise PromptError(f"the stroke's label {names[0]!r} is not a BrushLabels label of {image!r}")
-    mask: np.ndarray | None = None
-    for item in brushes:
-        item_value = _value(item)
-        if item.get("to_name") != image or (item_value.get("brushlabels") or [None])[0] != names[0]:
+    each comes back refined under its own id, so that accepting the suggestion replaces the rough
+    region (Label Studio's ``acceptSuggestion`` puts a suggestion in place of the region with its id)."""
+    strokes: list[BrushStroke] = []
+    for item in context:
+        if not isinstance(item, dict) or item.get("type") != "brushlabels":
             continue
-        stroke = _stroke(item, item_value)
-        if mask is not None and stroke.shape != mask.shape:
-            raise PromptError("the smart brush strokes are drawn at different image sizes")
-        mask = stroke if mask is None else mask | stroke
-    assert mask is not None
-    return BrushStrokes(label, image, mask)
+        value = _value(item)
+        names = value.get("brushlabels") or []
+        image = str(item.get("to_name"))
+        if not names or image not in config.images:
+            raise PromptError("a smart brush stroke has no label, or is on an image without BrushLabels")
+        label = config.brush_label(str(names[0]), image)
+        if label is None:
+            raise PromptError(f"the stroke's label {names[0]!r} is not a BrushLabels label of {image!r}")
+        strokes.append(BrushStroke(str(item.get("id") or f"stroke-{len(strokes)}"), label, image, _stroke(item, value)))
+    return strokes
 
 
 def _value(item: dict[str, Any]) -> dict[str, Any]:

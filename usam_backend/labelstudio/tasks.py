@@ -22,7 +22,7 @@ from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
 from usam_backend.labelstudio.feedback import FeedbackStore
-from usam_backend.labelstudio.interactive import BrushStrokes, PromptError, parse_brush_strokes, parse_prompt
+from usam_backend.labelstudio.interactive import BrushStroke, PromptError, parse_brush_strokes, parse_prompt
 from usam_backend.labelstudio.media import TaskImageFetcher
 from usam_backend.labelstudio.results import brush_region, prediction, region_id
 from usam_backend.registry import HeadChoice
@@ -133,7 +133,7 @@ class TaskPredictor:
         """One brush mask for a smart-tool prompt, with the prompt's label; for smart-brush
         strokes, the strokes refined by SAM (:func:`~usam_backend.systems.uosam.refine_masks`)."""
         strokes = parse_brush_strokes(context, config)
-        if strokes is not None:
+        if strokes:
             return self.refine_strokes(task, strokes, config, fetcher, basic, version)
         prompt = parse_prompt(context, config)
         image = self.task_image(task, config.images[prompt.image].key, fetcher, basic)
@@ -145,25 +145,32 @@ class TaskPredictor:
         return prediction([region], version)
 
     def refine_strokes(
-        self, task: dict[str, Any], strokes: BrushStrokes, config: LabelConfig, fetcher: TaskImageFetcher,
+        self, task: dict[str, Any], strokes: list[BrushStroke], config: LabelConfig, fetcher: TaskImageFetcher,
         basic: Basic, version: str,
     ) -> dict[str, Any]:  # fmt: skip
-        """A rough brush refined to SAM's boundaries, per connected stroke region; a region SAM does
-        not agree with stays as drawn. The answer is one brush region with the strokes' label."""
-        image = self.task_image(task, config.images[strokes.image].key, fetcher, basic)
-        if strokes.mask.shape != image.shape[:2]:
-            raise PromptError(
-                f"the strokes are {strokes.mask.shape[::-1]} (W, H), the image {image.shape[1::-1]}: "
-                "they must be drawn at the image's natural size"
-            )
-        report = RefineReport()
-        with self.lock:
-            refined = refine_masks(image, strokes.mask.astype(np.uint8), EnginePredictor(self.engine()),
-                                   report=report, min_region_area=16)  # fmt: skip
-        accepted = [r["iou"] for r in report.regions if r["accepted"]]
-        score = float(np.mean(accepted)) if accepted else 0.0
-        rid = region_id(version, task.get("id"), "brush", strokes.label.value)
-        return prediction([brush_region(refined == 1, strokes.label, score, rid)], version)
+        """Rough brush regions refined to SAM's boundaries, each answered under its own id (accepting
+        the suggestion replaces the rough region); a region SAM does not agree with comes back as
+        drawn. A region's score is the mean IoU of its accepted parts with SAM's masks (0: none)."""
+        results = []
+        images: dict[str, np.ndarray] = {}
+        for stroke in strokes:
+            if stroke.image not in images:
+                images[stroke.image] = self.task_image(task, config.images[stroke.image].key, fetcher, basic)
+            image = images[stroke.image]
+            if stroke.mask.shape != image.shape[:2]:
+                raise PromptError(
+                    f"a stroke is {stroke.mask.shape[::-1]} (W, H), the image {image.shape[1::-1]}: strokes must be "
+                    "drawn at the image's natural size"
+                )
+            report = RefineReport()
+            with self.lock:
+                refined = refine_masks(image, stroke.mask.astype(np.uint8), EnginePredictor(self.engine()),
+                                       report=report, min_region_area=16)  # fmt: skip
+            accepted = [r["iou"] for r in report.regions if r["accepted"]]
+            score = float(np.mean(accepted)) if accepted else 0.0
+            if (refined == 1).any():
+                results.append(brush_region(refined == 1, stroke.label, score, stroke.id))
+        return prediction(results, version)
 
     def segmenter(self, choice: HeadChoice) -> SemanticSegmenter:
         """The segmenter for a head, kept for the :data:`MAX_SEGMENTERS` heads used last."""
