@@ -315,7 +315,7 @@ def test_smart_brush_strokes_come_back_refined_through_label_studio(label_studio
     assert mask.any()
 
 
-def test_another_models_predictions_refined_into_a_new_version(label_studio, usam, images, tmp_path):
+def test_another_models_predictions_refined_into_a_new_version(label_studio, usam, images, tmp_path, redis_url):
     """Coarse brush predictions imported under a model version -> usam refine --project -> the same
     regions, refined, under V+uosam; a second run finds nothing left."""
     sdk = label_studio.sdk
@@ -348,6 +348,21 @@ def test_another_models_predictions_refined_into_a_new_version(label_studio, usa
         assert (refined[0].result[0]["original_width"], refined[0].result[0]["original_height"]) == (240, 160)
     again = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 lack" in again.stdout
+
+    # the same on RQ workers: queue, return, a worker does the work
+    pid2 = sdk.projects.create(title="coarse rq", label_config=project_config("semantic_brush.xml", LABELS)).id
+    label_studio.upload(pid2, images["local"])
+    (task2,) = [t.id for t in sdk.tasks.list(project=pid2)]
+    sdk.predictions.create(task=task2, result=[region], model_version="coarse-v1", score=0.5)
+    queued = {**env, "REDIS_URL": redis_url, "USAM_QUEUE": "usam-refine"}
+    command[command.index(str(pid))] = str(pid2)
+    run = subprocess.run([*command, "--no-wait"], env={**os.environ, **queued}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and "queued 1 job(s) on usam-refine" in run.stdout, run.stdout + run.stderr
+    worker = run_worker(queued)
+    output, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0 and "Job OK" in output, output
+    assert [p.model_version for p in sdk.predictions.list(task=task2)].count("coarse-v1+uosam") == 1
 
 
 def test_label_added_in_label_studio_reaches_setup(label_studio, usam, project):
