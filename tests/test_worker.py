@@ -219,6 +219,7 @@ def test_a_worker_with_other_sam_fails_the_job_naming_both(tmp_path_factory, red
         assert queued["kind"] == "labels"
         burst(worker_env)
         failed = wait_for_job(server, ["sky", "tomato"], "failed")
+        print(f"\n/jobs shows: {failed['status']}: {failed['error']}")
         assert "RecipeMismatch" in failed["error"]
         assert "SAM tiny (tiny-random)" in failed["error"] and "this worker runs SAM vit_b" in failed["error"]
         (in_health,) = [j for j in server.health()["training"]["jobs"] if j["id"] == failed["id"]]
