@@ -14,17 +14,16 @@ jobs (:meth:`usam_backend.jobs.policy.TrainingPolicy.hand_off`).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import httpx
-from tqdm.auto import tqdm
 
 from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
+from usam_backend.jobs.batches import run_task_jobs
 from usam_backend.jobs.policy import preannotate_jobs
-from usam_backend.jobs.runners import Publish, Runner, make_runner, run_function
+from usam_backend.jobs.runners import Publish
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError, versions_of
 from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore
@@ -80,27 +79,6 @@ def preannotate_job(settings: Settings, request: dict[str, Any], *, publish: Pub
     return counts
 
 
-def wait_for(runner: Runner, job_ids: list[str], total: int, *, poll: float = 1.0,
-             timeout: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Show one progress bar over the tasks of these jobs until they all end; returns the jobs."""
-    wanted = set(job_ids)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    bar = tqdm(total=total, desc="pre-annotating", unit="task")
-    try:
-        while True:
-            jobs = runner.get(job_ids)
-            done = sum(int((j.get("progress") or {}).get("done") or 0) for j in jobs)
-            bar.update(max(0, done - bar.n))
-            if len(jobs) == len(wanted) and all(j["status"] in ("finished", "failed", "stale") for j in jobs):
-                bar.update(total - bar.n if all(j["status"] == "finished" for j in jobs) else 0)
-                return jobs
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("pre-annotation jobs still running")
-            time.sleep(poll)
-    finally:
-        bar.close()
-
-
 def run_preannotate(settings: Settings, project: str, *, wait: bool = True, timeout: float | None = None) -> int:
     """``usam preannotate``: returns the exit status (0: every task has a current prediction)."""
     pid = project_id(project)
@@ -127,29 +105,11 @@ def run_preannotate(settings: Settings, project: str, *, wait: bool = True, time
         return 0
     specs = preannotate_jobs(pid, sorted(config.label_values), todo, chunk=settings.preannotate_chunk,
                              trigger="usam preannotate", version=choice.version)  # fmt: skip
-    runner = make_runner(settings)
-    if runner.kind == "embedded":  # no Redis: this process does the work
-        totals = {"predicted": 0, "skipped": 0, "failed": 0}
-        with tqdm(total=len(todo), desc="pre-annotating", unit="task") as bar:
-            for spec in specs:
-                counts = run_function(spec.function, settings, spec.request, None)
-                bar.update(len(spec.request["tasks"]))
-                for key in totals:
-                    totals[key] += int(counts[key])
-        print(f"predicted {totals['predicted']}, already done {totals['skipped']}, failed {totals['failed']}")
-        return 1 if totals["failed"] else 0
-    for spec in specs:
-        runner.submit(spec, force=True)  # a finished chunk re-run skips what it did
-    print(f"queued {len(specs)} job(s) of up to {settings.preannotate_chunk} tasks on {settings.queue}")
-    if not wait:
+    outcome = run_task_jobs(settings, specs, total=len(todo), desc="pre-annotating", wait=wait, timeout=timeout)
+    if outcome is None:
         return 0
-    jobs = wait_for(runner, [spec.id for spec in specs], len(todo), timeout=timeout)
-    results = [j.get("result") or {} for j in jobs]
-    predicted = sum(int(r.get("predicted", 0)) for r in results)
-    skipped = sum(int(r.get("skipped", 0)) for r in results)
-    failed_tasks = sum(int(r.get("failed", 0)) for r in results)
-    failed_jobs = [j for j in jobs if j["status"] != "finished"]
-    print(f"predicted {predicted}, already done {skipped}, failed {failed_tasks}")
-    for job in failed_jobs:
+    totals = outcome.totals
+    print(f"predicted {totals['predicted']}, already done {totals['skipped']}, failed {totals['failed']}")
+    for job in outcome.failed_jobs:
         print(f"job {job['id']} {job['status']}: {job.get('error')}")
-    return 1 if failed_jobs or failed_tasks else 0
+    return 1 if outcome.failed_jobs or totals["failed"] else 0

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from typing import Any
 
 import httpx
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
-from tqdm.auto import tqdm
 
 from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.masks import brush_rle
 from usam_backend.core.settings import Settings
+from usam_backend.jobs.batches import run_task_jobs
 from usam_backend.jobs.policy import JOBS
-from usam_backend.jobs.preannotate import wait_for
-from usam_backend.jobs.runners import JobSpec, Publish, make_runner, run_function
+from usam_backend.jobs.runners import JobSpec, Publish
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
 from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore
@@ -173,25 +171,11 @@ def run_refine_project(
         return 0 if with_source else 1
     specs = refine_jobs(pid, todo, from_version, chunk=settings.preannotate_chunk, use_global=use_global,
                         trigger="usam refine")  # fmt: skip
-    runner = make_runner(settings)
-    if runner.kind == "embedded":
-        totals = {"refined": 0, "skipped": 0, "failed": 0}
-        with tqdm(total=len(todo), desc="refining", unit="task") as bar:
-            for spec in specs:
-                counts = run_function(spec.function, settings, spec.request, None)
-                bar.update(len(spec.request["tasks"]))
-                for key in totals:
-                    totals[key] += int(counts[key])
-        print(f"refined {totals['refined']} under {target}, skipped {totals['skipped']}, failed {totals['failed']}")
-        return 1 if totals["failed"] else 0
-    for spec in specs:
-        runner.submit(spec, force=True)
-    print(f"queued {len(specs)} job(s) on {settings.queue}")
-    if not wait:
+    outcome = run_task_jobs(settings, specs, total=len(todo), desc="refining", wait=wait, timeout=timeout)
+    if outcome is None:
         return 0
-    started = time.monotonic()
-    jobs = wait_for(runner, [s.id for s in specs], len(todo), timeout=timeout)
-    refined = sum(int((j.get("result") or {}).get("refined", 0)) for j in jobs)
-    failed = [j for j in jobs if j["status"] != "finished"]
-    print(f"refined {refined} under {target} in {time.monotonic() - started:.0f} s; {len(failed)} job(s) failed")
-    return 1 if failed else 0
+    totals = outcome.totals
+    print(f"refined {totals['refined']} under {target}, skipped {totals['skipped']}, failed {totals['failed']}")
+    for job in outcome.failed_jobs:
+        print(f"job {job['id']} {job['status']}: {job.get('error')}")
+    return 1 if outcome.failed_jobs or totals["failed"] else 0

@@ -1,0 +1,72 @@
+"""Running a list of task jobs for a command (``usam preannotate``, ``usam refine --project``): on RQ
+workers when ``REDIS_URL`` is set (queued, then one progress bar over all their tasks), else one
+after another in the command's own process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.runners import JobSpec, Runner, make_runner, run_function
+
+COUNTS = ("predicted", "refined", "skipped", "failed")
+"""What task jobs count in their results; totals are summed over the jobs."""
+
+
+@dataclass
+class Outcome:
+    totals: dict[str, int]
+    failed_jobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_task_jobs(
+    settings: Settings, specs: list[JobSpec], *, total: int, desc: str, wait: bool = True,
+    timeout: float | None = None,
+) -> Outcome | None:  # fmt: skip
+    """Run the jobs (each ``request["tasks"]`` a chunk of ``total`` tasks); None when they were only
+    queued (``wait=False``)."""
+    runner = make_runner(settings)
+    totals = dict.fromkeys(COUNTS, 0)
+    if runner.kind == "embedded":  # no Redis: this process does the work
+        with tqdm(total=total, desc=desc, unit="task") as bar:
+            for spec in specs:
+                counts = run_function(spec.function, settings, spec.request, None)
+                bar.update(len(spec.request["tasks"]))
+                for key in totals:
+                    totals[key] += int(counts.get(key, 0))
+        return Outcome(totals)
+    for spec in specs:
+        runner.submit(spec, force=True)  # a finished chunk re-run skips what it did
+    print(f"queued {len(specs)} job(s) of up to {settings.preannotate_chunk} tasks on {settings.queue}")
+    if not wait:
+        return None
+    jobs = wait_for(runner, [spec.id for spec in specs], total, desc=desc, timeout=timeout)
+    for job in jobs:
+        for key in totals:
+            totals[key] += int((job.get("result") or {}).get(key, 0))
+    return Outcome(totals, [j for j in jobs if j["status"] != "finished"])
+
+
+def wait_for(runner: Runner, job_ids: list[str], total: int, *, desc: str = "tasks", poll: float = 1.0,
+             timeout: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Show one progress bar over the tasks of these jobs until they all end; returns the jobs."""
+    wanted = set(job_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = tqdm(total=total, desc=desc, unit="task")
+    try:
+        while True:
+            jobs = runner.get(job_ids)
+            done = sum(int((j.get("progress") or {}).get("done") or 0) for j in jobs)
+            bar.update(max(0, done - bar.n))
+            if len(jobs) == len(wanted) and all(j["status"] in ("finished", "failed", "stale") for j in jobs):
+                bar.update(total - bar.n if all(j["status"] == "finished" for j in jobs) else 0)
+                return jobs
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("pre-annotation jobs still running")
+            time.sleep(poll)
+    finally:
+        bar.close()
