@@ -108,10 +108,6 @@ class HeadRegistry:
         self._loaded: dict[Path, tuple[int, Head]] = {}
         self._lock = threading.RLock()
 
-    def heads(self) -> list[tuple[Path, Head]]:
-        """Readable heads for this SAM type, newest first, loaded (tools and tests; see :meth:`infos`)."""
-        return [(info.path, self.load(info)) for info in self.infos()]
-
     def infos(self) -> list[HeadInfo]:
         """Descriptions of the readable heads for this SAM type, newest first."""
         with self._lock:

@@ -144,9 +144,6 @@ class EventLog:
             out.flush()
             os.fsync(out.fileno())
 
-    def read(self, pid: str) -> list[dict[str, Any]]:
-        return [event for event, _ in self.read_from(pid, 0)]
-
     def read_from(self, pid: str, offset: int) -> list[tuple[dict[str, Any], int]]:
         """Events after byte ``offset``, each with the offset just past it (a line still being
         written is left for the next call; an unreadable line is skipped). An offset past the end
