@@ -6,6 +6,10 @@ ENV PYTHONUNBUFFERED=1 \
     USAM_MODEL_DIR=/data/models \
     USAM_CACHE_DIR=/data/cache
 
+# OpenCV (pulled in by the tracker's dependencies) links libGL and GLib at import.
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY usam_backend ./usam_backend

@@ -26,11 +26,14 @@ $(LABEL_STUDIO):
 
 label-studio: $(LABEL_STUDIO)
 
-# Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file.
+# Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file;
+# libGL and GLib, which OpenCV loads at import.
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	ldconfig -p | grep -q 'libGL.so.1 ' || missing="$$missing libgl1"; \
+	ldconfig -p | grep -q 'libgthread-2.0.so.0 ' || missing="$$missing libglib2.0-0"; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing$$missing"; \

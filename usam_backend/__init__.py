@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from usam_backend.core.images import load_image
     from usam_backend.core.regions import Region, Regions
     from usam_backend.core.settings import Settings, get_settings
+    from usam_backend.core.video import Clip, VideoError, read_clip, write_video
     from usam_backend.registry import HeadRegistry, model_version
     from usam_backend.sam.engine import PromptBatch, PromptResult, SamEngine
     from usam_backend.sam.models import LoadedSam, load_sam
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from usam_backend.systems.prompts import PromptMask, segment_prompt
     from usam_backend.systems.uosam import RefineOptions, RefineReport, refine_masks
     from usam_backend.systems.usam import SemanticSegmenter
+    from usam_backend.systems.uvosam import Track, follow_object, segment_video, track_boxes
 
 _EXPORTS = {
     "Settings": "usam_backend.core.settings",
@@ -55,6 +57,14 @@ _EXPORTS = {
     "HeadError": "usam_backend.core.errors",
     "DataError": "usam_backend.core.errors",
     "load_image": "usam_backend.core.images",
+    "read_clip": "usam_backend.core.video",
+    "write_video": "usam_backend.core.video",
+    "Clip": "usam_backend.core.video",
+    "VideoError": "usam_backend.core.video",
+    "track_boxes": "usam_backend.systems.uvosam",
+    "segment_video": "usam_backend.systems.uvosam",
+    "follow_object": "usam_backend.systems.uvosam",
+    "Track": "usam_backend.systems.uvosam",
     "Regions": "usam_backend.core.regions",
     "Region": "usam_backend.core.regions",
     "load_sam": "usam_backend.sam.models",
@@ -76,6 +86,7 @@ _EXPORTS = {
 
 __all__ = [
     "CheckpointError",
+    "Clip",
     "ConfigurationError",
     "DataError",
     "EnginePredictor",
@@ -93,14 +104,21 @@ __all__ = [
     "SamEngine",
     "SemanticSegmenter",
     "Settings",
+    "Track",
     "UsamError",
+    "VideoError",
+    "follow_object",
     "get_settings",
     "load_image",
     "load_sam",
     "model_version",
+    "read_clip",
     "refine_masks",
     "segment_prompt",
+    "segment_video",
     "shared_engine",
+    "track_boxes",
+    "write_video",
 ]
 
 

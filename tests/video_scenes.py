@@ -1,0 +1,136 @@
+"""Synthetic videos for the UVOSAM tests: shapes that move, cross, occlude and leave the frame, with
+their true per-frame object maps, and a geometric ORACLE with SamPredictor's interface over them.
+
+The oracle is a measuring instrument for the algorithms around SAM (tracking, segmenting by track,
+following an object), not a stand-in for the model: a box prompt answers with the visible part of the
+true object the box covers most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+H, W = 96, 128
+
+
+@dataclass
+class Scene:
+    frames: list[np.ndarray]  # HxWx3 uint8 RGB
+    objects: list[np.ndarray]  # HxW int32 per frame: object id (1..K) of the visible object, 0 background
+    classes: dict[int, int]  # object id -> class id
+
+    def boxes(self, t: int) -> dict[int, np.ndarray]:
+        """The true xyxy box of every object visible on frame t."""
+        out = {}
+        for k in np.unique(self.objects[t]):
+            if k:
+                ys, xs = np.nonzero(self.objects[t] == k)
+                out[int(k)] = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        return out
+
+
+def moving_shapes(n_frames: int = 30, seed: int = 0) -> Scene:
+    """Three objects: a disc and a square that cross (the square passes in front), and a small
+    ellipse that leaves through the right edge two thirds of the way through."""
+    rng = np.random.default_rng(seed)
+    colors = {k: rng.integers(40, 255, size=3) for k in (1, 2, 3)}
+    frames, objects = [], []
+    for t in range(n_frames):
+        a = t / max(1, n_frames - 1)
+        image = np.full((H, W, 3), 90, dtype=np.uint8)
+        image[::8] = 100  # a little texture
+        ids = np.zeros((H, W), dtype=np.int32)
+        layers = [
+            (1, "disc", (int(20 + 85 * a), 40), 14),  # moves right
+            (3, "ellipse", (int(60 + 100 * a), 78), 9),  # leaves to the right
+            (2, "square", (int(108 - 85 * a), 46), 12),  # moves left, drawn last: in front
+        ]
+        for k, kind, (cx, cy), r in layers:
+            shape = np.zeros((H, W), dtype=np.uint8)
+            if kind == "disc":
+                cv2.circle(shape, (cx, cy), r, 1, -1)
+            elif kind == "ellipse":
+                cv2.ellipse(shape, (cx, cy), (r + 5, r - 2), 20, 0, 360, 1, -1)
+            else:
+                shape[cy - r : cy + r, cx - r : cx + r] = 1
+            region = shape.astype(bool)
+            ids[region] = k
+            image[region] = colors[k]
+        frames.append(image)
+        objects.append(ids)
+    return Scene(frames, objects, {1: 0, 2: 1, 3: 0})
+
+
+def noisy_detections(
+    scene: Scene, seed: int = 0, *, jitter: float = 2.0, miss: float = 0.1, false_positives: float = 0.15
+):
+    """Detector output from the true boxes: jittered corners, missed detections, one-frame false
+    positives, and a class flipped now and then (10 %)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(len(scene.frames)):
+        boxes, scores, classes = [], [], []
+        for k, box in scene.boxes(t).items():
+            if rng.random() < miss:
+                continue
+            boxes.append(box + rng.normal(0, jitter, size=4))
+            scores.append(rng.uniform(0.5, 0.95))
+            cls = scene.classes[k]
+            classes.append(1 - cls if rng.random() < 0.1 else cls)
+        if rng.random() < false_positives:
+            x, y = rng.uniform(0, W - 20), rng.uniform(0, H - 20)
+            boxes.append(np.array([x, y, x + 15, y + 15]))
+            scores.append(rng.uniform(0.2, 0.5))
+            classes.append(0)
+        out.append((np.array(boxes).reshape(-1, 4), np.array(scores), np.array(classes, dtype=int)))
+    return out
+
+
+class VideoOracle:
+    """ORACLE with SamPredictor's interface over a :class:`Scene`: ``set_image`` recognises the
+    frame, a box prompt answers with the visible part of the true object covering most of the box
+    (an empty mask when the box holds no object)."""
+
+    def __init__(self, scene: Scene):
+        self.scene = scene
+        self._index = {frame.tobytes(): t for t, frame in enumerate(scene.frames)}
+        self.current = -1
+        self.images = 0
+        self.prompts = 0
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        self.current = self._index[np.ascontiguousarray(image).tobytes()]
+        self.images += 1
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True):
+        assert box is not None and not multimask_output
+        self.prompts += 1
+        ids = self.scene.objects[self.current]
+        x0, y0, x1, y1 = (int(np.round(v)) for v in box)
+        inside, counts = np.unique(ids[max(0, y0) : y1, max(0, x0) : x1], return_counts=True)
+        counts[inside == 0] = 0
+        mask = ids == int(inside[np.argmax(counts)]) if counts.size and counts.max() else np.zeros(ids.shape, bool)
+        low_res = cv2.resize(mask.astype(np.float32), (256, 256))[None] * 20 - 10
+        return mask[None], np.array([0.95], dtype=np.float32), low_res
+
+
+def identity_switches(scene: Scene, tracks) -> tuple[int, float]:
+    """(switches, coverage): how often the track matched to a true object (box IoU > 0.5) changes
+    along its frames, and the share of (object, frame) pairs some track covers."""
+    from usam_backend.systems.uvosam import _box_iou
+
+    switches, covered, total = 0, 0, 0
+    last: dict[int, int] = {}
+    for t in range(len(scene.frames)):
+        for k, box in scene.boxes(t).items():
+            total += 1
+            overlaps = [(_box_iou(box, tr.boxes[t]), tid) for tid, tr in tracks.items() if t in tr.boxes]
+            best = max(overlaps, default=(0, 0))
+            if best[0] > 0.5:
+                covered += 1
+                if k in last and last[k] != best[1]:
+                    switches += 1
+                last[k] = best[1]
+    return switches, covered / total

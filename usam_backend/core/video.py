@@ -1,0 +1,200 @@
+"""Reading and writing video: files through PyAV (FFmpeg inside the wheel), frame folders by name.
+
+A clip is read into a :class:`Clip`: HxWx3 uint8 RGB frames, their 0-based indices in the source
+(frame-accurate: the index comes from each frame's timestamp, not from counting) and the frame rate.
+usam assumes a constant frame rate, as Label Studio does (it shows ``round(duration x fps)``
+frames and places keyframes at ``frame / fps``); a file whose timestamps drift from that by more
+than half a frame is refused with the command that re-encodes it.
+
+Frame folders are DAVIS's ``JPEGImages/<sequence>`` layout: one image per frame, ordered by the
+numbers in their names (``00000.jpg``, ``00001.jpg``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from usam_backend.core.errors import ImageError
+from usam_backend.core.images import IMAGE_EXTENSIONS, load_image
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
+DEFAULT_FPS = 24.0
+"""Label Studio's default ``frameRate``, and the rate assumed for frame folders."""
+
+REENCODE = "ffmpeg -i IN -vf fps=24 -c:v libx264 -pix_fmt yuv420p OUT.mp4"
+
+
+class VideoError(ImageError):
+    """A video could not be read, has a variable frame rate, or is outside the limits usam accepts."""
+
+
+@dataclass
+class Clip:
+    """Decoded frames of one video.
+
+    Attributes:
+        frames: HxWx3 uint8 RGB, in order.
+        indices: each frame's 0-based index in the source (``indices[i]`` for ``frames[i]``).
+        fps: frames per second of the source.
+        frame_count: frames in the whole source (not only those read).
+        name: the file or folder name, for messages and outputs.
+    """
+
+    frames: list[np.ndarray]
+    indices: list[int]
+    fps: float
+    frame_count: int
+    name: str = ""
+
+    @property
+    def duration(self) -> float:
+        """Seconds, as Label Studio computes the frame count back from it (``frames / fps``)."""
+        return self.frame_count / self.fps
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def read_clip(
+    source: str | Path | bytes, *, stride: int = 1, max_frames: int = 10_000, max_pixels: int = 40_000_000,
+    fps: float | None = None,
+) -> Clip:  # fmt: skip
+    """Every ``stride``-th frame (0, stride, 2*stride, ...) of a video file, encoded bytes or frame folder.
+
+    Args:
+        fps: the frame rate of a frame folder (default 24); for files, the stream's own rate is used.
+
+    Raises:
+        VideoError: unreadable or empty, a variable frame rate, frames larger than ``max_pixels``,
+            or more than ``max_frames`` frames to read.
+    """
+    if stride < 1:
+        raise VideoError(f"the frame stride must be at least 1, got {stride}")
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        return _read_folder(Path(source), stride, max_frames, max_pixels, fps or DEFAULT_FPS)
+    return _read_file(source, stride, max_frames, max_pixels)
+
+
+def frame_folder(path: Path) -> list[Path]:
+    """A folder's images in frame order (by the numbers in their names)."""
+    files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files, key=_natural_key)
+
+
+def _natural_key(path: Path) -> tuple[object, ...]:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem))
+
+
+def _read_folder(path: Path, stride: int, max_frames: int, max_pixels: int, fps: float) -> Clip:
+    files = frame_folder(path)
+    if not files:
+        raise VideoError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    chosen = list(range(0, len(files), stride))
+    _check_count(len(chosen), max_frames, path.name)
+    frames = [load_image(files[i], max_pixels=max_pixels) for i in chosen]
+    if len({f.shape for f in frames}) > 1:
+        raise VideoError(f"the frames in {path} do not all have the same size")
+    return Clip(frames, chosen, fps, len(files), path.name)
+
+
+def _read_file(source: str | Path | bytes, stride: int, max_frames: int, max_pixels: int) -> Clip:
+    import io
+
+    import av
+
+    name = Path(source).name if isinstance(source, str | Path) else "video"
+    opened = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        with av.open(opened, mode="r") as container:
+            if not container.streams.video:
+                raise VideoError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate or rate <= 0:
+                raise VideoError(f"{name} does not say its frame rate; re-encode it: {REENCODE}")
+            fps = float(rate)
+            if stream.codec_context.width * stream.codec_context.height > max_pixels:
+                raise VideoError(
+                    f"{name} is {stream.codec_context.width}x{stream.codec_context.height}, more than "
+                    f"{max_pixels:,} pixels a frame (USAM_MAX_IMAGE_PIXELS)"
+                )
+            frames, indices, count = _decode(container, stream, rate, stride, max_frames, name)
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(f"{name} could not be decoded as video: {str(exc)[:200]}") from None
+    if not frames:
+        raise VideoError(f"{name} holds no frames")
+    return Clip(frames, indices, fps, count, name)
+
+
+def _decode(container, stream, rate: Fraction, stride: int, max_frames: int, name: str):  # type: ignore[no-untyped-def]
+    frames: list[np.ndarray] = []
+    indices: list[int] = []
+    start: float | None = None
+    count = 0
+    for position, frame in enumerate(container.decode(stream)):
+        if frame.time is not None:
+            start = frame.time if start is None else start
+            index = round((frame.time - start) * rate)
+            if abs(index - position) > 0:
+                raise VideoError(
+                    f"{name} has a variable frame rate (frame {position} is stamped at frame {index} of "
+                    f"{float(rate):g} fps); usam and Label Studio need a constant rate. Re-encode it: {REENCODE}"
+                )
+        count = position + 1
+        if position % stride:
+            continue
+        if len(frames) >= max_frames:
+            _check_count(len(frames) + 1, max_frames, name)
+        frames.append(frame.to_ndarray(format="rgb24"))
+        indices.append(position)
+    return frames, indices, count
+
+
+def _check_count(n: int, max_frames: int, name: str) -> None:
+    if n > max_frames:
+        raise VideoError(
+            f"{name}: more than {max_frames:,} frames to read (USAM_VIDEO_MAX_FRAMES); sample it with a larger "
+            "stride or cut it"
+        )
+
+
+def write_video(path: Path, frames: Sequence[np.ndarray] | Iterator[np.ndarray], fps: float) -> Path:
+    """Encode HxWx3 uint8 RGB frames: H.264 MP4 (yuv420p, what browsers and Label Studio play) for
+    ``.mp4``/``.mov``, VP9 for ``.webm``, an animated GIF for ``.gif``. Odd sides are cropped by a pixel."""
+    import av
+
+    suffix = path.suffix.lower()
+    frames = iter(frames)
+    if suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        if not images:
+            raise VideoError("no frames to write")
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        return path
+    codec = {".webm": "libvpx-vp9"}.get(suffix, "libx264")
+    with av.open(str(path), mode="w") as container:
+        stream: av.VideoStream | None = None
+        for frame in frames:
+            h, w = (frame.shape[0] // 2) * 2, (frame.shape[1] // 2) * 2
+            if stream is None:
+                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))  # type: ignore[assignment]
+                assert isinstance(stream, av.VideoStream)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w]), "rgb24")):
+                container.mux(packet)
+        if stream is None:
+            raise VideoError("no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

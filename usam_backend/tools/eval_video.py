@@ -1,0 +1,240 @@
+"""Video object segmentation scores, DAVIS-2017's unsupervised protocol.
+
+Per sequence, every predicted object (at most :data:`MAX_PROPOSALS`, the largest kept) is scored
+against every ground-truth object on every frame: **J**, the region IoU, and **F**, the boundary
+F-measure (boundaries match within ``ceil(0.008 x image diagonal)`` pixels, by dilating each with
+a disk). Predictions are assigned to ground-truth objects by the Hungarian algorithm on their mean
+(J + F) / 2; an object left without a prediction scores 0. Per object: Mean, Recall (share of
+frames above 0.5) and Decay (the first quarter's mean minus the last quarter's). J&F-Mean is
+(J-Mean + F-Mean) / 2 over all objects of all sequences. Pixels of value 255 in the ground truth
+are void (left out), as in DAVIS.
+
+Masks are indexed PNGs (``<sequence>/<frame>.png``, the value a pixel's object id, 0 background),
+which is what ``usam video`` writes and what DAVIS's ``Annotations`` hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from usam_backend.core.errors import DataError
+
+MAX_PROPOSALS = 20
+BOUND_TH = 0.008
+VOID = 255
+
+
+def region_j(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> float:
+    """IoU of two masks, void pixels left out; 1 when both are empty."""
+    keep = ~void if void is not None else np.ones(gt.shape, dtype=bool)
+    gt, pred = gt & keep, pred & keep
+    union = np.count_nonzero(gt | pred)
+    return 1.0 if union == 0 else np.count_nonzero(gt & pred) / union
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels: mask pixels whose right, lower or lower-right neighbour differs."""
+    m = mask.astype(bool)
+    e = np.zeros_like(m)
+    s = np.zeros_like(m)
+    se = np.zeros_like(m)
+    e[:, :-1] = m[:, 1:]
+    s[:-1, :] = m[1:, :]
+    se[:-1, :-1] = m[1:, 1:]
+    b = m ^ e | m ^ s | m ^ se
+    b[-1, :] = m[-1, :] ^ e[-1, :]
+    b[:, -1] = m[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def boundary_f(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH) -> float:
+    """DAVIS's boundary F-measure between two masks."""
+    if void is not None:
+        gt, pred = gt & ~void, pred & ~void
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(radius) + 1, 2 * int(radius) + 1))
+    pb, gb = boundary(pred), boundary(gt)
+    p_dil = cv2.dilate(pb.astype(np.uint8), disk).astype(bool)
+    g_dil = cv2.dilate(gb.astype(np.uint8), disk).astype(bool)
+    n_p, n_g = np.count_nonzero(pb), np.count_nonzero(gb)
+    if n_p == 0 and n_g == 0:
+        return 1.0
+    if n_p == 0 or n_g == 0:
+        return 0.0  # precision 1 and recall 0, or the other way round
+    precision = np.count_nonzero(pb & g_dil) / n_p
+    recall = np.count_nonzero(gb & p_dil) / n_g
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def object_stats(per_frame: np.ndarray) -> dict[str, float]:
+    """Mean, Recall (> 0.5) and Decay over one object's frames."""
+    bins = np.round(np.linspace(1, len(per_frame), 5) + 1e-10).astype(int) - 1
+    quarters = [per_frame[bins[i] : bins[i + 1]] for i in range(4)]
+    quarters = [q for q in quarters if len(q)]
+    decay = float(np.mean(quarters[0]) - np.mean(quarters[-1])) if len(quarters) > 1 else 0.0
+    return {"mean": float(np.mean(per_frame)), "recall": float(np.mean(per_frame > 0.5)), "decay": decay}
+
+
+@dataclass
+class SequenceScore:
+    name: str
+    objects: list[dict[str, Any]]  # per ground-truth object: id, matched prediction, J and F stats
+    dropped: int = 0  # predicted objects beyond MAX_PROPOSALS, left out
+
+    @property
+    def j_mean(self) -> float:
+        return float(np.mean([o["J"]["mean"] for o in self.objects])) if self.objects else 0.0
+
+    @property
+    def f_mean(self) -> float:
+        return float(np.mean([o["F"]["mean"] for o in self.objects])) if self.objects else 0.0
+
+
+def evaluate_sequence(gt: np.ndarray, pred: np.ndarray, name: str = "") -> SequenceScore:
+    """Score one sequence: ``gt`` and ``pred`` are (T, H, W) integer maps of object ids."""
+    if gt.shape != pred.shape:
+        raise DataError(f"{name or 'sequence'}: prediction {pred.shape} and ground truth {gt.shape} differ (T, H, W)")
+    void = gt == VOID
+    gt_ids = [int(i) for i in np.unique(gt) if i not in (0, VOID)]
+    pred_ids, areas = np.unique(pred[pred > 0], return_counts=True)
+    order = np.argsort(-areas, kind="stable")
+    kept = [int(pred_ids[i]) for i in order[:MAX_PROPOSALS]]
+    dropped = max(0, len(pred_ids) - MAX_PROPOSALS)
+    n_frames = gt.shape[0]
+    j = np.zeros((len(kept), len(gt_ids), n_frames))
+    f = np.zeros_like(j)
+    for gi, g in enumerate(gt_ids):
+        for pi, p in enumerate(kept):
+            for t in range(n_frames):
+                j[pi, gi, t] = region_j(gt[t] == g, pred[t] == p, void[t])
+                f[pi, gi, t] = boundary_f(gt[t] == g, pred[t] == p, void[t])
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(-(j.mean(axis=2) + f.mean(axis=2)) / 2) if kept else ([], [])
+    match = {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
+    objects = []
+    for gi, g in enumerate(gt_ids):
+        best = match.get(gi)
+        jj = j[best, gi] if best is not None else np.zeros(n_frames)
+        ff = f[best, gi] if best is not None else np.zeros(n_frames)
+        objects.append(
+            {
+                "id": g,
+                "prediction": kept[best] if best is not None else None,
+                "J": object_stats(jj),
+                "F": object_stats(ff),
+            }
+        )
+    return SequenceScore(name, objects, dropped)
+
+
+@dataclass
+class VideoReport:
+    sequences: list[SequenceScore] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        objects = [o for s in self.sequences for o in s.objects]
+        if not objects:
+            return {}
+        out = {
+            f"{m}-{k.capitalize()}": float(np.mean([o[m][k] for o in objects]))
+            for m in ("J", "F")
+            for k in ("mean", "recall", "decay")
+        }
+        return {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2, **out}
+
+    def table(self) -> str:
+        lines = [f"{'sequence':<24} {'objects':>7} {'J&F':>6} {'J':>6} {'F':>6}"]
+        for s in self.sequences:
+            jf = (s.j_mean + s.f_mean) / 2
+            note = f"  ({s.dropped} predicted objects beyond {MAX_PROPOSALS} left out)" if s.dropped else ""
+            lines.append(f"{s.name:<24} {len(s.objects):>7} {jf:>6.3f} {s.j_mean:>6.3f} {s.f_mean:>6.3f}{note}")
+        summary = self.summary()
+        if summary:
+            lines.append(
+                f"{'mean (over objects)':<24} {sum(len(s.objects) for s in self.sequences):>7} "
+                f"{summary['J&F-Mean']:>6.3f} {summary['J-Mean']:>6.3f} {summary['F-Mean']:>6.3f}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": "DAVIS-2017 unsupervised (Hungarian matching on (J+F)/2, at most 20 predicted objects)",
+            "summary": self.summary(),
+            "sequences": [
+                {"name": s.name, "J&F": (s.j_mean + s.f_mean) / 2, "J": s.j_mean, "F": s.f_mean, "dropped": s.dropped,
+                 "objects": s.objects}
+                for s in self.sequences
+            ],
+        }  # fmt: skip
+
+
+def read_masks(folder: Path) -> tuple[list[str], np.ndarray]:
+    """Frame names and the (T, H, W) maps of a folder of indexed PNGs."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise DataError(f"{folder} holds no .png masks")
+    maps = []
+    for p in files:
+        try:
+            with Image.open(p) as image:
+                if image.mode not in ("P", "L", "I", "I;16"):
+                    raise DataError(f"{p} is a {image.mode} image; masks are indexed (P) or grey PNGs of object ids")
+                maps.append(np.asarray(image).astype(np.int32))
+        except OSError as exc:
+            raise DataError(f"{p} is not a readable PNG: {exc}") from None
+    if len({m.shape for m in maps}) > 1:
+        raise DataError(f"the masks in {folder} do not all have the same size")
+    return [p.stem for p in files], np.stack(maps)
+
+
+def sequences_in(folder: Path) -> dict[str, Path]:
+    """A folder of PNGs is one sequence; else each subfolder holding PNGs is one."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    if any(p.suffix.lower() == ".png" for p in folder.iterdir()):
+        return {folder.name: folder}
+    found = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and any(p.glob("*.png"))}
+    if not found:
+        raise DataError(f"{folder} holds no .png masks, nor subfolders of them")
+    return found
+
+
+def evaluate_folders(pred_dir: Path, gt_dir: Path) -> VideoReport:
+    """Score every ground-truth sequence; a frame the prediction lacks counts as empty."""
+    gts = sequences_in(gt_dir)
+    preds = sequences_in(pred_dir)
+    if len(gts) == 1 and len(preds) == 1:
+        preds = {next(iter(gts)): next(iter(preds.values()))}
+    report = VideoReport()
+    for name, folder in gts.items():
+        names, gt = read_masks(folder)
+        pred = np.zeros_like(gt)
+        if name in preds:
+            pred_names, maps = read_masks(preds[name])
+            position = {n: i for i, n in enumerate(pred_names)}
+            for t, frame in enumerate(names):
+                i = position.get(frame, position.get(_renumbered(frame)))
+                if i is not None:
+                    if maps[i].shape != gt[t].shape:
+                        raise DataError(f"{name}/{frame}: prediction {maps[i].shape} and ground truth {gt[t].shape}")
+                    pred[t] = maps[i]
+        report.sequences.append(evaluate_sequence(gt, pred, name))
+    return report
+
+
+def _renumbered(stem: str) -> str:
+    return f"{int(stem):05d}" if stem.isdigit() else stem
+
+
+def write_report(report: VideoReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2))
