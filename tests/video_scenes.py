@@ -134,3 +134,31 @@ def identity_switches(scene: Scene, tracks) -> tuple[int, float]:
                     switches += 1
                 last[k] = best[1]
     return switches, covered / total
+
+
+class SegmenterOracle:
+    """ORACLE with SemanticSegmenter's ``segment``: the true objects of a recognised frame as
+    labelled regions (class from the scene, score 0.6-0.9), each missed with probability ``miss``."""
+
+    class_names = ("round", "square")
+
+    def __init__(self, scene: Scene, miss: float = 0.15, seed: int = 0):
+        self.scene = scene
+        self.miss = miss
+        self.rng = np.random.default_rng(seed)
+        self._index = {frame.tobytes(): t for t, frame in enumerate(scene.frames)}
+
+    def segment(self, image: np.ndarray, *, classes=None):
+        from usam_backend.core.regions import Regions
+
+        ids = self.scene.objects[self._index[np.ascontiguousarray(image).tobytes()]]
+        found = [k for k in np.unique(ids) if k and self.rng.random() >= self.miss]
+        n = len(found)
+        return Regions(
+            masks=np.stack([ids == k for k in found]) if n else np.zeros((0, *ids.shape), bool),
+            class_ids=np.array([self.scene.classes[int(k)] for k in found], dtype=np.int64),
+            scores=self.rng.uniform(0.6, 0.9, size=n).astype(np.float32),
+            points=np.zeros((n, 2), np.float32),
+            sam_scores=np.ones(n, np.float32),
+            class_names=self.class_names,
+        )

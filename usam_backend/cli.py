@@ -129,13 +129,37 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(refine)
     refine.set_defaults(command=_refine)
 
+    video = commands.add_parser(
+        "video",
+        help="video objects: tracks from a head or a tracks file, masks per frame (UVOSAM)",
+        description="Segment a video (mp4/webm/mov, or a folder of frames) into objects that keep their id: "
+        "with --head, the head finds its classes on every --stride-th frame and ByteTrack links them; with "
+        "--tracks, the boxes come from a tracks file (UVOSAM JSON, usam tracks.json, MOT text). Each frame's "
+        "track boxes prompt SAM. Writes DIR/<frame>.png (palette PNG of track ids), DIR/tracks.json and with "
+        "--viz DIR/viz.mp4. Resumes a stopped run.",
+    )
+    video.add_argument("input", type=Path, metavar="INPUT", help="a video file or a folder of frames")
+    video.add_argument("--out", type=Path, required=True, metavar="DIR")
+    source = video.add_mutually_exclusive_group(required=True)
+    source.add_argument("--head", type=Path, metavar="HEAD_PATH", help="find the head's classes")
+    source.add_argument("--tracks", type=Path, metavar="FILE", help="boxes from a tracks file")
+    video.add_argument("--video-id", help="which video of a multi-video UVOSAM tracks file (default: INPUT's name)")
+    video.add_argument("--stride", type=int, help="run the head on every N-th frame (USAM_VIDEO_STRIDE)")
+    video.add_argument("--fps", type=float, help="frame rate of a frame folder (default 24)")
+    video.add_argument("--viz", nargs="?", const="mp4", choices=["mp4", "gif"], help="also write DIR/viz.mp4 (or .gif)")
+    video.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    _model_flags(video)
+    video.set_defaults(command=_video)
+
     evaluate = commands.add_parser(
         "eval",
         help="evaluate predictions against ground truth",
         description="usam eval masks: per-class IoU, mIoU and pixel accuracy of label-map PNGs against ground-truth "
-        "PNGs of the same stem (and with --baseline, the change per class), as a table and JSON.",
+        "PNGs of the same stem (and with --baseline, the change per class), as a table and JSON. "
+        "usam eval video: DAVIS-2017 unsupervised J&F of per-frame object-id PNGs (a folder per sequence, "
+        "or one sequence's folder), predicted objects matched to true ones by the Hungarian algorithm.",
     )
-    evaluate.add_argument("what", choices=["masks"], help="what to evaluate")
+    evaluate.add_argument("what", choices=["masks", "video"], help="what to evaluate")
     evaluate.add_argument("--pred", type=Path, required=True, metavar="DIR")
     evaluate.add_argument("--gt", type=Path, required=True, metavar="DIR")
     evaluate.add_argument("--baseline", type=Path, metavar="DIR", help="e.g. the coarse maps before refinement")
@@ -339,7 +363,30 @@ def _refine(args: argparse.Namespace) -> int:
     return 1 if run.problems else 0
 
 
+def _video(args: argparse.Namespace) -> int:
+    from usam_backend.tools.video_files import video_command
+
+    settings = _settings(args, video_stride=args.stride)
+    run = video_command(settings, args.input, args.out, head=args.head, tracks=args.tracks, video_id=args.video_id,
+                        fps=args.fps, viz=args.viz, overwrite=args.overwrite)  # fmt: skip
+    labels = ", ".join(f"{tid} {t.label}".strip() for tid, t in sorted(run.tracks.items())[:10])
+    print(
+        f"{len(run.tracks)} track(s){': ' + labels if labels else ''}; {run.frames_segmented} frame(s) segmented, "
+        f"{run.frames_reused} already there; wrote {', '.join(str(p) for p in run.outputs)}"
+    )
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.what == "video":
+        from usam_backend.tools.eval_video import evaluate_folders as evaluate_video
+        from usam_backend.tools.eval_video import write_report
+
+        report = evaluate_video(args.pred, args.gt)
+        print(report.table())
+        if args.json:
+            write_report(report, args.json)
+        return 0
     from usam_backend.tools.refine_files import evaluate_folders, format_evaluation, to_json
 
     result = evaluate_folders(args.pred, args.gt, baseline=args.baseline, ignore=args.ignore)

@@ -128,6 +128,17 @@ class Settings:
         default=8,
     )
     preannotate_chunk: int = _env("USAM_PREANNOTATE_CHUNK", "tasks per batch pre-annotation job", default=25)
+    video_stride: int = _env(
+        "USAM_VIDEO_STRIDE",
+        "the head runs on every N-th frame of a video; tracks link those frames, boxes are interpolated between",
+        default=5,
+    )
+    video_max_frames: int = _env(
+        "USAM_VIDEO_MAX_FRAMES", "a video or frame sequence with more frames is refused", default=3000
+    )
+    video_chunk: int = _env(
+        "USAM_VIDEO_CHUNK", "frames per video job: a longer video is split over several workers", default=240
+    )
     redis_url: str | None = _env(
         "REDIS_URL", "train on RQ workers through this Redis; unset: train inside the server process", default=None
     )
@@ -232,6 +243,9 @@ class Settings:
             raise _bad("keep_project_heads", self.keep_project_heads, "a positive number of heads")
         if self.max_pending_predictions < 1:
             raise _bad("max_pending_predictions", self.max_pending_predictions, "a positive number of requests")
+        for name in ("video_stride", "video_max_frames", "video_chunk"):
+            if getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "a positive number of frames")
         if self.preannotate_chunk < 1:
             raise _bad("preannotate_chunk", self.preannotate_chunk, "a positive number of tasks")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

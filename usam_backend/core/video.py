@@ -167,12 +167,18 @@ def _check_count(n: int, max_frames: int, name: str) -> None:
         )
 
 
-def write_video(path: Path, frames: Sequence[np.ndarray] | Iterator[np.ndarray], fps: float) -> Path:
+def write_video(
+    path: Path, frames: Sequence[np.ndarray] | Iterator[np.ndarray], fps: float, *, kind: str | None = None
+) -> Path:
     """Encode HxWx3 uint8 RGB frames: H.264 MP4 (yuv420p, what browsers and Label Studio play) for
-    ``.mp4``/``.mov``, VP9 for ``.webm``, an animated GIF for ``.gif``. Odd sides are cropped by a pixel."""
+    ``.mp4``/``.mov``, VP9 for ``.webm``, an animated GIF for ``.gif``. Odd sides are cropped by a pixel.
+
+    Args:
+        kind: the container by name ("mp4", "webm", "gif"...) when ``path``'s suffix does not say it.
+    """
     import av
 
-    suffix = path.suffix.lower()
+    suffix = f".{kind}" if kind else path.suffix.lower()
     frames = iter(frames)
     if suffix == ".gif":
         from PIL import Image
@@ -180,10 +186,12 @@ def write_video(path: Path, frames: Sequence[np.ndarray] | Iterator[np.ndarray],
         images = [Image.fromarray(f) for f in frames]
         if not images:
             raise VideoError("no frames to write")
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
         return path
     codec = {".webm": "libvpx-vp9"}.get(suffix, "libx264")
-    with av.open(str(path), mode="w") as container:
+    with av.open(
+        str(path), mode="w", format={".mov": "mov", ".webm": "webm", ".mkv": "matroska"}.get(suffix, "mp4")
+    ) as container:
         stream: av.VideoStream | None = None
         for frame in frames:
             h, w = (frame.shape[0] // 2) * 2, (frame.shape[1] // 2) * 2

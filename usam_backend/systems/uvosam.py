@@ -3,13 +3,17 @@
 1. **Tracks.** Per-frame detections (boxes, scores, classes) are linked by ByteTrack (the
    ``trackers`` package): high-score boxes are matched to the tracks' Kalman-predicted boxes by IoU,
    low-score boxes then revive tracks left unmatched, unmatched high-score boxes start tracks, and a
-   track unseen for ``lost_frames`` frames ends. A track is kept if it was seen in at least
+   track unseen for ``lost_frames`` frames ends. A track is then extended backwards over earlier
+   detections left untracked that overlap its first box (ByteTrack needs two sightings in a row
+   to start a track, and reports the first as untracked). A track is kept if it was seen in at least
    ``min_hits`` frames and its mean score reaches ``min_score``; its class is the score-weighted
    majority of its detections' classes (ties: the lower class id). Tracks are numbered 1, 2, ... in
    order of first appearance, and keep that id in every frame.
 2. **Masks.** Each frame's track boxes prompt SAM (one mask per box, ``multimask_output=False``);
-   frames where a track has no box get no mask for it. Overlaps: masks are painted largest first,
-   so where two tracks claim a pixel the smaller object (usually the one in front) keeps it.
+   frames where a track has no box get no mask for it. Two tracks whose masks are one object (the
+   box of an occluded object gives SAM the object in front) keep it for the track whose box fits
+   it best; the other gets no mask there. Other overlaps: masks are painted largest first, so where
+   two tracks claim a pixel the smaller object (usually the one in front) keeps it.
 3. **Following one object** (an annotator's keyframe): from the keyframe's box or mask, SAM is
    prompted frame by frame in both directions with the box where the object was last found, moved
    on at its velocity and grown by ``margin``. A mask counts as the object only if its area and its
@@ -28,12 +32,15 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from usam_backend.systems.uosam import Predictor
+
+if TYPE_CHECKING:
+    from usam_backend.systems.usam import SemanticSegmenter
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
 """One frame's detections: boxes (n, 4) float xyxy pixels, scores (n,), class ids (n,)."""
@@ -124,31 +131,32 @@ def track_boxes(
         minimum_consecutive_frames=1, minimum_iou_threshold=opts.match_iou, high_conf_det_threshold=opts.start_score,
     )  # fmt: skip
     raw: dict[int, dict[int, tuple[np.ndarray, float, int]]] = {}  # tracker id -> frame -> (box, score, class)
-    births: list[list[tuple[np.ndarray, float, int]]] = []  # per position: detections that started a track
+    untracked: list[list[tuple[np.ndarray, float, int]]] = []  # per position: detections left without a track
     for position, found in enumerate(detections):
         boxes, scores, classes = _clean(found, opts)
         result = tracker.update(
             sv.Detections(xyxy=boxes, confidence=scores, class_id=classes, data={"row": np.arange(len(boxes))})
         )
-        births.append([])
+        untracked.append([])
         ids = result.tracker_id if result.tracker_id is not None else np.zeros(0, dtype=int)
         for row, tid in zip(result.data.get("row", []), ids, strict=True):
             entry = (boxes[row], float(scores[row]), int(classes[row]))
             if tid >= 0:
                 raw.setdefault(int(tid), {})[frames[position]] = entry
-            elif scores[row] >= opts.start_score:
-                births[position].append(entry)
-    # ByteTrack reports the detection that starts a track as untracked; it is the one, on the frame
-    # before the track's first tracked box, that overlaps that box most.
+            else:
+                untracked[position].append(entry)
+    # ByteTrack reports the detection that starts a track as untracked, and a track needs two
+    # sightings in a row to start: extend each track backwards over the untracked detections that
+    # overlap its earliest box, across gaps of at most lost_frames.
     position_of = {frame: p for p, frame in enumerate(frames)}
-    for seen in raw.values():
-        first = min(seen)
-        p = position_of[first]
-        if p > 0 and births[p - 1]:
-            overlaps = [_box_iou(seen[first][0], b[0]) for b in births[p - 1]]
-            best = int(np.argmax(overlaps))
-            if overlaps[best] >= opts.match_iou:
-                seen[frames[p - 1]] = births[p - 1].pop(best)
+    for seen in sorted(raw.values(), key=lambda s: -max(v[1] for v in s.values())):
+        earliest = position_of[min(seen)]
+        for q in range(earliest - 1, max(-1, earliest - opts.lost_frames - 2), -1):
+            pool = untracked[q]
+            overlaps = [_box_iou(seen[frames[earliest]][0], b[0]) for b in pool]
+            if overlaps and max(overlaps) >= opts.match_iou:
+                seen[frames[q]] = pool.pop(int(np.argmax(overlaps)))
+                earliest = q
     kept = [
         seen
         for seen in raw.values()
@@ -257,16 +265,34 @@ def segment_video(
         ids = np.zeros(frame.shape[:2], dtype=np.int32)
         if boxes:
             predictor.set_image(frame)
-            masks = []
+            masks = {}
             for tid, box in boxes.items():
                 mask = _box_mask(predictor, _clip_box(box, frame.shape))
                 if mask is not None:
-                    masks.append((int(mask.sum()), tid, mask))
-            paint(ids, masks)
+                    masks[tid] = mask
+            paint(ids, [(int(m.sum()), tid, m) for tid, m in drop_duplicates(masks, boxes).items()])
         out.append(ids)
         if progress is not None:
             progress(1)
     return out
+
+
+def drop_duplicates(
+    masks: dict[int, np.ndarray], boxes: Mapping[int, np.ndarray], iou: float = 0.7
+) -> dict[int, np.ndarray]:
+    """When two tracks' masks are one object (mask IoU above ``iou``: the box of an occluded object
+    gives SAM the object in front of it), the track whose box fits that mask better keeps it."""
+    fit = {tid: _box_iou(mask_box(m), np.asarray(boxes[tid])) for tid, m in masks.items()}
+    kept = dict(masks)
+    for a in sorted(masks, key=lambda t: -fit[t]):
+        if a not in kept:
+            continue
+        for b in list(kept):
+            if b != a and fit[b] <= fit[a]:
+                inter = np.count_nonzero(kept[a] & kept[b])
+                if inter and inter / np.count_nonzero(kept[a] | kept[b]) > iou:
+                    del kept[b]
+    return kept
 
 
 def paint(ids: np.ndarray, masks: Iterable[tuple[int, int, np.ndarray]]) -> np.ndarray:
@@ -421,3 +447,30 @@ def masks_to_detections(masks: Sequence[np.ndarray], scores: Sequence[float], cl
         return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int)
     boxes = np.stack([mask_box(m) for m in masks])
     return boxes, np.asarray(scores, dtype=np.float64), np.asarray(class_ids, dtype=int)
+
+
+def detect_tracks(
+    frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, frame_indices: Sequence[int] | None = None,
+    classes: set[str] | None = None, progress: Callable[[int], None] | None = None, **options: Any,
+) -> dict[int, Track]:  # fmt: skip
+    """Tracks of the head's classes (the class-names path): the head segments each frame, its
+    regions' boxes become detections (score: the head's class probability) and
+    :func:`track_boxes` links them; each track's ``label`` is its class name.
+
+    Args:
+        frames: the frames to run the head on (e.g. every 5th frame of a clip).
+        frame_indices: their indices in the clip (default 0, 1, 2, ...).
+        classes: only these class names (default: all the head knows).
+        **options: :class:`TrackOptions` fields.
+    """
+    indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
+    detections: list[Detections | None] = []
+    for frame in frames:
+        regions = segmenter.segment(frame, classes=classes)
+        detections.append((regions.boxes, regions.scores, regions.class_ids) if len(regions) else None)
+        if progress is not None:
+            progress(1)
+    tracks = track_boxes(detections, frames=indices, **options)
+    for track in tracks.values():
+        track.label = segmenter.class_names[track.class_id]
+    return tracks

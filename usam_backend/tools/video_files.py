@@ -1,0 +1,339 @@
+"""``usam video``: a clip in; per-frame indexed PNGs, one JSON of tracks and a picture to watch out.
+
+Outputs in ``--out DIR``:
+
+- ``DIR/<frame>.png`` (``00000.png``, ...): one per frame of the clip, DAVIS-style: a palette PNG
+  whose pixel values are track ids (0: nothing), so ``usam eval video`` and DAVIS tools read it;
+- ``DIR/tracks.json``: the clip (name, fps, frame count, size) and per track its id, label, score
+  and per frame its box (xyxy pixels), detection score (null where interpolated) and COCO RLE;
+- ``DIR/viz.mp4`` with ``--viz`` (``viz.gif`` with ``--viz-format gif``): the masks over the clip.
+
+Tracks come from a head (the class names path) or from a tracks file: UVOSAM's JSON (a list of
+``{"video_id", "boxes": [xyxy or null per frame], "score", "category_id"}``), usam's own
+``tracks.json``, or MOT-challenge text (``frame,id,x,y,w,h,score,...``, 1-based frames; its ids are
+kept when they are 1-255, else tracks are renumbered in order of appearance).
+
+Every file is written atomically; frames already written are read back instead of segmented again,
+so a stopped run resumes (the tracks are kept in ``DIR/tracks-boxes.json`` meanwhile).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from training.head import Head
+from usam_backend.core.errors import ConfigurationError, DataError
+from usam_backend.core.fileio import atomic_path
+from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.settings import Settings
+from usam_backend.core.video import Clip, read_clip, write_video
+from usam_backend.sam.engine import SamEngine
+from usam_backend.sam.predictor import EnginePredictor
+from usam_backend.systems.uosam import Predictor
+from usam_backend.systems.usam import SemanticSegmenter
+from usam_backend.systems.uvosam import Track, detect_tracks, segment_video
+from usam_backend.tools.viz import class_colors
+
+FORMAT = "usam-video-tracks/1"
+
+
+def palette() -> list[int]:
+    """DAVIS's (PASCAL VOC's) palette: id k's colour from the bits of k."""
+    out = []
+    for k in range(256):
+        r = g = b = 0
+        c = k
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        out += [r, g, b]
+    return out
+
+
+def indexed_png(ids: np.ndarray) -> Image.Image:
+    """A map of track ids (< 256) as a palette PNG."""
+    image = Image.fromarray(ids.astype(np.uint8)).convert("P")
+    image.putpalette(palette())
+    return image
+
+
+# --- tracks files ---------------------------------------------------------------------------
+
+
+def read_tracks(
+    path: Path, *, video: str | None = None, frame_count: int | None = None, prefer: str | None = None
+) -> dict[int, Track]:
+    """Tracks from a file (see the module docs), numbered 1, 2, ... in the file's order.
+
+    Args:
+        video: which video of a multi-video UVOSAM file (its ``video_id``); default: the only one,
+            or ``prefer`` (e.g. the clip's name) when the file has several.
+        frame_count: frames of the clip; boxes beyond it are an error.
+
+    Raises:
+        DataError: unreadable, not one of the formats, boxes that are not [x0, y0, x1, y1] with
+            x0 < x1 and y0 < y1, frames out of range, or a video the file does not hold.
+    """
+    if not path.is_file():
+        raise DataError(f"the tracks file {path} does not exist")
+    text = path.read_text(errors="replace")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from None
+        tracks = _from_usam(raw, path) if isinstance(raw, dict) else _from_uvosam(raw, path, video, prefer)
+    else:
+        tracks = _from_mot(text, path)
+    for track in tracks.values():
+        for frame, box in track.boxes.items():
+            if frame < 0 or (frame_count is not None and frame >= frame_count):
+                raise DataError(f"{path}: track {track.id} has a box on frame {frame}, outside the clip")
+            if not (np.isfinite(box).all() and box[0] < box[2] and box[1] < box[3]):
+                raise DataError(f"{path}: track {track.id}, frame {frame}: {box.tolist()} is not an xyxy box")
+    return tracks
+
+
+def _from_uvosam(raw: Any, path: Path, video: str | None, prefer: str | None) -> dict[int, Track]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) and isinstance(t.get("boxes"), list) for t in raw):
+        raise DataError(f"{path}: a UVOSAM tracks file is a list of {{'video_id', 'boxes': [...]}} objects")
+    videos = list(dict.fromkeys(str(t.get("video_id", "")) for t in raw))
+    if video is None and len(videos) > 1 and prefer in videos:
+        video = prefer
+    if video is None and len(videos) > 1:
+        raise DataError(f"{path} holds tracks of {len(videos)} videos ({', '.join(videos[:5])}); say which")
+    wanted = videos[0] if video is None and videos else video
+    tracks: dict[int, Track] = {}
+    for t in raw:
+        if str(t.get("video_id", "")) != wanted:
+            continue
+        track = Track(len(tracks) + 1, class_id=int(t.get("category_id", -1)))
+        score = float(t.get("score", 1.0))
+        for frame, box in enumerate(t["boxes"]):
+            if box is not None:
+                track.boxes[frame] = _box(box, path)
+                track.scores[frame] = score
+        tracks[track.id] = track
+    if not tracks:
+        raise DataError(f"{path} holds no tracks of video '{video}' (it has: {', '.join(videos[:5])})")
+    return tracks
+
+
+def _from_usam(raw: dict[str, Any], path: Path) -> dict[int, Track]:
+    if raw.get("format") != FORMAT or not isinstance(raw.get("tracks"), list):
+        raise DataError(f"{path}: a usam tracks file has format '{FORMAT}' and a list of tracks")
+    tracks = {}
+    for t in raw["tracks"]:
+        track = Track(int(t["id"]), class_id=int(t.get("class_id", -1)), label=str(t.get("label") or ""))
+        for entry in t.get("frames", []):
+            track.boxes[int(entry["frame"])] = _box(entry["box"], path)
+            if entry.get("score") is not None:
+                track.scores[int(entry["frame"])] = float(entry["score"])
+        tracks[track.id] = track
+    return tracks
+
+
+def _from_mot(text: str, path: Path) -> dict[int, Track]:
+    tracks: dict[int, Track] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.replace(" ", ",").split(",") if f.strip()]
+        try:
+            frame, tid, x, y, w, h = int(float(fields[0])), int(float(fields[1])), *map(float, fields[2:6])
+            score = float(fields[6]) if len(fields) > 6 else 1.0
+        except (ValueError, IndexError):
+            raise DataError(f"{path}, line {number}: MOT lines are 'frame,id,x,y,w,h[,score,...]'") from None
+        if tid < 0:
+            continue  # MOT detections without an id
+        track = tracks.setdefault(tid, Track(tid))
+        track.boxes[frame - 1] = np.array([x, y, x + w, y + h])
+        track.scores[frame - 1] = score if score >= 0 else 1.0
+    if not tracks:
+        raise DataError(f"{path} holds no MOT track lines")
+    for track in tracks.values():
+        track.boxes = dict(sorted(track.boxes.items()))
+    if all(1 <= tid <= 255 for tid in tracks):
+        return dict(sorted(tracks.items()))  # the file's ids, as they fit a palette PNG
+    renumbered = {}
+    for number, tid in enumerate(sorted(tracks, key=lambda t: (min(tracks[t].boxes), t)), start=1):
+        tracks[tid].id = number
+        renumbered[number] = tracks[tid]
+    return renumbered
+
+
+def _box(box: Any, path: Path) -> np.ndarray:
+    try:
+        out = np.asarray(box, dtype=np.float64).reshape(4)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {str(box)[:80]} is not a box [x0, y0, x1, y1]") from None
+    return out
+
+
+# --- usam video -------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoRun:
+    frames_segmented: int = 0
+    frames_reused: int = 0
+    tracks: dict[int, Track] = field(default_factory=dict)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def run_video(
+    clip: Clip, tracks_for: Callable[[], dict[int, Track]], predictor: Predictor, out: Path, *,
+    source: dict[str, Any], viz: str | None = None, overwrite: bool = False, progress: bool = True,
+) -> VideoRun:  # fmt: skip
+    """Segment ``clip`` by tracks into ``out`` (see the module docs).
+
+    Args:
+        tracks_for: computes the tracks (called only when ``out`` has none for the same ``source``).
+        source: what the tracks came from (input, head or tracks file, stride): a resumed run reuses
+            the saved tracks only if it matches.
+        viz: "mp4" or "gif" to also write the overlay video.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "tracks-boxes.json"
+    tracks = None
+    for earlier in (saved, out / "tracks.json"):
+        if tracks is None and earlier.exists() and not overwrite:
+            try:
+                kept = json.loads(earlier.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(kept, dict) and kept.get("source") == source:
+                tracks = _from_usam(kept, earlier)
+    if tracks is None:
+        for stale in out.glob("[0-9]*.png"):
+            stale.unlink()
+        tracks = tracks_for()
+        with atomic_path(saved) as tmp:
+            tmp.write_text(json.dumps(tracks_document(clip, tracks, None, source)))
+    run = VideoRun(tracks=tracks)
+    maps: list[np.ndarray] = []
+    bar = tqdm(total=len(clip), desc="segmenting", unit="frame", disable=not progress)
+    for frame, index in zip(clip.frames, clip.indices, strict=True):
+        path = out / f"{index:05d}.png"
+        if path.exists():
+            with Image.open(path) as done:
+                ids = np.asarray(done).astype(np.int32)
+            run.frames_reused += 1
+        else:
+            ids = segment_video([frame], tracks, predictor, frame_indices=[index])[0]
+            with atomic_path(path) as tmp:
+                indexed_png(ids).save(tmp, format="PNG")
+            run.frames_segmented += 1
+        maps.append(ids)
+        bar.update(1)
+    bar.close()
+    document = tracks_document(clip, tracks, maps, source)
+    with atomic_path(out / "tracks.json") as tmp:
+        tmp.write_text(json.dumps(document))
+    run.outputs.append(out / "tracks.json")
+    if viz:
+        target = out / f"viz.{viz}"
+        with atomic_path(target) as tmp:
+            write_video(tmp, overlay_frames(clip, maps, tracks), clip.fps, kind=viz)
+        run.outputs.append(target)
+    saved.unlink(missing_ok=True)
+    return run
+
+
+def tracks_document(
+    clip: Clip, tracks: dict[int, Track], maps: list[np.ndarray] | None, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``tracks.json``: the clip, and each track's per-frame box, score and (with ``maps``) COCO RLE."""
+    position = {index: i for i, index in enumerate(clip.indices)}
+    height, width = clip.frames[0].shape[:2] if clip.frames else (0, 0)
+    document: dict[str, Any] = {
+        "format": FORMAT,
+        "video": {"name": clip.name, "fps": clip.fps, "frame_count": clip.frame_count, "width": width,
+                  "height": height},
+        "source": source,
+        "tracks": [],
+    }  # fmt: skip
+    for tid, track in sorted(tracks.items()):
+        frames = []
+        for frame, box in sorted(track.boxes.items()):
+            entry: dict[str, Any] = {"frame": frame, "box": [round(float(v), 2) for v in box],
+                                     "score": track.scores.get(frame)}  # fmt: skip
+            if maps is not None and frame in position:
+                entry["rle"] = mask_to_rle(maps[position[frame]] == tid)
+            frames.append(entry)
+        document["tracks"].append(
+            {
+                "id": tid,
+                "label": track.label,
+                "class_id": track.class_id,
+                "score": round(track.score, 4),
+                "frames": frames,
+            }
+        )
+    return document
+
+
+def overlay_frames(clip: Clip, maps: list[np.ndarray], tracks: dict[int, Track], alpha: float = 0.5):  # type: ignore[no-untyped-def]
+    """Frames with each track's mask in its colour, its box and ``id label`` written at its top."""
+    colors = np.vstack([[0, 0, 0], class_colors(max([*tracks, 1]))]).astype(np.float32)
+    for frame, ids, index in zip(clip.frames, maps, clip.indices, strict=True):
+        shown = frame.astype(np.float32)
+        painted = ids > 0
+        shown[painted] = (1 - alpha) * shown[painted] + alpha * colors[np.minimum(ids[painted], len(colors) - 1)]
+        image = Image.fromarray(shown.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for tid, track in tracks.items():
+            if index in track.boxes:
+                x0, y0, x1, y1 = (float(v) for v in track.boxes[index])
+                color = tuple(int(c) for c in colors[min(tid, len(colors) - 1)])
+                draw.rectangle((x0, y0, x1, y1), outline=color)
+                draw.text((x0 + 2, y0 + 1), f"{tid} {track.label}".strip(), fill=color)
+        draw.text((4, 2), f"frame {index}", fill=(255, 255, 255))
+        yield np.asarray(image)
+
+
+def video_command(
+    settings: Settings, path: Path, out: Path, *, head: Path | None = None, tracks: Path | None = None,
+    video_id: str | None = None, fps: float | None = None, viz: str | None = None, overwrite: bool = False,
+) -> VideoRun:  # fmt: skip
+    """``usam video``: read the clip, get its tracks from ``head`` or ``tracks``, segment every frame."""
+    if (head is None) == (tracks is None):
+        raise ConfigurationError("usam video needs --head or --tracks")
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    clip = read_clip(path, max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels, fps=fps)
+    loaded = Head.load(head) if head is not None else None
+    if loaded is not None and loaded.sam_type and loaded.sam_type != settings.sam_type:
+        settings = settings.replace(sam_type=loaded.sam_type)  # follow the head
+    engine = SamEngine.from_settings(settings)
+    stride = settings.video_stride
+    source: dict[str, Any] = {"input": str(path.resolve()), "frames": clip.frame_count}
+    if loaded is not None:
+        source.update(head=loaded.version, stride=stride)
+    else:
+        assert tracks is not None
+        source.update(tracks=str(tracks.resolve()), modified=tracks.stat().st_mtime if tracks.exists() else None)
+
+    def tracks_for() -> dict[int, Track]:
+        if loaded is None:
+            assert tracks is not None
+            return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
+        segmenter = SemanticSegmenter(
+            engine, loaded, points=settings.points, score_threshold=settings.score_threshold, nms_iou=settings.nms_iou
+        )
+        chosen = list(range(0, len(clip), stride))
+        with tqdm(total=len(chosen), desc="finding objects", unit="frame") as bar:
+            return detect_tracks([clip.frames[i] for i in chosen], segmenter,
+                                 frame_indices=[clip.indices[i] for i in chosen], progress=bar.update)  # fmt: skip
+
+    return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite)
