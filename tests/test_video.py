@@ -16,7 +16,7 @@ from PIL import Image
 from video_scenes import SegmenterOracle, VideoOracle, identity_switches, moving_shapes, noisy_detections
 
 from usam_backend import EnginePredictor, follow_object, read_clip, segment_video, track_boxes
-from usam_backend.core.video import VideoError, write_video
+from usam_backend.core.video import VideoError, probe_video, write_video
 from usam_backend.systems.uvosam import Track, detect_tracks, paint
 from usam_backend.tools.eval_video import boundary_f, evaluate_sequence, object_stats, region_j
 
@@ -242,6 +242,10 @@ def test_video_files_and_frame_folders_decode_frame_accurately(tmp_path):
     )
     strided = read_clip(path.read_bytes(), stride=5)
     assert strided.indices == [0, 5, 10] and strided.frame_count == 12
+    middle = read_clip(path, start=5, stop=11, stride=2)  # sought, not decoded from the start
+    assert middle.indices == [6, 8, 10] and middle.frame_count == 12
+    assert np.abs(middle.frames[0].astype(int) - scene.frames[6]).mean() < 6
+    assert probe_video(path) == (12, 24.0, 128, 96)
     webm = read_clip(write_video(tmp_path / "clip.webm", scene.frames, 25))
     assert (len(webm), webm.fps) == (12, 25.0)
     folder = tmp_path / "JPEGImages" / "shapes"

@@ -62,10 +62,12 @@ class Clip:
 
 
 def read_clip(
-    source: str | Path | bytes, *, stride: int = 1, max_frames: int = 10_000, max_pixels: int = 40_000_000,
-    fps: float | None = None,
+    source: str | Path | bytes, *, stride: int = 1, start: int = 0, stop: int | None = None,
+    max_frames: int = 10_000, max_pixels: int = 40_000_000, fps: float | None = None,
 ) -> Clip:  # fmt: skip
-    """Every ``stride``-th frame (0, stride, 2*stride, ...) of a video file, encoded bytes or frame folder.
+    """The frames ``start <= i < stop`` with ``i % stride == 0`` of a video file, encoded bytes or
+    frame folder (default: every ``stride``-th frame of the whole clip). A file is sought to the
+    keyframe before ``start``, so a later range costs no decoding of the frames before it.
 
     Args:
         fps: the frame rate of a frame folder (default 24); for files, the stream's own rate is used.
@@ -76,9 +78,11 @@ def read_clip(
     """
     if stride < 1:
         raise VideoError(f"the frame stride must be at least 1, got {stride}")
+    if start < 0 or (stop is not None and stop <= start):
+        raise VideoError(f"the frame range {start}-{stop} is empty")
     if isinstance(source, str | Path) and Path(source).is_dir():
-        return _read_folder(Path(source), stride, max_frames, max_pixels, fps or DEFAULT_FPS)
-    return _read_file(source, stride, max_frames, max_pixels)
+        return _read_folder(Path(source), stride, start, stop, max_frames, max_pixels, fps or DEFAULT_FPS)
+    return _read_file(source, stride, start, stop, max_frames, max_pixels)
 
 
 def frame_folder(path: Path) -> list[Path]:
@@ -91,11 +95,13 @@ def _natural_key(path: Path) -> tuple[object, ...]:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem))
 
 
-def _read_folder(path: Path, stride: int, max_frames: int, max_pixels: int, fps: float) -> Clip:
+def _read_folder(
+    path: Path, stride: int, start: int, stop: int | None, max_frames: int, max_pixels: int, fps: float
+) -> Clip:
     files = frame_folder(path)
     if not files:
         raise VideoError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    chosen = list(range(0, len(files), stride))
+    chosen = [i for i in range(start, min(len(files), stop or len(files))) if i % stride == 0]
     _check_count(len(chosen), max_frames, path.name)
     frames = [load_image(files[i], max_pixels=max_pixels) for i in chosen]
     if len({f.shape for f in frames}) > 1:
@@ -103,7 +109,9 @@ def _read_folder(path: Path, stride: int, max_frames: int, max_pixels: int, fps:
     return Clip(frames, chosen, fps, len(files), path.name)
 
 
-def _read_file(source: str | Path | bytes, stride: int, max_frames: int, max_pixels: int) -> Clip:
+def _read_file(
+    source: str | Path | bytes, stride: int, start: int, stop: int | None, max_frames: int, max_pixels: int
+) -> Clip:
     import io
 
     import av
@@ -119,44 +127,77 @@ def _read_file(source: str | Path | bytes, stride: int, max_frames: int, max_pix
             rate = stream.average_rate or stream.guessed_rate
             if not rate or rate <= 0:
                 raise VideoError(f"{name} does not say its frame rate; re-encode it: {REENCODE}")
-            fps = float(rate)
-            if stream.codec_context.width * stream.codec_context.height > max_pixels:
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_pixels:
                 raise VideoError(
-                    f"{name} is {stream.codec_context.width}x{stream.codec_context.height}, more than "
-                    f"{max_pixels:,} pixels a frame (USAM_MAX_IMAGE_PIXELS)"
+                    f"{name} is {width}x{height}, more than {max_pixels:,} pixels a frame (USAM_MAX_IMAGE_PIXELS)"
                 )
-            frames, indices, count = _decode(container, stream, rate, stride, max_frames, name)
+            frames, indices, count = _decode(container, stream, rate, stride, start, stop, max_frames, name)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"{name} could not be decoded as video: {str(exc)[:200]}") from None
     if not frames:
-        raise VideoError(f"{name} holds no frames")
-    return Clip(frames, indices, fps, count, name)
+        raise VideoError(f"{name} holds no frames" + (f" from frame {start}" if start else ""))
+    return Clip(frames, indices, float(rate), count, name)
 
 
-def _decode(container, stream, rate: Fraction, stride: int, max_frames: int, name: str):  # type: ignore[no-untyped-def]
+def _decode(container, stream, rate, stride, start, stop, max_frames, name):  # type: ignore[no-untyped-def]
+    """Decode frames [start, stop) keeping every stride-th; each frame's index comes from its time."""
     frames: list[np.ndarray] = []
     indices: list[int] = []
-    start: float | None = None
+    base = stream.time_base
+    origin = float(stream.start_time * base) if stream.start_time is not None and base else None
+    if start and origin is not None:
+        container.seek(int((origin + start / rate) / base), stream=stream, backward=True, any_frame=False)
+    previous: int | None = None
     count = 0
-    for position, frame in enumerate(container.decode(stream)):
-        if frame.time is not None:
-            start = frame.time if start is None else start
-            index = round((frame.time - start) * rate)
-            if abs(index - position) > 0:
-                raise VideoError(
-                    f"{name} has a variable frame rate (frame {position} is stamped at frame {index} of "
-                    f"{float(rate):g} fps); usam and Label Studio need a constant rate. Re-encode it: {REENCODE}"
-                )
-        count = position + 1
-        if position % stride:
+    for frame in container.decode(stream):
+        if frame.time is None:
+            index = 0 if previous is None else previous + 1
+        else:
+            origin = frame.time if origin is None else origin
+            index = round((frame.time - origin) * rate)
+        if previous is not None and index != previous + 1:
+            raise VideoError(
+                f"{name} has a variable frame rate (after frame {previous} comes one stamped at frame {index} of "
+                f"{float(rate):g} fps); usam and Label Studio need a constant rate. Re-encode it: {REENCODE}"
+            )
+        previous = index
+        count = index + 1
+        if stop is not None and index >= stop:
+            count = _frame_count(container, stream, rate, count)
+            break
+        if index < start or index % stride:
             continue
         if len(frames) >= max_frames:
             _check_count(len(frames) + 1, max_frames, name)
         frames.append(frame.to_ndarray(format="rgb24"))
-        indices.append(position)
+        indices.append(index)
     return frames, indices, count
+
+
+def _frame_count(container, stream, rate, seen: int) -> int:  # type: ignore[no-untyped-def]
+    """Frames in the whole stream, when decoding stopped early: the container's count, else its duration."""
+    if stream.frames:
+        return max(seen, int(stream.frames))
+    if stream.duration is not None and stream.time_base:
+        return max(seen, round(float(stream.duration * stream.time_base) * rate))
+    if container.duration:
+        return max(seen, round(container.duration / 1_000_000 * rate))
+    return seen
+
+
+def probe_video(source: str | Path | bytes) -> tuple[int, float, int, int]:
+    """(frame count, fps, width, height) of a video file without decoding it all (the first frame
+    only, and the container's frame count or duration).
+
+    Raises:
+        VideoError: unreadable, or no video stream.
+    """
+    clip = read_clip(source, stop=1, max_frames=1, max_pixels=2**62)
+    height, width = clip.frames[0].shape[:2]
+    return clip.frame_count, clip.fps, width, height
 
 
 def _check_count(n: int, max_frames: int, name: str) -> None:

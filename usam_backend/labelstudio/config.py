@@ -1,8 +1,14 @@
-"""What a Label Studio label config asks of usam: brush labels on images, and smart prompt tools.
+"""What a Label Studio label config asks of usam: brush labels on images and frame sequences,
+labelled box tracks on videos, and smart prompt tools.
 
-Every ``<BrushLabels>`` bound to an ``<Image>`` is served; a label's ``predicted_values`` are the
-model class names that map onto it (label-studio-ml's convention). ``<KeyPointLabels>`` and
-``<RectangleLabels>`` on the same image act as prompts for interactive segmentation.
+- Every ``<BrushLabels>`` bound to an ``<Image>`` is served; an ``<Image valueList="$frames">`` is a
+  frame sequence (one task, a list of frames): its regions carry each frame's ``item_index``.
+- A ``<Video>`` with a ``<VideoRectangle>`` and ``<Labels>`` bound to it is served with one
+  ``videorectangle`` track per object; its frame rate is the ``frameRate`` attribute (any case;
+  Label Studio's default 24).
+- A label's ``predicted_values`` are the model class names that map onto it (label-studio-ml's
+  convention). ``<KeyPointLabels>`` and ``<RectangleLabels>`` on an image act as prompts for
+  interactive segmentation.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -31,12 +37,13 @@ class LabelConfigError(UsamError):
 
 @dataclass(frozen=True)
 class ProjectLabel:
-    """A label of a brush control: its value and the model class names that map onto it."""
+    """A label of a brush or video-rectangle control: its value and the model class names that map onto it."""
 
     value: str
-    control: str  # BrushLabels name (from_name)
-    image: str  # Image name (to_name)
+    control: str  # BrushLabels or VideoRectangle name (from_name)
+    image: str  # Image or Video name (to_name)
     aliases: tuple[str, ...] = ()
+    kind: str = "brushlabels"  # the result type: "brushlabels" or "videorectangle"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -48,6 +55,14 @@ class ProjectLabel:
 class ImageField:
     name: str  # the <Image> tag's name (to_name)
     key: str  # the task data key its value refers to ($image -> image)
+    sequence: bool = False  # valueList: the key holds a list of frames
+
+
+@dataclass(frozen=True)
+class VideoField:
+    name: str  # the <Video> tag's name (to_name)
+    key: str  # the task data key of the video's URL
+    frame_rate: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class LabelConfig:
     images: dict[str, ImageField]
     prompt_tools: dict[str, PromptTool]
     digest: str
+    videos: dict[str, VideoField] = field(default_factory=dict)
 
     @property
     def label_values(self) -> tuple[str, ...]:
@@ -130,38 +146,69 @@ def _parse(xml: str) -> LabelConfig:
         interface = LabelInterface(xml)
     except Exception as exc:  # the SDK raises XML, key and value errors alike
         raise LabelConfigError(f"the label config could not be parsed: {str(exc).splitlines()[0][:200]}") from None
-    images = {
-        obj.name: ImageField(obj.name, str(obj.value).lstrip("$"))
-        for obj in interface.objects
-        if obj.tag == "Image" and str(obj.value).startswith("$")
-    }
+    images: dict[str, ImageField] = {}
+    videos: dict[str, VideoField] = {}
+    for obj in interface.objects:
+        attrs = {str(k).lower(): v for k, v in (obj.attr or {}).items()}
+        value = str(attrs.get("valuelist") or obj.value or "")
+        if not value.startswith("$"):
+            continue
+        if obj.tag == "Image":
+            images[obj.name] = ImageField(obj.name, value[1:], sequence=bool(attrs.get("valuelist")))
+        elif obj.tag == "Video":
+            videos[obj.name] = VideoField(obj.name, value[1:], _frame_rate(attrs.get("framerate"), obj.name))
     labels: list[ProjectLabel] = []
     prompt_tools: dict[str, PromptTool] = {}
     seen: set[tuple[str, str]] = set()
-    for control in interface.controls:
-        targets = [name for name in (control.to_name or []) if name in images]
-        if not targets:
-            continue
-        if control.tag in PROMPT_TAGS:
-            prompt_tools[control.name] = PromptTool(control.name, PROMPT_TAGS[control.tag], targets[0])
-        if control.tag != "BrushLabels":
-            continue
-        for value, tag in (control.labels_attrs or {}).items():
-            if not value or (value, targets[0]) in seen:  # a label repeated on one image: first control wins
+
+    def add_labels(control: object, target: str, to_control: str, kind: str) -> None:
+        for value, tag in (getattr(control, "labels_attrs", None) or {}).items():
+            if not value or (value, target) in seen:  # a label repeated on one image: first control wins
                 continue
-            seen.add((value, targets[0]))
+            seen.add((value, target))
             raw_aliases = (tag.attr or {}).get("predicted_values") or ""
             aliases = tuple(a.strip() for a in str(raw_aliases).split(",") if a.strip())
-            labels.append(ProjectLabel(value, control.name, targets[0], aliases))
+            labels.append(ProjectLabel(value, to_control, target, aliases, kind))
+
+    for control in interface.controls:
+        targets = [name for name in (control.to_name or []) if name in images]
+        if targets:
+            if control.tag in PROMPT_TAGS and not images[targets[0]].sequence:
+                prompt_tools[control.name] = PromptTool(control.name, PROMPT_TAGS[control.tag], targets[0])
+            if control.tag == "BrushLabels":
+                add_labels(control, targets[0], control.name, "brushlabels")
+        video_targets = [name for name in (control.to_name or []) if name in videos]
+        if control.tag == "Labels" and video_targets:
+            boxes = [
+                c.name
+                for c in interface.controls
+                if c.tag == "VideoRectangle" and video_targets[0] in (c.to_name or [])
+            ]
+            if boxes:
+                add_labels(control, video_targets[0], boxes[0], "videorectangle")
     if not labels:
         raise LabelConfigError(
             "the label config has no <BrushLabels> with labels bound to an <Image> whose value is a task field "
-            f"($name). usam predicts brush masks; for example: {EXAMPLE}"
+            "($name), nor a <Video> with a <VideoRectangle> and <Labels>. usam predicts brush masks and video "
+            f"tracks; for example: {EXAMPLE}"
         )
-    used_images = {label.image for label in labels}
+    used = {label.image for label in labels}
     return LabelConfig(
         labels=tuple(labels),
-        images={name: field for name, field in images.items() if name in used_images},
-        prompt_tools={name: tool for name, tool in prompt_tools.items() if tool.image in used_images},
+        images={name: image for name, image in images.items() if name in used},
+        prompt_tools={name: tool for name, tool in prompt_tools.items() if tool.image in used},
         digest=hashlib.sha256(xml.encode()).hexdigest()[:16],
+        videos={name: video for name, video in videos.items() if name in used},
     )
+
+
+def _frame_rate(raw: object, name: str) -> float:
+    if raw is None or raw == "":
+        return 24.0
+    try:
+        rate = float(str(raw))
+    except ValueError:
+        raise LabelConfigError(f'<Video name="{name}"> has frameRate {str(raw)[:20]!r}: not a number') from None
+    if not 0 < rate <= 1000:
+        raise LabelConfigError(f'<Video name="{name}"> has frameRate {rate:g}: give frames per second (1-1000)')
+    return rate

@@ -20,10 +20,12 @@ from usam_backend.core.masks import brush_rle
 from usam_backend.labelstudio.config import ProjectLabel
 
 
-def brush_region(mask: np.ndarray, label: ProjectLabel, score: float, region_id: str) -> dict[str, Any]:
-    """One ``brushlabels`` result for an (H, W) bool mask."""
+def brush_region(
+    mask: np.ndarray, label: ProjectLabel, score: float, region_id: str, item_index: int | None = None
+) -> dict[str, Any]:
+    """One ``brushlabels`` result for an (H, W) bool mask (on frame ``item_index`` of a frame sequence)."""
     height, width = mask.shape
-    return {
+    region: dict[str, Any] = {
         "id": region_id,
         "from_name": label.control,
         "to_name": label.image,
@@ -32,6 +34,56 @@ def brush_region(mask: np.ndarray, label: ProjectLabel, score: float, region_id:
         "original_height": int(height),
         "image_rotation": 0,
         "value": {"format": "rle", "rle": brush_rle(mask), "brushlabels": [label.value]},
+        "score": round(float(score), 6),
+    }
+    if item_index is not None:
+        region["item_index"] = int(item_index)
+    return region
+
+
+def video_rectangle(
+    keyframes: dict[int, np.ndarray], continues: set[int], label: ProjectLabel, score: float, region_id: str, *,
+    size: tuple[int, int], fps: float, frame_count: int, frame_rate: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One ``videorectangle`` track.
+
+    Args:
+        keyframes: 0-based frame index of the decoded video -> xyxy box in pixels.
+        continues: the keyframes after which the track goes on (Label Studio interpolates to the next
+            keyframe); after the others it pauses or ends (``enabled: false``).
+        size: (width, height) of the frames.
+        fps: the decoded video's frame rate; ``frame_rate``: the config's, which Label Studio uses to
+            turn times into its 1-based frame numbers (the two may differ).
+    """
+    width, height = size
+    duration = frame_count / fps
+    sequence = []
+    for index in sorted(keyframes):
+        x0, y0, x1, y1 = (float(v) for v in keyframes[index])
+        frame = round(index / fps * frame_rate) + 1
+        sequence.append(
+            {
+                "frame": frame,
+                "enabled": index in continues,
+                "rotation": 0,
+                "x": round(100 * x0 / width, 4),
+                "y": round(100 * y0 / height, 4),
+                "width": round(100 * (x1 - x0) / width, 4),
+                "height": round(100 * (y1 - y0) / height, 4),
+                "time": round(frame / frame_rate, 6),
+            }
+        )
+    return {
+        "id": region_id,
+        "from_name": label.control,
+        "to_name": label.image,
+        "type": "videorectangle",
+        "value": {
+            "labels": [label.value],
+            "framesCount": round(duration * frame_rate),
+            "duration": round(duration, 6),
+            "sequence": sequence,
+        },
         "score": round(float(score), 6),
     }
 
