@@ -15,7 +15,7 @@ from training.head import Head
 from usam_backend.core.settings import Settings
 from usam_backend.sam.engine import SamEngine
 
-from helpers import free_port, wait_until
+from helpers import LabelStudioServer, free_port, label_studio_binary, wait_until
 
 CLASS_COLORS = {"tomato": (220, 40, 30), "sky": (40, 90, 230), "grass": (40, 170, 40)}
 
@@ -145,3 +145,16 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio 1.23.2 for every end-to-end test file."""
+    binary = label_studio_binary()
+    if binary is None:
+        if os.environ.get("USAM_REQUIRE_LABEL_STUDIO"):
+            pytest.fail("Label Studio 1.23.2 is not installed: run `make test` (it installs it in its own venv)")
+        pytest.skip("Label Studio 1.23.2 is not installed here; `make test` installs it")
+    server = LabelStudioServer(binary, tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()

@@ -15,13 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
@@ -30,101 +27,13 @@ from usam_backend.registry import model_version
 from usam_backend.systems.usam import SemanticSegmenter
 
 from conftest import scene
-from helpers import ROOT, UsamServer, free_port, run_worker, wait_until
+from helpers import LEGACY_TOKEN, ROOT, UsamServer, free_port, project_config, run_worker, wait_until
 
 pytestmark = pytest.mark.labelstudio
 
-LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 WEBHOOK_SECRET = "a-shared-secret"
 BASIC_AUTH = ("labelstudio", "connection-password")
 LABELS = {"Sky": "sky", "tomato": None}  # label value -> predicted_values
-
-
-def label_studio_binary() -> Path | None:
-    configured = os.environ.get("USAM_TEST_LABEL_STUDIO")
-    default = Path.home() / ".cache/usam-test/label-studio-1.23.2/bin/label-studio"
-    path = Path(configured) if configured else default
-    return path if path.exists() else None
-
-
-def project_config(template: str, labels: dict[str, str | None]) -> str:
-    """A shipped template with its example labels replaced by ours, in every labels control."""
-    root = ET.fromstring((ROOT / "label_config" / template).read_text())
-    for control in root:
-        if control.tag in ("BrushLabels", "KeyPointLabels", "RectangleLabels"):
-            smart = control.tag == "KeyPointLabels"
-            for child in list(control):
-                control.remove(child)
-            for value, aliases in labels.items():
-                attrs = {"value": value, **({"predicted_values": aliases} if aliases else {})}
-                ET.SubElement(control, "Label", {**attrs, **({"smart": "true"} if smart else {})})
-    return ET.tostring(root, encoding="unicode")
-
-
-class LabelStudioServer:
-    def __init__(self, binary: Path, workdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.files = workdir / "files"
-        self.files.mkdir()
-        env = {
-            **os.environ,
-            "LABEL_STUDIO_USERNAME": "admin@example.com",
-            "LABEL_STUDIO_PASSWORD": "not-a-real-password-42",
-            "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
-            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-            "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false",
-            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.files),
-            "LATEST_VERSION_CHECK": "false",
-            "COLLECT_ANALYTICS": "false",
-            "SENTRY_DSN": "",
-            "FRONTEND_SENTRY_DSN": "",
-            "LABEL_STUDIO_HOST": self.url,
-        }
-        self.log_path = workdir / "label-studio.log"
-        self._log = self.log_path.open("w")
-        command = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--data-dir", str(workdir / "data")]
-        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=120)
-        try:  # the first start migrates a fresh database
-            wait_until(lambda: self._alive() and self.http.get("/api/projects").status_code == 200, 400, "Label Studio")
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("Label Studio did not start:\n" + self.log_path.read_text()[-4000:]) from None
-        self.sdk = LabelStudio(base_url=self.url, api_key=LEGACY_TOKEN)
-
-    def _alive(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError("Label Studio exited:\n" + self.log_path.read_text()[-4000:])
-        return True
-
-    def upload(self, project: int, path: Path) -> None:
-        with path.open("rb") as file:
-            response = self.http.post(f"/api/projects/{project}/import", files={"file": (path.name, file, "image/png")})
-        response.raise_for_status()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    binary = label_studio_binary()
-    if binary is None:
-        if os.environ.get("USAM_REQUIRE_LABEL_STUDIO"):
-            pytest.fail("Label Studio 1.23.2 is not installed: run `make test` (it installs it in its own venv)")
-        pytest.skip("Label Studio 1.23.2 is not installed here; `make test` installs it")
-    server = LabelStudioServer(binary, tmp_path_factory.mktemp("label-studio"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

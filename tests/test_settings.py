@@ -32,6 +32,7 @@ def test_every_field_is_read_from_its_variable():
         "USAM_EMBEDDING_CACHE_DISK": "yes",
         "USAM_MAX_IMAGE_PIXELS": "1000",
         "USAM_MAX_IMAGE_BYTES": "2000",
+        "USAM_MAX_VIDEO_BYTES": "3000",
         "USAM_FETCH_TIMEOUT": "2.5",
         "LABEL_STUDIO_URL": "http://ls:8080",
         "LABEL_STUDIO_API_KEY": "k" * 40,
@@ -44,6 +45,9 @@ def test_every_field_is_read_from_its_variable():
         "USAM_FEEDBACK_IOU": "0.6",
         "USAM_PREDICT_BUDGET": "30",
         "USAM_PREANNOTATE_CHUNK": "100",
+        "USAM_VIDEO_STRIDE": "3",
+        "USAM_VIDEO_MAX_FRAMES": "500",
+        "USAM_VIDEO_CHUNK": "120",
         "USAM_REFINE": "both",
         "USAM_KEEP_PROJECT_HEADS": "5",
         "USAM_MAX_PENDING_PREDICTIONS": "2",
@@ -73,6 +77,8 @@ def test_every_field_is_read_from_its_variable():
     assert settings.fetch_timeout == 2.5 and settings.label_studio_url == "http://ls:8080"
     assert "k" * 40 not in repr(settings) and "hook" not in repr(settings)  # secrets stay out of logs
     assert settings.sam_checkpoint == Path("/ckpt/sam.pth")
+    assert (settings.video_stride, settings.video_max_frames, settings.video_chunk) == (3, 500, 120)
+    assert settings.max_video_bytes == 3000
     assert settings.auto_train is False and settings.data_dir == Path("/data/classes")
     assert (settings.sd_steps, settings.sd_guidance, settings.seed) == (1, 0.0, 7)
     assert (settings.points, settings.score_threshold, settings.nms_iou) == (64, 0.7, 0.3)
@@ -95,6 +101,8 @@ def test_every_field_is_read_from_its_variable():
         ("USAM_DATA_SOURCE", "s3", "synthetic, web, folder"),
         ("USAM_PROMPT_TEMPLATE", "a photo", "containing {label}"),
         ("USAM_SD_BATCH", "0", "a positive number"),
+        ("USAM_VIDEO_STRIDE", "0", "a positive number of frames"),
+        ("USAM_MAX_VIDEO_BYTES", "0", "a positive number of bytes"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, expected):

@@ -32,6 +32,7 @@ class FetchLimits:
     max_bytes: int
     timeout: float
     allowed_hosts: tuple[str, ...] = ()
+    max_bytes_setting: str = "USAM_MAX_IMAGE_BYTES"
 
 
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
@@ -148,8 +149,8 @@ class GuardedFetcher:
 
     def _too_large(self, url: str, size: int) -> str:
         return (
-            f"{short(url)} is over {self.limits.max_bytes:,} bytes ({size:,} seen); raise USAM_MAX_IMAGE_BYTES "
-            "to accept it"
+            f"{short(url)} is over {self.limits.max_bytes:,} bytes ({size:,} seen); raise "
+            f"{self.limits.max_bytes_setting} to accept it"
         )
 
 

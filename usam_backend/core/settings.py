@@ -73,6 +73,11 @@ class Settings:
         "USAM_MAX_IMAGE_PIXELS", "larger images are refused (decompression bombs)", default=50_000_000
     )
     max_image_bytes: int = _env("USAM_MAX_IMAGE_BYTES", "larger task image downloads are refused", default=50_000_000)
+    max_video_bytes: int = _env(
+        "USAM_MAX_VIDEO_BYTES",
+        "larger task video downloads are refused (Label Studio's upload cap)",
+        default=262_144_000,
+    )
     fetch_timeout: float = _env("USAM_FETCH_TIMEOUT", "seconds to wait for a task image", default=20.0)
     label_studio_url: str | None = _env(
         "LABEL_STUDIO_URL",
@@ -222,8 +227,9 @@ class Settings:
             raise _bad("embedding_cache_size", self.embedding_cache_size, "0 or more")
         if self.max_image_pixels < 1:
             raise _bad("max_image_pixels", self.max_image_pixels, "a positive number of pixels")
-        if self.max_image_bytes < 1:
-            raise _bad("max_image_bytes", self.max_image_bytes, "a positive number of bytes")
+        for name in ("max_image_bytes", "max_video_bytes"):
+            if getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "a positive number of bytes")
         if self.fetch_timeout <= 0:
             raise _bad("fetch_timeout", self.fetch_timeout, "a positive number of seconds")
         if self.data_source not in DATA_SOURCES:

@@ -4,7 +4,8 @@
   training job for that label set (``USAM_AUTO_TRAIN``);
 - *Start training*: a job on the project's annotations when it has any, else on class images;
 - every ``USAM_RETRAIN_EVERY`` new annotations: a job on the project's annotations;
-- a ``/predict`` batch that runs out of time: pre-annotation jobs for the rest of its tasks.
+- a ``/predict`` batch that runs out of time: pre-annotation jobs for the rest of its tasks;
+- video tasks: always video jobs (a video takes longer than Label Studio waits).
 
 Every job is a :class:`~usam_backend.jobs.runners.JobSpec` whose request is plain data (labels,
 project id, task ids and the :class:`~training.recipe.Recipe` that shapes the head); its id names
@@ -39,6 +40,8 @@ JOBS = {
     "feedback": "usam_backend.jobs.training.train_feedback_job",
     "preannotate": "usam_backend.jobs.preannotate.preannotate_job",
     "refine": "usam_backend.jobs.refine.refine_job",
+    "video": "usam_backend.jobs.video.video_task_job",
+    "video-chunk": "usam_backend.jobs.video.video_chunk_job",
 }
 """The job table: kind -> the top-level function a runner calls."""
 
@@ -101,6 +104,35 @@ def preannotate_jobs(
     return specs
 
 
+def video_task_jobs(project: str, task_ids: list[int], *, trigger: str, version: str = "current") -> list[JobSpec]:
+    """One job per video task (it splits a long video into chunk jobs itself)."""
+    return [
+        JobSpec(
+            id=f"usam-video-{project}-{task_id}-" + hashlib.sha256(version.encode()).hexdigest()[:8],
+            function=JOBS["video"],
+            request={"project": project, "trigger": trigger, "tasks": [task_id]},
+            kind="video",
+            description=f"find and track objects in video task {task_id} of project {project}",
+        )
+        for task_id in task_ids
+    ]
+
+
+def video_chunk_jobs(project: str, task_id: int, chunks: list[tuple[int, int]], *, version: str) -> list[JobSpec]:
+    """One job per chunk of frames of a video task."""
+    digest = hashlib.sha256(version.encode()).hexdigest()[:8]
+    return [
+        JobSpec(
+            id=f"usam-video-{project}-{task_id}-{digest}-{start}",
+            function=JOBS["video-chunk"],
+            request={"project": project, "tasks": [task_id], "start": start, "stop": stop, "chunks": chunks},
+            kind="video",
+            description=f"frames {start}-{stop - 1} of video task {task_id} of project {project}",
+        )
+        for start, stop in chunks
+    ]
+
+
 class TrainingPolicy:
     """Decides what to queue on the server's events; submits off the request thread."""
 
@@ -133,9 +165,13 @@ class TrainingPolicy:
         self._later(self._take_feedback, pid)
 
     def hand_off(self, pid: str, config: LabelConfig, task_ids: list[int]) -> None:
-        """Tasks a ``/predict`` batch had no time for: pre-annotation jobs post their predictions."""
-        specs = preannotate_jobs(pid, sorted(config.label_values), task_ids, chunk=self.settings.preannotate_chunk,
-                                 trigger="predict")  # fmt: skip
+        """Tasks a ``/predict`` batch had no time for (every video task): pre-annotation jobs post
+        their predictions."""
+        if config.videos:
+            specs = video_task_jobs(pid, task_ids, trigger="predict")
+        else:
+            specs = preannotate_jobs(pid, sorted(config.label_values), task_ids,
+                                     chunk=self.settings.preannotate_chunk, trigger="predict")  # fmt: skip
         self._later(self._submit_all, pid, specs)
 
     def drain(self) -> None:

@@ -22,18 +22,34 @@ from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.batches import run_task_jobs
-from usam_backend.jobs.policy import preannotate_jobs
+from usam_backend.jobs.policy import preannotate_jobs, video_task_jobs
 from usam_backend.jobs.runners import Publish
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError, versions_of
-from usam_backend.labelstudio.config import parse_label_config
+from usam_backend.labelstudio.config import LabelConfig, parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.labelstudio.projects import ProjectRecord, ProjectStore, project_id
 from usam_backend.labelstudio.tasks import TaskPredictor
-from usam_backend.registry import HeadRegistry
+from usam_backend.registry import HeadChoice, HeadRegistry
 from usam_backend.sam.shared import compute_lock, shared_engine
 
 log = logging.getLogger("usam.preannotate")
+
+
+def serving(settings: Settings, project: str) -> tuple[ProjectRecord, LabelConfig, HeadChoice]:
+    """A project's record (read fresh: it follows PROJECT_UPDATED), label config and serving head.
+
+    Raises:
+        UsamError: the project is unknown here, or no head serves its labels yet.
+    """
+    record = ProjectStore(settings.model_dir / "projects").get(project)
+    if record is None:
+        raise UsamError(f"project {project} is unknown here: run /setup or usam preannotate first")
+    config = parse_label_config(record.label_config)
+    choice = HeadRegistry(settings.model_dir / "heads", settings.sam_type).choose(config.labels, project)
+    if choice is None:
+        raise UsamError(f"no head serves the labels of project {project} yet")
+    return record, config, choice
 
 
 def preannotate_job(settings: Settings, request: dict[str, Any], *, publish: Publish | None = None) -> dict[str, Any]:
@@ -47,13 +63,7 @@ def preannotate_job(settings: Settings, request: dict[str, Any], *, publish: Pub
     task_ids = [int(t) for t in request.get("tasks") or []]
     progress = Progress(publish)
     progress.stage("pre-annotating", len(task_ids))
-    record = ProjectStore(settings.model_dir / "projects").get(project)  # fresh: follows PROJECT_UPDATED
-    if record is None:
-        raise UsamError(f"project {project} is unknown here: run /setup or usam preannotate first")
-    config = parse_label_config(record.label_config)
-    choice = HeadRegistry(settings.model_dir / "heads", settings.sam_type).choose(config.labels, project)
-    if choice is None:
-        raise UsamError(f"no head serves the labels of project {project} yet")
+    record, config, choice = serving(settings, project)
     predictor = TaskPredictor(settings, lambda: shared_engine(settings), FeedbackStore.for_settings(settings),
                               compute_lock)  # fmt: skip
     counts: dict[str, Any] = {"predicted": 0, "skipped": 0, "failed": 0, "model_version": choice.version}
@@ -103,8 +113,11 @@ def run_preannotate(settings: Settings, project: str, *, wait: bool = True, time
     print(f"project {pid}: {len(todo)} of {len(listed)} task(s) lack a {choice.version} prediction")
     if not todo:
         return 0
-    specs = preannotate_jobs(pid, sorted(config.label_values), todo, chunk=settings.preannotate_chunk,
-                             trigger="usam preannotate", version=choice.version)  # fmt: skip
+    if config.videos:
+        specs = video_task_jobs(pid, todo, trigger="usam preannotate", version=choice.version)
+    else:
+        specs = preannotate_jobs(pid, sorted(config.label_values), todo, chunk=settings.preannotate_chunk,
+                                 trigger="usam preannotate", version=choice.version)  # fmt: skip
     outcome = run_task_jobs(settings, specs, total=len(todo), desc="pre-annotating", wait=wait, timeout=timeout)
     if outcome is None:
         return 0

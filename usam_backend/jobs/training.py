@@ -132,6 +132,8 @@ def annotated_instances(
         for task in tasks:
             try:
                 for image_name, field_ in config.images.items():
+                    if field_.sequence:
+                        continue  # frame sequences are not learnt from (yet): their regions span frames
                     regions = [r for r in task.regions if r.image == image_name]
                     if field_.key not in task.data:
                         raise DataError(f"task {task.task} has no '{field_.key}' in its data")

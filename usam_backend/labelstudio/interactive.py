@@ -79,6 +79,7 @@ class BrushStroke:
     label: ProjectLabel
     image: str
     mask: np.ndarray
+    item_index: int | None = None  # the frame of a frame sequence
 
 
 def parse_brush_strokes(context: list[Any], config: LabelConfig) -> list[BrushStroke]:
@@ -99,8 +100,18 @@ def parse_brush_strokes(context: list[Any], config: LabelConfig) -> list[BrushSt
         label = config.brush_label(str(names[0]), image)
         if label is None:
             raise PromptError(f"the stroke's label {names[0]!r} is not a BrushLabels label of {image!r}")
-        strokes.append(BrushStroke(str(item.get("id") or f"stroke-{len(strokes)}"), label, image, _stroke(item, value)))
+        frame = _item_index(item) if config.images[image].sequence else None
+        stroke_id = str(item.get("id") or f"stroke-{len(strokes)}")
+        strokes.append(BrushStroke(stroke_id, label, image, _stroke(item, value), frame))
     return strokes
+
+
+def _item_index(item: dict[str, Any]) -> int:
+    """A frame-sequence region's frame: its top-level ``item_index`` (missing: frame 0)."""
+    raw = item.get("item_index", 0)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise PromptError(f"a smart brush stroke has item_index {str(raw)[:20]!r}: expected a frame number (0, 1, ...)")
+    return raw
 
 
 def _value(item: dict[str, Any]) -> dict[str, Any]:

@@ -161,11 +161,16 @@ def _json(response: httpx.Response) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def fetcher_for(settings: Settings, record: ProjectRecord | None, client: httpx.Client) -> TaskImageFetcher:
-    """A fetcher for one project's task images, from its Label Studio (:func:`label_studio_origin`)."""
+def fetcher_for(
+    settings: Settings, record: ProjectRecord | None, client: httpx.Client, *, video: bool = False
+) -> TaskImageFetcher:
+    """A fetcher for one project's task images (``video``: its videos, up to ``USAM_MAX_VIDEO_BYTES``),
+    from its Label Studio (:func:`label_studio_origin`)."""
     origin = label_studio_origin(settings, record)
     auth = None
     if origin.url:
         auth = LabelStudioAuth(origin.url, origin.api_key, origin.setup_token, client)
-    limits = FetchLimits(settings.max_image_bytes, settings.fetch_timeout, settings.allowed_hosts)
+    max_bytes = settings.max_video_bytes if video else settings.max_image_bytes
+    setting = "USAM_MAX_VIDEO_BYTES" if video else "USAM_MAX_IMAGE_BYTES"
+    limits = FetchLimits(max_bytes, settings.fetch_timeout, settings.allowed_hosts, setting)
     return TaskImageFetcher(origin.url, auth, limits, client, named_by_operator=origin.named_by_operator)

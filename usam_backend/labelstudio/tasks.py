@@ -4,6 +4,12 @@ pre-annotation jobs share.
 For each image of a task: fetch it (:mod:`usam_backend.labelstudio.media`), segment it with the
 head chosen for the project (:mod:`usam_backend.systems.usam`), and format the regions as brush
 results carrying the project's labels; the regions are logged for learning from annotators.
+
+A frame sequence (``<Image valueList>``) is one video: the head runs on every
+``USAM_VIDEO_STRIDE``-th frame, its regions are linked into tracks and SAM segments each track on
+every frame (:mod:`usam_backend.systems.uvosam`); each track gets one brush region per frame, with
+the frame's ``item_index``. A smart-brush stroke on one frame of a sequence is refined there and
+followed through the other frames.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.prompts import segment_prompt
 from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
 from usam_backend.systems.usam import SemanticSegmenter, Survivors
+from usam_backend.systems.uvosam import TrackOptions, detect_tracks, follow_object, segment_video
 
 log = logging.getLogger("usam.tasks")
 
@@ -80,6 +87,9 @@ class TaskPredictor:
                         by_class.setdefault(choice.served[label.value], label)
                 if not by_class:
                     continue
+                if field_.sequence:
+                    results += self._sequence(task, field_.key, image_name, by_class, choice, fetcher, basic)
+                    continue
                 image = self.task_image(task, field_.key, fetcher, basic)
                 head_classes = {choice.head.class_names[i] for i in by_class}
                 with self.lock:
@@ -103,6 +113,29 @@ class TaskPredictor:
                 log.warning("task %s: prediction not logged for feedback: %s", task_id, exc)
         confidence = float(np.nanmean(confidences)) if confidences and not np.isnan(confidences).all() else None
         return prediction(results, choice.version, confidence)
+
+    def _sequence(
+        self, task: dict[str, Any], key: str, image_name: str, by_class: dict[int, ProjectLabel], choice: HeadChoice,
+        fetcher: TaskImageFetcher, basic: Basic,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Brush regions of a frame sequence: one per track per frame, with ``item_index``."""
+        frames = self.task_frames(task, key, fetcher, basic)
+        chosen = list(range(0, len(frames), self.settings.video_stride))
+        head_classes = {choice.head.class_names[i] for i in by_class}
+        with self.lock:
+            segmenter = self.segmenter(choice)
+            tracks = detect_tracks(
+                [frames[i] for i in chosen], segmenter, frame_indices=chosen, classes=head_classes,
+                min_hits=min(TrackOptions.min_hits, len(chosen)),
+            )  # fmt: skip
+            maps = segment_video(frames, tracks, EnginePredictor(segmenter.engine))
+        results = []
+        for index, ids in enumerate(maps):
+            for tid in np.unique(ids[ids > 0]):
+                track = tracks[int(tid)]
+                rid = region_id(choice.version, task.get("id"), image_name, index, int(tid))
+                results.append(brush_region(ids == tid, by_class[track.class_id], track.score, rid, item_index=index))
+        return results
 
     def _masks(self, image: np.ndarray, survivors: Survivors) -> Iterator[tuple[int, np.ndarray]]:
         """(survivor index, non-empty (H, W) bool mask), refined as ``USAM_REFINE`` says."""
@@ -152,11 +185,23 @@ class TaskPredictor:
         the suggestion replaces the rough region); a region SAM does not agree with comes back as
         drawn. A region's score is the mean IoU of its accepted parts with SAM's masks (0: none)."""
         results = []
-        images: dict[str, np.ndarray] = {}
+        images: dict[tuple[str, int | None], np.ndarray] = {}
+        sequences: dict[str, list[np.ndarray]] = {}
         for stroke in strokes:
-            if stroke.image not in images:
-                images[stroke.image] = self.task_image(task, config.images[stroke.image].key, fetcher, basic)
-            image = images[stroke.image]
+            field_ = config.images[stroke.image]
+            where = (stroke.image, stroke.item_index)
+            if where not in images:
+                if field_.sequence:
+                    sequences[stroke.image] = sequences.get(stroke.image) or self.task_frames(
+                        task, field_.key, fetcher, basic
+                    )
+                    count = len(sequences[stroke.image])
+                    if not (stroke.item_index or 0) < count:
+                        raise PromptError(f"a stroke is on frame {stroke.item_index} of a {count}-frame sequence")
+                    images[where] = sequences[stroke.image][stroke.item_index or 0]
+                else:
+                    images[where] = self.task_image(task, field_.key, fetcher, basic)
+            image = images[where]
             if stroke.mask.shape != image.shape[:2]:
                 raise PromptError(
                     f"a stroke is {stroke.mask.shape[::-1]} (W, H), the image {image.shape[1::-1]}: strokes must be "
@@ -169,8 +214,23 @@ class TaskPredictor:
             accepted = [r["iou"] for r in report.regions if r["accepted"]]
             score = float(np.mean(accepted)) if accepted else 0.0
             if (refined == 1).any():
-                results.append(brush_region(refined == 1, stroke.label, score, stroke.id))
+                results.append(brush_region(refined == 1, stroke.label, score, stroke.id, stroke.item_index))
+                if stroke.image in sequences and _first_of_its_label(stroke, strokes):
+                    results += self._follow(task, stroke, refined == 1, sequences[stroke.image], score, version)
         return prediction(results, version)
+
+    def _follow(
+        self, task: dict[str, Any], stroke: BrushStroke, mask: np.ndarray, frames: list[np.ndarray], score: float,
+        version: str,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The stroke's object followed through the other frames of its sequence."""
+        with self.lock:
+            found = follow_object(frames, stroke.item_index or 0, EnginePredictor(self.engine()), mask=mask)
+        return [
+            brush_region(m, stroke.label, score, region_id(version, task.get("id"), stroke.id, index), index)
+            for index, m in found.items()
+            if index != stroke.item_index
+        ]
 
     def segmenter(self, choice: HeadChoice) -> SemanticSegmenter:
         """The segmenter for a head, kept for the :data:`MAX_SEGMENTERS` heads used last."""
@@ -185,6 +245,25 @@ class TaskPredictor:
             self._segmenters = {choice.version: segmenter, **dict(recent)}
             return segmenter
 
+    def task_frames(
+        self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: Basic
+    ) -> list[np.ndarray]:  # fmt: skip
+        """The frames of a frame-sequence field (a list of image references), all of one size."""
+        data = task.get("data")
+        refs = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise UsamError(f"task {task.get('id')}: '{key}' must be a list of image URLs (a frame sequence)")
+        if len(refs) > self.settings.video_max_frames:
+            raise UsamError(
+                f"task {task.get('id')}: {len(refs)} frames, more than USAM_VIDEO_MAX_FRAMES="
+                f"{self.settings.video_max_frames}"
+            )
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        frames = [load_image(fetcher.fetch(r, task_id, basic), max_pixels=self.settings.max_image_pixels) for r in refs]
+        if len({f.shape for f in frames}) > 1:
+            raise UsamError(f"task {task.get('id')}: the frames of '{key}' do not all have the same size")
+        return frames
+
     def task_image(self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: Basic) -> np.ndarray:
         """The task's image in data field ``key``, as HxWx3 uint8 RGB."""
         data = task.get("data")
@@ -198,3 +277,11 @@ class TaskPredictor:
         log.warning("task %s: no prediction: %s", task_id, reason)
         if self.on_failure is not None:
             self.on_failure(task_id, reason)
+
+
+def _first_of_its_label(stroke: BrushStroke, strokes: list[BrushStroke]) -> bool:
+    """Only a label's strokes all on one frame are followed through the sequence: once the label
+    has regions on several frames (the annotator accepted a propagation, or drew on another frame)
+    each is refined where it is."""
+    frames = {s.item_index for s in strokes if s.image == stroke.image and s.label == stroke.label}
+    return len(frames) == 1

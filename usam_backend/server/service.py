@@ -171,7 +171,8 @@ class Backend:
 
     def predict(self, request: PredictRequest) -> list[Any]:
         """One element per task: a prediction, or ``[]`` (no prediction yet) for tasks handed off
-        to pre-annotation jobs because the batch ran out of time (``USAM_PREDICT_BUDGET``)."""
+        to pre-annotation jobs because the batch ran out of time (``USAM_PREDICT_BUDGET``), and
+        for every video task (video jobs post their predictions)."""
         started = time.monotonic()
         pid = project_id(request.project) if request.project else None
         record = self.projects.get(pid) if pid else None
@@ -194,6 +195,12 @@ class Backend:
         if choice is None:
             log.info("no head serves labels %s yet: empty predictions", list(config.label_values))
             return [prediction([], no_head_version(self.settings.sam_type)) for _ in request.tasks]
+        if config.videos:  # always longer than Label Studio waits: jobs post the predictions
+            ids = [int(t["id"]) for t in request.tasks if isinstance(t.get("id"), int)]
+            if pid is not None and ids:
+                self.policy.hand_off(pid, config, ids)
+                log.info("project %s: %d video task(s) handed to video jobs", pid, len(ids))
+            return [[] for _ in request.tasks]
         results: list[Any] = []
         for i, task in enumerate(request.tasks):
             if i and time.monotonic() - started > self.settings.predict_budget:

@@ -449,13 +449,27 @@ def masks_to_detections(masks: Sequence[np.ndarray], scores: Sequence[float], cl
     return boxes, np.asarray(scores, dtype=np.float64), np.asarray(class_ids, dtype=int)
 
 
+def detect(
+    frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, classes: set[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Detections | None]:  # fmt: skip
+    """Per frame, the head's regions as detections: each region's box, class probability and class."""
+    detections: list[Detections | None] = []
+    for frame in frames:
+        regions = segmenter.segment(frame, classes=classes)
+        detections.append((regions.boxes, regions.scores, regions.class_ids) if len(regions) else None)
+        if progress is not None:
+            progress(1)
+    return detections
+
+
 def detect_tracks(
     frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, frame_indices: Sequence[int] | None = None,
     classes: set[str] | None = None, progress: Callable[[int], None] | None = None, **options: Any,
 ) -> dict[int, Track]:  # fmt: skip
-    """Tracks of the head's classes (the class-names path): the head segments each frame, its
-    regions' boxes become detections (score: the head's class probability) and
-    :func:`track_boxes` links them; each track's ``label`` is its class name.
+    """Tracks of the head's classes (the class-names path): the head segments each frame
+    (:func:`detect`) and :func:`track_boxes` links its regions' boxes; each track's ``label`` is
+    its class name.
 
     Args:
         frames: the frames to run the head on (e.g. every 5th frame of a clip).
@@ -464,13 +478,12 @@ def detect_tracks(
         **options: :class:`TrackOptions` fields.
     """
     indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
-    detections: list[Detections | None] = []
-    for frame in frames:
-        regions = segmenter.segment(frame, classes=classes)
-        detections.append((regions.boxes, regions.scores, regions.class_ids) if len(regions) else None)
-        if progress is not None:
-            progress(1)
-    tracks = track_boxes(detections, frames=indices, **options)
+    tracks = track_boxes(detect(frames, segmenter, classes=classes, progress=progress), frames=indices, **options)
+    return name_tracks(tracks, segmenter.class_names)
+
+
+def name_tracks(tracks: dict[int, Track], class_names: Sequence[str]) -> dict[int, Track]:
+    """Set each track's ``label`` to its class's name."""
     for track in tracks.values():
-        track.label = segmenter.class_names[track.class_id]
+        track.label = class_names[track.class_id] if 0 <= track.class_id < len(class_names) else ""
     return tracks

@@ -1,0 +1,204 @@
+"""Video and frame sequences in the backend: label configs, videorectangle results, frame-sequence
+predictions and smart-brush propagation with the tiny SAM, the hand-off of video tasks to jobs,
+and the chunking of long videos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from usam_backend.core.settings import Settings
+from usam_backend.jobs.video import ChunkStore, plan_chunks, video_results
+from usam_backend.labelstudio.config import LabelConfigError, parse_label_config
+from usam_backend.registry import HeadRegistry
+from usam_backend.server.service import Backend, PredictRequest
+from usam_backend.systems.uvosam import Track
+
+from conftest import scene
+from helpers import ROOT, WebHost
+
+VIDEO = """<View><Video name="video" value="$video" {rate}/><VideoRectangle name="box" toName="video"/>
+<Labels name="videoLabels" toName="video"><Label value="Sky" predicted_values="sky"/><Label value="tomato"/></Labels>
+</View>"""
+FRAMES = """<View><Image name="frames" valueList="$frames"/><BrushLabels name="tag" toName="frames" smart="true">
+<Label value="Sky" predicted_values="sky"/><Label value="tomato"/></BrushLabels></View>"""
+H, W = 120, 160
+
+
+@pytest.mark.parametrize(("attribute", "rate"), [("", 24.0), ('frameRate="25"', 25.0), ('framerate="29.97"', 29.97),
+                                                  ('FRAMERATE="12"', 12.0)])  # fmt: skip
+def test_video_configs_and_their_frame_rate(attribute, rate):
+    config = parse_label_config(VIDEO.format(rate=attribute))
+    assert config.videos["video"].frame_rate == rate and config.videos["video"].key == "video"
+    assert [(label.value, label.control, label.image, label.kind) for label in config.labels] == [
+        ("Sky", "box", "video", "videorectangle"), ("tomato", "box", "video", "videorectangle")
+    ]  # fmt: skip
+    assert config.images == {}
+
+
+def test_frame_sequence_configs_templates_and_bad_configs():
+    config = parse_label_config(FRAMES)
+    assert config.images["frames"].sequence and config.images["frames"].key == "frames"
+    assert config.prompt_tools == {}
+    for template in ("video_tracks.xml", "frame_sequence_brush.xml"):
+        shipped = parse_label_config((ROOT / "label_config" / template).read_text())
+        assert {label.value for label in shipped.labels} == {"cat", "dog", "person"}
+    with pytest.raises(LabelConfigError, match="frameRate 'fast'"):
+        parse_label_config(VIDEO.format(rate='frameRate="fast"'))
+    with pytest.raises(LabelConfigError, match="frames per second"):
+        parse_label_config(VIDEO.format(rate='frameRate="0"'))
+    no_rectangle = VIDEO.format(rate="").replace('<VideoRectangle name="box" toName="video"/>', "")
+    with pytest.raises(LabelConfigError, match="VideoRectangle"):
+        parse_label_config(no_rectangle)
+
+
+def test_video_results_are_valid_label_studio_tracks(trained_head, tmp_path):
+    """A track seen on frames 0, 4, 8 (then lost) and again on 20, 24, in a 24 fps video of a
+    config that says 25 fps: 1-based frames at Label Studio's rate, enabled where it goes on."""
+    head_path = tmp_path / "heads" / "head.pt"
+    trained_head.save(head_path)
+    xml = VIDEO.format(rate='frameRate="25"')
+    config = parse_label_config(xml)
+    choice = HeadRegistry(tmp_path / "heads", "tiny").choose(config.labels, None)
+    track = Track(1, class_id=choice.served["tomato"])
+    for f in (0, 4, 8, 20, 24):
+        track.boxes[f] = np.array([10.0 + f, 20.0, 50.0 + f, 60.0])
+        track.scores[f] = 0.8
+    for f in range(1, 8):  # interpolated between sightings
+        track.boxes.setdefault(f, track.boxes[0])
+    for f in range(21, 24):
+        track.boxes[f] = track.boxes[20]
+    clip = {"fps": 24.0, "frame_count": 48, "width": W, "height": H}
+    (region,) = video_results({1: track}, config, choice, 7, 4, clip)
+    assert region["type"] == "videorectangle" and region["from_name"] == "box" and region["to_name"] == "video"
+    value = region["value"]
+    assert value["labels"] == ["tomato"] and value["framesCount"] == 50 and value["duration"] == 2.0
+    frames = [(k["frame"], k["enabled"]) for k in value["sequence"]]
+    assert frames == [(1, True), (5, True), (9, False), (22, True), (26, False)]
+    first = value["sequence"][0]
+    assert (first["x"], first["y"], first["width"], first["height"]) == (6.25, 16.6667, 25.0, 33.3333)
+    assert first["time"] == pytest.approx(1 / 25)
+    assert LabelInterface(xml).validate_prediction({"result": [region], "score": 0.8, "model_version": "v"})
+    other = Track(2, class_id=99)  # a class no label of the video asks for
+    other.boxes[0], other.scores[0] = np.array([0, 0, 5, 5.0]), 0.9
+    assert video_results({2: other}, config, choice, 7, 4, clip) == []
+
+
+def test_chunks_start_on_strided_frames_and_one_caller_links_them(tmp_path):
+    assert plan_chunks(100, 30, 4) == [(0, 28), (28, 56), (56, 84), (84, 100)]
+    assert plan_chunks(10, 240, 5) == [(0, 10)]
+    assert plan_chunks(7, 2, 5) == [(0, 5), (5, 7)]
+    settings = Settings(model_dir=tmp_path)
+    store = ChunkStore(settings, "3", 9, "v1")
+    assert store.load([(0, 5), (5, 7)]) is None
+    store.put(0, {"frames": []})
+    store.put(5, {"frames": []})
+    assert store.load([(0, 5), (5, 7)]) == [{"frames": []}, {"frames": []}]
+    assert store.claim() and not store.claim()
+    store.clear()
+    assert not store.folder.exists()
+
+
+@pytest.fixture
+def frames_host(tmp_path, trained_head):
+    """Six frames of a tomato moving right and the sky staying, served over HTTP."""
+    (tmp_path / "www").mkdir()
+    for t in range(6):
+        x = 10 + 8 * t
+        image = scene((H, W), [("tomato", (x, 30, x + 50, 90)), ("sky", (110, 10, 155, 60))], seed=3)
+        Image.fromarray(image).save(tmp_path / "www" / f"{t}.png")
+    trained_head.save(tmp_path / "models" / "heads" / "head.pt")
+    host = WebHost(tmp_path / "www")
+    yield host, tmp_path
+    host.stop()
+
+
+def backend_for(tmp_path, **extra) -> Backend:
+    settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
+                        model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",), score_threshold=0.2,
+                        **extra)  # fmt: skip
+    return Backend(settings)
+
+
+def test_a_frame_sequence_gets_one_region_per_track_per_frame(frames_host):
+    host, tmp_path = frames_host
+    backend = backend_for(tmp_path, video_stride=2)
+    task = {"id": 4, "data": {"frames": [f"{host.url}/{t}.png" for t in range(6)]}}
+    (prediction,) = backend.predict(PredictRequest(tasks=[task], label_config=FRAMES))
+    results = prediction["result"]
+    assert results, "the head found nothing on any frame"
+    assert LabelInterface(FRAMES).validate_prediction(prediction)
+    assert {r["item_index"] for r in results} <= set(range(6))
+    assert len({r["id"] for r in results}) == len(results)
+    for region in results:
+        assert (region["original_width"], region["original_height"]) == (W, H)
+        assert region["value"]["brushlabels"][0] in ("Sky", "tomato")
+        assert (decode_rle(region["value"]["rle"]).reshape(H, W, 4)[:, :, 3] > 127).any()
+    per_frame = {}
+    for region in results:  # a track has at most one region per frame
+        key = (region["item_index"], region["value"]["brushlabels"][0], region["score"])
+        per_frame[key] = per_frame.get(key, 0) + 1
+    assert max(per_frame.values()) == 1
+
+    broken = {"id": 5, "data": {"frames": "not a list"}}
+    (empty,) = backend.predict(PredictRequest(tasks=[broken], label_config=FRAMES))
+    assert empty["result"] == []
+    assert "must be a list of image URLs" in backend.failures[-1]["reason"]
+    too_many = backend_for(tmp_path, video_max_frames=3)
+    (empty,) = too_many.predict(PredictRequest(tasks=[task], label_config=FRAMES))
+    assert empty["result"] == [] and "USAM_VIDEO_MAX_FRAMES=3" in too_many.failures[-1]["reason"]
+
+
+def stroke(item_index: int, rid: str = "s1") -> dict:
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[35:85, 20:60] = 255
+    return {
+        "id": rid, "type": "brushlabels", "from_name": "tag", "to_name": "frames", "origin": "manual",
+        "original_width": W, "original_height": H, "image_rotation": 0, "item_index": item_index,
+        "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["tomato"]},
+    }  # fmt: skip
+
+
+def test_a_smart_brush_stroke_on_one_frame_is_answered_on_its_frame_and_followed(frames_host):
+    host, tmp_path = frames_host
+    backend = backend_for(tmp_path)
+    task = {"id": 4, "data": {"frames": [f"{host.url}/{t}.png" for t in range(6)]}}
+    request = PredictRequest(tasks=[task], label_config=FRAMES, params={"context": {"result": [stroke(2)]}})
+    (prediction,) = backend.predict(request)
+    regions = prediction["result"]
+    own = [r for r in regions if r["id"] == "s1"]
+    assert len(own) == 1 and own[0]["item_index"] == 2  # accepting it replaces the stroke
+    followed = [r for r in regions if r["id"] != "s1"]
+    assert all(r["item_index"] != 2 and r["value"]["brushlabels"] == ["tomato"] for r in followed)
+    assert LabelInterface(FRAMES).validate_prediction(prediction)
+    # strokes of the label on two frames: each refined where it is, nothing followed
+    two = PredictRequest(tasks=[task], label_config=FRAMES,
+                         params={"context": {"result": [stroke(2), stroke(4, "s2")]}})  # fmt: skip
+    (prediction,) = backend.predict(two)
+    assert sorted(r["id"] for r in prediction["result"]) == ["s1", "s2"]
+    from usam_backend.labelstudio.interactive import PromptError
+
+    with pytest.raises(PromptError, match="frame 9 of a 6-frame sequence"):
+        backend.predict(PredictRequest(tasks=[task], label_config=FRAMES, params={"context": {"result": [stroke(9)]}}))
+    with pytest.raises(PromptError, match="item_index"):
+        backend.predict(PredictRequest(tasks=[task], label_config=FRAMES,
+                                       params={"context": {"result": [stroke(-1)]}}))  # fmt: skip
+
+
+def test_video_tasks_go_to_video_jobs_at_once(frames_host):
+    _, tmp_path = frames_host
+    backend = backend_for(tmp_path)
+    backend.setup("12", VIDEO.format(rate=""), None, None)
+    tasks = [{"id": 31, "data": {"video": "/data/upload/12/a.mp4"}}, {"id": 32, "data": {"video": "b.mp4"}}]
+    answer = backend.predict(PredictRequest(tasks=tasks, project="12"))
+    assert answer == [[], []]  # Label Studio creates no prediction now; the jobs post them
+    backend.policy.drain()
+    jobs = {job["id"]: job for job in backend.training_status()["jobs"]}
+    assert {i for i in jobs if i.startswith("usam-video-12-")} == {
+        next(i for i in jobs if "-31-" in i),
+        next(i for i in jobs if "-32-" in i),
+    }
+    assert all(job["kind"] == "video" for i, job in jobs.items() if i.startswith("usam-video-"))
