@@ -90,3 +90,15 @@ def test_malformed_prompts_say_what_is_wrong(tiny_engine, two_object_image, prom
 def test_predict_before_set_image_is_a_clear_error(tiny_engine):
     with pytest.raises(RuntimeError, match="set_image"):
         EnginePredictor(tiny_engine).predict(box=np.array([0, 0, 5, 5]))
+
+
+def test_predict_boxes_is_predict_per_box_in_one_batch(both, two_object_image):
+    reference, ours = both
+    image = two_object_image
+    boxes = np.array([[20, 30, 100, 130], [140, 30, 220, 130], [0, 0, 60, 60]], dtype=np.float32)
+    masks, scores = ours.predict_boxes(boxes)
+    assert masks.shape == (3, *image.shape[:2]) and masks.dtype == bool and scores.shape == (3,)
+    for i, box in enumerate(boxes):
+        one, score, _ = reference.predict(box=box, multimask_output=False)  # segment_anything's own
+        assert np.mean(one[0] != masks[i]) < 1e-3  # the same arithmetic, batched
+        assert score[0] == pytest.approx(scores[i], abs=1e-4)

@@ -160,3 +160,11 @@ def test_tracks_files_mot_and_bad_ones(tmp_path, clip_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 1000)
     assert main(["video", str(tmp_path / "broken.mp4"), "--out", out, "--tracks", str(mot), *TINY]) == 2
     assert "could not be decoded" in capsys.readouterr().err
+
+
+def test_bench_video_prints_stages_and_frames_per_second(capsys):
+    assert main(["bench-video", "--frames", "6", "--size", "128", "--stride", "3", "--objects", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    for stage in ("decode (PyAV)", "head on strided frames", "tracking (ByteTrack)", "SAM from track boxes"):
+        assert stage in out
+    assert "frames/s of video" in out and "(2 tracks)" in out

@@ -167,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     evaluate.set_defaults(command=_evaluate)
 
+    bench_video = commands.add_parser(
+        "bench-video",
+        help="frames per second of the video paths, stage by stage",
+        description="Encode, decode, track and segment a synthetic clip of moving objects: the head on every "
+        "--stride-th frame, ByteTrack, SAM from track boxes on every frame. Prints seconds per stage and frames per "
+        "second for box tracks (Label Studio video) and for masks. Random weights unless a checkpoint is on disk.",
+    )
+    bench_video.add_argument("--frames", type=int, default=24, help="frames in the clip (default 24)")
+    bench_video.add_argument("--size", type=int, default=640, help="frame width in pixels (4:3; default 640)")
+    bench_video.add_argument("--stride", type=int, default=5, help="run the head on every N-th frame (default 5)")
+    bench_video.add_argument("--objects", type=int, default=4, help="moving objects (default 4)")
+    _model_flags(bench_video)
+    bench_video.set_defaults(command=_bench_video)
+
     bench_refine = commands.add_parser(
         "bench-refine",
         help="time refinement per image and per object",
@@ -393,6 +407,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(result))
     if args.json:
         args.json.write_text(to_json(result))
+    return 0
+
+
+def _bench_video(args: argparse.Namespace) -> int:
+    from usam_backend.tools.bench_video import run_video_bench
+
+    report = run_video_bench(_settings(args), frames=args.frames, size=args.size, stride=args.stride,
+                             objects=args.objects)  # fmt: skip
+    print(report)
     return 0
 
 

@@ -72,5 +72,22 @@ class EnginePredictor:
             full = batch.masks[0]
         return full, batch.iou_predictions[0], low_res.float().cpu().numpy()
 
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per box, all in one decoder batch (what ``predict(box=..., multimask_output=False)``
+        gives for each box).
+
+        Args:
+            boxes: (B, 4) XYXY pixels.
+
+        Returns:
+            masks (B, H, W) bool and scores (B,) float32.
+        """
+        if self.embedding is None:
+            raise RuntimeError("call set_image before predict_boxes")
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        batch = self.engine.predict_prompts(self.embedding, boxes=boxes, multimask=False)
+        assert batch.masks is not None
+        return batch.masks[:, 0], batch.iou_predictions[:, 0]
+
     def reset_image(self) -> None:
         self.embedding = None

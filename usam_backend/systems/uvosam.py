@@ -263,13 +263,12 @@ def segment_video(
     for frame, index in zip(frames, indices, strict=True):
         boxes = by_frame.get(index, {})
         ids = np.zeros(frame.shape[:2], dtype=np.int32)
-        if boxes:
+        inside = {
+            tid: b for tid, b in ((tid, _clip_box(box, frame.shape)) for tid, box in boxes.items()) if b is not None
+        }
+        if inside:
             predictor.set_image(frame)
-            masks = {}
-            for tid, box in boxes.items():
-                mask = _box_mask(predictor, _clip_box(box, frame.shape))
-                if mask is not None:
-                    masks[tid] = mask
+            masks = {tid: m for tid, m in _box_masks(predictor, inside).items() if m.any()}
             paint(ids, [(int(m.sum()), tid, m) for tid, m in drop_duplicates(masks, boxes).items()])
         out.append(ids)
         if progress is not None:
@@ -301,6 +300,20 @@ def paint(ids: np.ndarray, masks: Iterable[tuple[int, int, np.ndarray]]) -> np.n
     for _, tid, mask in sorted(masks, key=lambda m: (-m[0], -m[1])):
         ids[mask] = tid
     return ids
+
+
+def _box_masks(predictor: Predictor, boxes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """One mask per box: in one decoder batch when the predictor offers ``predict_boxes``
+    (:class:`~usam_backend.sam.predictor.EnginePredictor` does), else box by box."""
+    batched = getattr(predictor, "predict_boxes", None)
+    if batched is not None:
+        masks, _ = batched(np.stack(list(boxes.values())))
+        return {tid: np.asarray(m, dtype=bool) for tid, m in zip(boxes, masks, strict=True)}
+    out = {}
+    for tid, box in boxes.items():
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        out[tid] = np.asarray(masks[0]).astype(bool)
+    return out
 
 
 def _box_mask(predictor: Predictor, box: np.ndarray | None) -> np.ndarray | None:
