@@ -99,6 +99,6 @@ def run_video_bench(settings: Settings, *, frames: int = 24, size: int = 640, st
         f"  ({len(tracks)} tracks)",
         f"tracks (Label Studio video):  {n / boxes_path:.2f} frames/s of video",
         f"masks (usam video, sequences): {n / masks_path:.2f} frames/s of video",
-        f"SAM's image encoder is most of it: {engine.encoder_calls} encoder passes for {n} frames",
+        f"SAM image encoder passes: {engine.encoder_calls} for {n} frames (the strided frames' embeddings reused)",
     ]
     return "\n".join(lines)
