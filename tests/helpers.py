@@ -207,6 +207,26 @@ class LabelStudioServer:
             self.stop()
             raise RuntimeError("Label Studio did not start:\n" + self.log_path.read_text()[-4000:]) from None
         self.sdk = LabelStudio(base_url=self.url, api_key=LEGACY_TOKEN)
+        self._personal_token: str | None = None
+
+    def personal_token(self) -> str:
+        """The admin's personal access token (created once: Label Studio keeps one per user)."""
+        if self._personal_token is None:
+            response = self.http.post("/api/token/")
+            assert response.status_code == 201, response.text
+            self._personal_token = str(response.json()["token"])
+        return self._personal_token
+
+    def allow_legacy_tokens(self, enabled: bool) -> None:
+        """The organisation's legacy-token switch, set with the personal access token (which works
+        either way), so one test's refusal does not outlive it."""
+        refreshed = httpx.post(f"{self.url}/api/token/refresh", json={"refresh": self.personal_token()}, timeout=30)
+        refreshed.raise_for_status()
+        response = httpx.post(
+            f"{self.url}/api/jwt/settings", json={"legacy_api_tokens_enabled": enabled}, timeout=30,
+            headers={"Authorization": f"Bearer {refreshed.json()['access']}"},
+        )  # fmt: skip
+        assert response.status_code in (200, 201), response.text
 
     def _alive(self) -> bool:
         if self.process.poll() is not None:

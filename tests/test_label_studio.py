@@ -71,8 +71,6 @@ def s3(images):
 @pytest.fixture(scope="module")
 def usam(label_studio, trained_head, class_dir, tmp_path_factory):
     """usam with a personal access token (the modern path) and the trained tiny head."""
-    response = label_studio.http.post("/api/token/")
-    assert response.status_code == 201, response.text
     models = tmp_path_factory.mktemp("usam-models")
     trained_head.save(models / "heads" / "head.pt")
     env = {
@@ -83,7 +81,7 @@ def usam(label_studio, trained_head, class_dir, tmp_path_factory):
         "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("usam-cache")),
         "USAM_ALLOWED_HOSTS": "127.0.0.1",  # the S3 stand-in listens on loopback
         "LABEL_STUDIO_URL": label_studio.url,  # LABEL_STUDIO_API_KEY goes there and nowhere else
-        "LABEL_STUDIO_API_KEY": response.json()["token"],
+        "LABEL_STUDIO_API_KEY": label_studio.personal_token(),
         "USAM_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "BASIC_AUTH_USER": BASIC_AUTH[0],  # Start training reaches /webhook with the connection's basic auth
         "BASIC_AUTH_PASS": BASIC_AUTH[1],
@@ -430,8 +428,7 @@ def test_legacy_token_from_setup_and_its_refusal(label_studio, trained_head, ima
         (stored,) = sdk.predictions.list(task=task.id)
         assert len(stored.result) > 0
 
-        switched = label_studio.http.post("/api/jwt/settings", json={"legacy_api_tokens_enabled": False})
-        assert switched.status_code in (200, 201), switched.text
+        label_studio.allow_legacy_tokens(False)
         reply = usam.client.post(
             "/predict",
             json={"tasks": [{"id": task.id, "data": task.data}], "project": f"{created.id}.0"},
@@ -441,4 +438,5 @@ def test_legacy_token_from_setup_and_its_refusal(label_studio, trained_head, ima
         assert "legacy token" in reason and "LABEL_STUDIO_API_KEY" in reason
     finally:
         usam.stop()
+        label_studio.allow_legacy_tokens(True)  # the other end-to-end files share this Label Studio
         time.sleep(0.1)

@@ -52,15 +52,13 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def usam_video(label_studio, trained_head, tmp_path_factory):
-    response = label_studio.http.post("/api/token/")
-    assert response.status_code == 201, response.text
     models = tmp_path_factory.mktemp("usam-video-models")
     trained_head.save(models / "heads" / "head.pt")
     env = {
         "USAM_SAM_TYPE": "tiny", "USAM_DEVICE": "cpu", "USAM_POINTS": "64", "USAM_SCORE_THRESHOLD": "0.2",
         "USAM_MODEL_DIR": str(models), "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("usam-video-cache")),
         "USAM_ALLOWED_HOSTS": "127.0.0.1", "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": response.json()["token"], "USAM_AUTO_TRAIN": "false", "USAM_RETRAIN_EVERY": "0",
+        "LABEL_STUDIO_API_KEY": label_studio.personal_token(), "USAM_AUTO_TRAIN": "false", "USAM_RETRAIN_EVERY": "0",
         "USAM_VIDEO_STRIDE": "2", "USAM_VIDEO_CHUNK": "8",
     }  # fmt: skip
     server = UsamServer(env, models / "serve.log")
