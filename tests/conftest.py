@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from training.head import Head
-from usam_backend.core.settings import Settings
+from usam_backend.core.settings import Settings, get_settings
 from usam_backend.sam.engine import SamEngine
 
 from helpers import LabelStudioServer, free_port, label_studio_binary, wait_until
@@ -158,3 +158,12 @@ def label_studio(tmp_path_factory):
     server = LabelStudioServer(binary, tmp_path_factory.mktemp("label-studio"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def isolated_settings(tmp_path, monkeypatch):
+    """Settings read afresh from an environment whose cache is this test's own (CLI tests)."""
+    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

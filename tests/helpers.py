@@ -19,6 +19,7 @@ from label_studio_sdk import LabelStudio
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+TINY = ["--sam", "tiny", "--device", "cpu", "--points", "16"]  # CLI flags: the tiny random SAM
 
 
 def free_port() -> int:

@@ -12,19 +12,11 @@ from PIL import Image
 from training import Head
 from usam_backend.cli import main
 from usam_backend.core.masks import rle_to_mask
-from usam_backend.core.settings import get_settings
 
 from conftest import write_class_folders
+from helpers import TINY
 
-TINY = ["--sam", "tiny", "--device", "cpu", "--points", "16"]
-
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+pytestmark = pytest.mark.usefixtures("isolated_settings")
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,12 @@ from video_scenes import moving_shapes
 from usam_backend.cli import main
 from usam_backend.core.errors import DataError
 from usam_backend.core.masks import rle_to_mask
-from usam_backend.core.settings import get_settings
 from usam_backend.core.video import read_clip, write_video
 from usam_backend.tools.video_files import indexed_png, read_tracks
 
-TINY = ["--sam", "tiny", "--device", "cpu", "--points", "16"]
+from helpers import TINY
 
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+pytestmark = pytest.mark.usefixtures("isolated_settings")
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +163,20 @@ def test_bench_video_prints_stages_and_frames_per_second(capsys):
         assert stage in out
     assert "frames/s of video" in out
     assert int(re.search(r"\((\d+) tracks\)", out).group(1)) >= 1
+
+
+def test_video_from_keyframe_boxes(tmp_path, clip_path, capsys):
+    out = tmp_path / "out"
+    args = ["video", str(clip_path), "--out", str(out), "--box", "2:20,30,80,90:disc", "--box", "0:90,30,125,60", *TINY]
+    assert main(args) == 0
+    document = json.loads((out / "tracks.json").read_text())
+    assert [(t["id"], t["label"]) for t in document["tracks"]] == [(1, "disc"), (2, "")]  # in --box order
+    for track in document["tracks"]:  # the tiny random SAM: followed as far as its masks allow
+        assert all(0 <= f["frame"] < 8 and f["rle"]["size"] == [96, 128] for f in track["frames"])
+    assert len(list(out.glob("*.png"))) == 8
+    for bad, message in (("2:20,30,80", "expected FRAME:X0,Y0,X1,Y1"), ("2:80,30,20,90", "x0 < x1"),
+                         ("99:20,30,80,90", "the clip has frames 0-7")):  # fmt: skip
+        assert main(["video", str(clip_path), "--out", str(tmp_path / "bad"), "--box", bad, *TINY]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one source only
+        main(["video", str(clip_path), "--out", str(out), "--box", "0:1,1,5,5", "--tracks", "x.json", *TINY])

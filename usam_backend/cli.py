@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="video objects: tracks from a head or a tracks file, masks per frame (UVOSAM)",
         description="Segment a video (mp4/webm/mov, or a folder of frames) into objects that keep their id: "
         "with --head, the head finds its classes on every --stride-th frame and ByteTrack links them; with "
-        "--tracks, the boxes come from a tracks file (UVOSAM JSON, usam tracks.json, MOT text). Each frame's "
+        "--tracks, the boxes come from a tracks file (UVOSAM JSON, usam tracks.json, MOT text); with --box, "
+        "each object given on one frame is followed through the clip. Each frame's "
         "track boxes prompt SAM. Writes DIR/<frame>.png (palette PNG of track ids), DIR/tracks.json and with "
         "--viz DIR/viz.mp4. Resumes a stopped run.",
     )
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = video.add_mutually_exclusive_group(required=True)
     source.add_argument("--head", type=Path, metavar="HEAD_PATH", help="find the head's classes")
     source.add_argument("--tracks", type=Path, metavar="FILE", help="boxes from a tracks file")
+    follow = "an object on one frame (0-based, pixels), followed through the clip; repeatable"
+    source.add_argument("--box", action="append", metavar="FRAME:X0,Y0,X1,Y1[:LABEL]", help=follow)
     video.add_argument("--video-id", help="which video of a multi-video UVOSAM tracks file (default: INPUT's name)")
     video.add_argument("--stride", type=int, help="run the head on every N-th frame (USAM_VIDEO_STRIDE)")
     video.add_argument("--fps", type=float, help="frame rate of a frame folder (default 24)")
@@ -381,7 +384,8 @@ def _video(args: argparse.Namespace) -> int:
     from usam_backend.tools.video_files import video_command
 
     settings = _settings(args, video_stride=args.stride)
-    run = video_command(settings, args.input, args.out, head=args.head, tracks=args.tracks, video_id=args.video_id,
+    run = video_command(settings, args.input, args.out, head=args.head, tracks=args.tracks, boxes=args.box,
+                        video_id=args.video_id,
                         fps=args.fps, viz=args.viz, overwrite=args.overwrite)  # fmt: skip
     labels = ", ".join(f"{tid} {t.label}".strip() for tid, t in sorted(run.tracks.items())[:10])
     print(

@@ -8,7 +8,8 @@ Outputs in ``--out DIR``:
   and per frame its box (xyxy pixels), detection score (null where interpolated) and COCO RLE;
 - ``DIR/viz.mp4`` with ``--viz`` (``viz.gif`` with ``--viz-format gif``): the masks over the clip.
 
-Tracks come from a head (the class names path) or from a tracks file: UVOSAM's JSON (a list of
+Tracks come from a head (the class names path), from objects given as boxes on one frame each
+(``--box FRAME:X0,Y0,X1,Y1[:LABEL]``, followed through the clip), or from a tracks file: UVOSAM's JSON (a list of
 ``{"video_id", "boxes": [xyxy or null per frame], "score", "category_id"}``), usam's own
 ``tracks.json``, or MOT-challenge text (``frame,id,x,y,w,h,score,...``, 1-based frames; its ids are
 kept when they are 1-255, else tracks are renumbered in order of appearance).
@@ -39,7 +40,7 @@ from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.uosam import Predictor
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.systems.uvosam import Track, detect_tracks, segment_video
+from usam_backend.systems.uvosam import Track, detect_tracks, follow_object, segment_video, tracks_from_masks
 from usam_backend.tools.viz import class_colors
 
 FORMAT = "usam-video-tracks/1"
@@ -302,13 +303,54 @@ def overlay_frames(clip: Clip, maps: list[np.ndarray], tracks: dict[int, Track],
         yield np.asarray(image)
 
 
+@dataclass(frozen=True)
+class Keyframe:
+    """An object given on one frame: ``FRAME:X0,Y0,X1,Y1[:LABEL]`` (0-based frame, xyxy pixels)."""
+
+    frame: int
+    box: tuple[float, float, float, float]
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Keyframe:
+        parts = text.split(":", 2)
+        try:
+            frame = int(parts[0])
+            x0, y0, x1, y1 = (float(v) for v in parts[1].split(","))
+        except (ValueError, IndexError):
+            raise ConfigurationError(
+                f"--box {text!r}: expected FRAME:X0,Y0,X1,Y1[:LABEL], e.g. 0:10,20,110,90:dog"
+            ) from None
+        if frame < 0 or not (x0 < x1 and y0 < y1):
+            raise ConfigurationError(f"--box {text!r}: the frame must be 0 or more and the box x0 < x1, y0 < y1")
+        return cls(frame, (x0, y0, x1, y1), parts[2] if len(parts) > 2 else "")
+
+
+def followed_tracks(clip: Clip, keyframes: list[Keyframe], predictor: Predictor) -> dict[int, Track]:
+    """One track per keyframe: its object followed through the clip (:func:`follow_object`)."""
+    position = {index: i for i, index in enumerate(clip.indices)}
+    tracks = {}
+    for number, key in enumerate(keyframes, start=1):
+        if key.frame not in position:
+            raise DataError(f"--box on frame {key.frame}: the clip has frames 0-{clip.frame_count - 1}")
+        with tqdm(total=len(clip), desc=f"following object {number}", unit="frame") as bar:
+            masks = follow_object(clip.frames, position[key.frame], predictor, box=key.box, progress=bar.update)
+        track = tracks_from_masks({number: masks}, clip.indices)[number]
+        track.label = key.label
+        tracks[number] = track
+    return tracks
+
+
 def video_command(
     settings: Settings, path: Path, out: Path, *, head: Path | None = None, tracks: Path | None = None,
-    video_id: str | None = None, fps: float | None = None, viz: str | None = None, overwrite: bool = False,
+    boxes: list[str] | None = None, video_id: str | None = None, fps: float | None = None, viz: str | None = None,
+    overwrite: bool = False,
 ) -> VideoRun:  # fmt: skip
-    """``usam video``: read the clip, get its tracks from ``head`` or ``tracks``, segment every frame."""
-    if (head is None) == (tracks is None):
-        raise ConfigurationError("usam video needs --head or --tracks")
+    """``usam video``: read the clip, get its tracks from ``head``, ``tracks`` or keyframe ``boxes``,
+    segment every frame."""
+    if sum(x is not None for x in (head, tracks, boxes)) != 1:
+        raise ConfigurationError("usam video needs one of --head, --tracks or --box")
+    keyframes = [Keyframe.parse(b) for b in boxes or []]
     if not path.exists():
         raise DataError(f"{path} does not exist")
     clip = read_clip(path, max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels, fps=fps)
@@ -320,11 +362,14 @@ def video_command(
     source: dict[str, Any] = {"input": str(path.resolve()), "frames": clip.frame_count}
     if loaded is not None:
         source.update(head=loaded.version, stride=stride)
-    else:
-        assert tracks is not None
+    elif tracks is not None:
         source.update(tracks=str(tracks.resolve()), modified=tracks.stat().st_mtime if tracks.exists() else None)
+    else:
+        source.update(boxes=list(boxes or []))
 
     def tracks_for() -> dict[int, Track]:
+        if keyframes:
+            return followed_tracks(clip, keyframes, EnginePredictor(engine))
         if loaded is None:
             assert tracks is not None
             return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
