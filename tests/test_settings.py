@@ -48,6 +48,7 @@ def test_every_field_is_read_from_its_variable():
         "USAM_VIDEO_STRIDE": "3",
         "USAM_VIDEO_MAX_FRAMES": "500",
         "USAM_VIDEO_CHUNK": "120",
+        "USAM_SEQUENCE_MAX_FRAMES": "50",
         "USAM_REFINE": "both",
         "USAM_KEEP_PROJECT_HEADS": "5",
         "USAM_MAX_PENDING_PREDICTIONS": "2",

@@ -18,7 +18,7 @@ from video_scenes import SegmenterOracle, VideoOracle, identity_switches, moving
 from usam_backend import EnginePredictor, follow_object, read_clip, segment_video, track_boxes
 from usam_backend.core.video import VideoError, probe_video, write_video
 from usam_backend.systems.uvosam import Track, detect_tracks, paint
-from usam_backend.tools.eval_video import boundary_f, evaluate_sequence, object_stats, region_j
+from usam_backend.tools.eval_video import boundary_f, disk, evaluate_sequence, object_stats, region_j
 
 
 def jf(scene, maps) -> float:
@@ -204,6 +204,17 @@ def test_region_and_boundary_measures_by_hand():
 def test_object_statistics_by_hand():
     stats = object_stats(np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=float))
     assert stats == {"mean": 0.5, "recall": 0.5, "decay": 1.0}
+    # DAVIS's bins overlap: for 8 frames [0:3], [2:4], [3:6], [5:8]
+    assert object_stats(np.array([1, 1, 0, 1, 1, 1, 0, 0.5]))["decay"] == pytest.approx(2 / 3 - 0.5)
+    assert object_stats(np.array([1.0, 0.0]))["decay"] == 1.0
+    assert (disk(1).sum(), disk(7).sum(), disk(8).sum()) == (5, 149, 197)  # skimage.morphology.disk's sizes
+
+
+def test_an_unmatched_object_is_scored_against_an_empty_mask():
+    gt = np.zeros((4, 50, 50), np.int32)
+    gt[:2, 5:15, 5:15] = 1  # present on 2 of 4 frames
+    result = evaluate_sequence(gt, np.zeros_like(gt))
+    assert result.objects[0]["prediction"] is None and result.j_mean == 0.5 and result.f_mean == 0.5
 
 
 def test_predicted_objects_are_matched_by_the_hungarian_algorithm():

@@ -39,6 +39,17 @@ def test_video_configs_and_their_frame_rate(attribute, rate):
     assert config.images == {}
 
 
+def test_a_frame_rate_from_task_data():
+    from usam_backend.jobs.video import frame_rate
+
+    config = parse_label_config(VIDEO.format(rate='frameRate="$fps"'))
+    assert config.videos["video"].frame_rate_key == "fps"
+    assert frame_rate(config, {"data": {"video": "v.mp4", "fps": "29.97"}}) == 29.97
+    assert frame_rate(config, {"data": {"video": "v.mp4"}}) == 24.0  # missing: Label Studio's default
+    assert frame_rate(config, {"data": {"fps": "fast"}}) == 24.0
+    assert frame_rate(parse_label_config(VIDEO.format(rate='frameRate="30"')), {"data": {"fps": 5}}) == 30.0
+
+
 def test_frame_sequence_configs_templates_and_bad_configs():
     config = parse_label_config(FRAMES)
     assert config.images["frames"].sequence and config.images["frames"].key == "frames"
@@ -82,6 +93,12 @@ def test_video_results_are_valid_label_studio_tracks(trained_head, tmp_path):
     assert (first["x"], first["y"], first["width"], first["height"]) == (6.25, 16.6667, 25.0, 33.3333)
     assert first["time"] == pytest.approx(1 / 25)
     assert LabelInterface(xml).validate_prediction({"result": [region], "score": 0.8, "model_version": "v"})
+    fast = Track(3, class_id=choice.served["tomato"])  # a 240 fps file, frameRate 25: two keyframes on one frame
+    for f in (0, 4, 8):
+        fast.boxes[f], fast.scores[f] = np.array([10.0, 20, 50, 60]), 0.8
+    (region,) = video_results({3: fast}, config, choice, 7, 4, {**clip, "fps": 240.0})
+    assert [k["frame"] for k in region["value"]["sequence"]] == [1, 2]
+    assert region["value"]["framesCount"] == 5  # 48 frames at 240 fps = 0.2 s
     other = Track(2, class_id=99)  # a class no label of the video asks for
     other.boxes[0], other.scores[0] = np.array([0, 0, 5, 5.0]), 0.9
     assert video_results({2: other}, config, choice, 7, 4, clip) == []
@@ -98,8 +115,17 @@ def test_chunks_start_on_strided_frames_and_one_caller_links_them(tmp_path):
     store.put(5, {"frames": []})
     assert store.load([(0, 5), (5, 7)]) == [{"frames": []}, {"frames": []}]
     assert store.claim() and not store.claim()
+    store.release()  # a linker that failed lets the next one try
+    assert store.claim()
     store.clear()
-    assert not store.folder.exists()
+    assert not store.folder.exists() and store.load([(0, 5)]) is None  # linked: a late caller finds nothing
+    assert not store.claim()  # the marker outlives the folder until released
+    import os
+
+    os.utime(store.marker, (0, 0))  # its holder died long ago
+    assert store.claim() and not store.claim()
+    store.release()
+    assert list(store.marker.parent.iterdir()) == []
 
 
 @pytest.fixture
@@ -147,9 +173,9 @@ def test_a_frame_sequence_gets_one_region_per_track_per_frame(frames_host):
     (empty,) = backend.predict(PredictRequest(tasks=[broken], label_config=FRAMES))
     assert empty["result"] == []
     assert "must be a list of image URLs" in backend.failures[-1]["reason"]
-    too_many = backend_for(tmp_path, video_max_frames=3)
+    too_many = backend_for(tmp_path, sequence_max_frames=3)
     (empty,) = too_many.predict(PredictRequest(tasks=[task], label_config=FRAMES))
-    assert empty["result"] == [] and "USAM_VIDEO_MAX_FRAMES=3" in too_many.failures[-1]["reason"]
+    assert empty["result"] == [] and "USAM_SEQUENCE_MAX_FRAMES=3" in too_many.failures[-1]["reason"]
 
 
 def stroke(item_index: int, rid: str = "s1") -> dict:

@@ -85,7 +85,7 @@ def test_video_with_a_head_on_a_frame_folder(tmp_path, capsys):
     folder = tmp_path / "JPEGImages" / "shapes"
     folder.mkdir(parents=True)
     for t, frame in enumerate(moving_shapes(6).frames):
-        Image.fromarray(frame).save(folder / f"{t:05d}.jpg")
+        Image.fromarray(frame).save(folder / f"{5 * t:05d}.jpg")  # a strided frame folder (YouTube-VOS style)
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(["video", str(folder), "--out", str(out), "--head", str(head), "--stride", "2", "--fps", "12",
@@ -93,7 +93,8 @@ def test_video_with_a_head_on_a_frame_folder(tmp_path, capsys):
     document = json.loads((out / "tracks.json").read_text())
     assert document["video"]["fps"] == 12.0 and document["video"]["frame_count"] == 6
     assert all(t["label"] in ("sky", "tomato") for t in document["tracks"])  # random weights: any number of tracks
-    assert len(list(out.glob("*.png"))) == 6 and (out / "viz.gif").stat().st_size > 0
+    assert sorted(p.stem for p in out.glob("*.png")) == [f"{5 * t:05d}" for t in range(6)]  # the folder's names
+    assert (out / "viz.gif").stat().st_size > 0
 
 
 def test_eval_video_matches_objects_and_writes_json(tmp_path, capsys):
@@ -137,6 +138,8 @@ def test_tracks_files_mot_and_bad_ones(tmp_path, clip_path, capsys):
         read_tracks(both, video="shapes", frame_count=4)
     cases = {
         "garbage.json": ("{not json", "not valid JSON"),
+        "noid.json": ('{"format": "usam-video-tracks/1", "tracks": [{"frames": []}]}', "lacks a field"),
+        "bigid.json": ('{"format": "usam-video-tracks/1", "tracks": [{"id": 300, "frames": []}]}', "1-255"),
         "shape.json": ('[{"video_id": "v", "boxes": [[1, 2, 3]]}]', "not a box"),
         "inverted.json": ('[{"video_id": "v", "boxes": [[30, 30, 10, 10]]}]', "not an xyxy box"),
         "dict.json": ('{"tracks": 3}', "format"),

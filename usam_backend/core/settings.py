@@ -139,7 +139,14 @@ class Settings:
         default=5,
     )
     video_max_frames: int = _env(
-        "USAM_VIDEO_MAX_FRAMES", "a video or frame sequence with more frames is refused", default=3000
+        "USAM_VIDEO_MAX_FRAMES",
+        "a video (usam video, Label Studio video tasks) with more frames is refused",
+        default=3000,
+    )
+    sequence_max_frames: int = _env(
+        "USAM_SEQUENCE_MAX_FRAMES",
+        "a frame-sequence task with more frames gets no prediction (sequences are predicted within /predict)",
+        default=200,
     )
     video_chunk: int = _env(
         "USAM_VIDEO_CHUNK", "frames per video job: a longer video is split over several workers", default=240
@@ -249,7 +256,7 @@ class Settings:
             raise _bad("keep_project_heads", self.keep_project_heads, "a positive number of heads")
         if self.max_pending_predictions < 1:
             raise _bad("max_pending_predictions", self.max_pending_predictions, "a positive number of requests")
-        for name in ("video_stride", "video_max_frames", "video_chunk"):
+        for name in ("video_stride", "video_max_frames", "video_chunk", "sequence_max_frames"):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "a positive number of frames")
         if self.preannotate_chunk < 1:

@@ -44,6 +44,7 @@ class Clip:
         fps: frames per second of the source.
         frame_count: frames in the whole source (not only those read).
         name: the file or folder name, for messages and outputs.
+        names: a frame folder's file names (without suffix) of the frames read; None for files.
     """
 
     frames: list[np.ndarray]
@@ -51,6 +52,7 @@ class Clip:
     fps: float
     frame_count: int
     name: str = ""
+    names: list[str] | None = None
 
     @property
     def duration(self) -> float:
@@ -106,7 +108,7 @@ def _read_folder(
     frames = [load_image(files[i], max_pixels=max_pixels) for i in chosen]
     if len({f.shape for f in frames}) > 1:
         raise VideoError(f"the frames in {path} do not all have the same size")
-    return Clip(frames, chosen, fps, len(files), path.name)
+    return Clip(frames, chosen, fps, len(files), path.name, [files[i].stem for i in chosen])
 
 
 def _read_file(
@@ -188,14 +190,14 @@ def _frame_count(container, stream, rate, seen: int) -> int:  # type: ignore[no-
     return seen
 
 
-def probe_video(source: str | Path | bytes) -> tuple[int, float, int, int]:
+def probe_video(source: str | Path | bytes, *, max_pixels: int = 40_000_000) -> tuple[int, float, int, int]:
     """(frame count, fps, width, height) of a video file without decoding it all (the first frame
     only, and the container's frame count or duration).
 
     Raises:
-        VideoError: unreadable, or no video stream.
+        VideoError: unreadable, no video stream, or frames larger than ``max_pixels``.
     """
-    clip = read_clip(source, stop=1, max_frames=1, max_pixels=2**62)
+    clip = read_clip(source, stop=1, max_frames=1, max_pixels=max_pixels)
     height, width = clip.frames[0].shape[:2]
     return clip.frame_count, clip.fps, width, height
 

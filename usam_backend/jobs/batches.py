@@ -50,9 +50,7 @@ def run_task_jobs(
     jobs = wait_for(runner, [spec.id for spec in specs], total, desc=desc, timeout=timeout)
     chunk_jobs = [i for job in jobs for i in (job.get("result") or {}).get("chunk_jobs") or []]
     if chunk_jobs:  # video tasks split over more jobs: wait for those too
-        jobs = [j for j in jobs if j["status"] != "finished"] + wait_for(
-            runner, chunk_jobs, len(chunk_jobs), desc="video chunks", timeout=timeout, unit="job"
-        )
+        jobs = jobs + wait_for(runner, chunk_jobs, len(chunk_jobs), desc="video chunks", timeout=timeout, unit="job")
     for job in jobs:
         for key in totals:
             totals[key] += int((job.get("result") or {}).get(key, 0))

@@ -125,7 +125,14 @@ def video_chunk_jobs(project: str, task_id: int, chunks: list[tuple[int, int]], 
         JobSpec(
             id=f"usam-video-{project}-{task_id}-{digest}-{start}",
             function=JOBS["video-chunk"],
-            request={"project": project, "tasks": [task_id], "start": start, "stop": stop, "chunks": chunks},
+            request={
+                "project": project,
+                "tasks": [task_id],
+                "start": start,
+                "stop": stop,
+                "chunks": chunks,
+                "version": version,
+            },
             kind="video",
             description=f"frames {start}-{stop - 1} of video task {task_id} of project {project}",
         )

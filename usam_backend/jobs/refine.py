@@ -159,7 +159,9 @@ def run_refine_project(
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, known, client)
         schema = str(api.project(pid).get("label_config") or "")
-        parse_label_config(schema)  # a config usam cannot read fails here, before any job
+        config = parse_label_config(schema)  # a config usam cannot read fails here, before any job
+        if not config.images:
+            raise UsamError(f"project {pid} has no <Image> with <BrushLabels>: usam refine refines brush masks")
         store.put(ProjectRecord(pid, schema, known.hostname if known else api.url,
                                 known.access_token if known else None,
                                 hostname_trusted=known.hostname_trusted if known else False))  # fmt: skip

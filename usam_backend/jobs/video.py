@@ -31,7 +31,7 @@ from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.settings import Settings
-from usam_backend.core.video import probe_video, read_clip
+from usam_backend.core.video import VideoError, probe_video, read_clip
 from usam_backend.jobs.policy import video_chunk_jobs
 from usam_backend.jobs.preannotate import serving
 from usam_backend.jobs.runners import Publish, make_runner
@@ -60,6 +60,7 @@ class ChunkStore:
 
     def __init__(self, settings: Settings, project: str, task_id: int, version: str):
         self.folder = settings.model_dir / "video" / project / f"task-{task_id}-{version}"
+        self.marker = self.folder.with_name(self.folder.name + ".linking")  # outside the folder clear() removes
         self.stale_after = float(settings.job_timeout)
 
     def path(self, start: int) -> Path:
@@ -73,27 +74,33 @@ class ChunkStore:
             tmp.write_text(json.dumps(payload))
 
     def load(self, chunks: list[tuple[int, int]]) -> list[dict[str, Any]] | None:
-        """Every chunk's detections, or None while some chunk is still missing."""
-        if not all(self.has(start) for start, _ in chunks):
+        """Every chunk's detections, or None while some chunk is missing (or the set was just linked)."""
+        try:
+            return [json.loads(self.path(start).read_text()) for start, _ in chunks]
+        except FileNotFoundError:
             return None
-        return [json.loads(self.path(start).read_text()) for start, _ in chunks]
 
     def claim(self) -> bool:
-        """True for exactly one caller: the one that links the chunks (a claim older than the job
-        timeout is taken over: its holder died)."""
-        marker = self.folder / "linking"
+        """True for exactly one caller: the one that links the chunks. A claim older than the job
+        timeout (its holder died) is taken over by whoever renames it away first."""
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             return True
         except FileExistsError:
-            try:
-                if time.time() - marker.stat().st_mtime > self.stale_after:
-                    marker.touch()
-                    return True
-            except FileNotFoundError:
-                return self.claim()
+            pass
+        try:
+            if time.time() - self.marker.stat().st_mtime <= self.stale_after:
+                return False
+            os.rename(self.marker, self.marker.with_name(f"{self.marker.name}.stale-{os.getpid()}-{time.time_ns()}"))
+        except FileNotFoundError:  # released, or another caller took it over first
             return False
+        return self.claim()
+
+    def release(self) -> None:
+        self.marker.unlink(missing_ok=True)
+        for stale in self.marker.parent.glob(self.marker.name + ".stale-*"):
+            stale.unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -116,13 +123,20 @@ def video_task_job(settings: Settings, request: dict[str, Any], *, publish: Publ
             counts["skipped"] = 1
             return counts
         try:
-            raw = _video_bytes(settings, record, config, api.task(task_id), client)
-            frame_count = probe_video(raw)[0]
+            task = api.task(task_id)
+            raw = _video_bytes(settings, record, config, task, client)
+            frame_count = probe_video(raw, max_pixels=settings.max_image_pixels)[0]
+            if frame_count > settings.video_max_frames:
+                raise UsamError(
+                    f"{frame_count:,} frames, more than USAM_VIDEO_MAX_FRAMES={settings.video_max_frames:,}"
+                )
+            rate = frame_rate(config, task)
         except LabelStudioApiError:
             raise
         except UsamError as exc:
             log.warning("project %s task %s: not pre-annotated: %s", project, task_id, exc)
             counts["failed"] = 1
+            counts["error"] = str(exc)
             return counts
         chunks = plan_chunks(frame_count, settings.video_chunk, settings.video_stride)
         runner = make_runner(settings)
@@ -135,33 +149,59 @@ def video_task_job(settings: Settings, request: dict[str, Any], *, publish: Publ
         store = ChunkStore(settings, project, task_id, choice.version)
         progress.stage("finding objects", sum(len(range(a, b, settings.video_stride)) for a, b in chunks))
         for start, stop in chunks:
-            _detect_chunk(settings, store, raw, config, choice, start, stop, progress)
+            _detect_chunk(settings, store, raw, config, choice, start, _open_end(chunks, start, stop), rate, progress)
         progress.close()
-        counts["predicted"] = _link_and_post(settings, api, project, task_id, config, choice, store, chunks)
+        if store.claim():
+            counts["predicted"] = _link_and_post(settings, api, project, task_id, config, choice, store, chunks)
     return counts
 
 
 def video_chunk_job(settings: Settings, request: dict[str, Any], *, publish: Publish | None = None) -> dict[str, Any]:
-    """One chunk of a video task (``request``: project, tasks [id], start, stop, chunks); the chunk
-    that completes the set links every chunk's detections and posts the prediction."""
+    """One chunk of a video task (``request``: project, tasks [id], start, stop, chunks, version); the
+    chunk that completes the set links every chunk's detections and posts the prediction."""
     project = str(request["project"])
     task_id = int(request["tasks"][0])
     start, stop = int(request["start"]), int(request["stop"])
     chunks = [(int(a), int(b)) for a, b in request["chunks"]]
     record, config, choice = serving(settings, project)
-    store = ChunkStore(settings, project, task_id, choice.version)
     counts: dict[str, Any] = {"predicted": 0, "skipped": 0, "failed": 0, "model_version": choice.version}
+    if request.get("version") not in (None, choice.version):  # a new head since the video was split
+        counts["skipped"] = 1
+        counts["error"] = f"the project's head changed from {request['version']} to {choice.version}: run it again"
+        return counts
+    store = ChunkStore(settings, project, task_id, choice.version)
     progress = Progress(publish)
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, record, client)
         if not store.has(start):
-            raw = _video_bytes(settings, record, config, api.task(task_id), client)
+            task = api.task(task_id)
+            raw = _video_bytes(settings, record, config, task, client)
             progress.stage("finding objects", len(range(start, stop, settings.video_stride)))
-            _detect_chunk(settings, store, raw, config, choice, start, stop, progress)
+            rate = frame_rate(config, task)
+            _detect_chunk(settings, store, raw, config, choice, start, _open_end(chunks, start, stop), rate, progress)
             progress.close()
         if store.load(chunks) is not None and store.claim():
             counts["predicted"] = _link_and_post(settings, api, project, task_id, config, choice, store, chunks)
     return counts
+
+
+def _open_end(chunks: list[tuple[int, int]], start: int, stop: int) -> int | None:
+    """The last chunk reads to the real end of the video, whatever the container said its length was."""
+    return None if (start, stop) == tuple(chunks[-1]) else stop
+
+
+def frame_rate(config: LabelConfig, task: dict[str, Any]) -> float:
+    """The video's frame rate as Label Studio uses it: the config's ``frameRate``, or the task
+    field it names (``frameRate="$fps"``); 24 when that field is missing or not a rate."""
+    video = next(iter(config.videos.values()))
+    if video.frame_rate_key is None:
+        return video.frame_rate
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    try:
+        rate = float(data.get(video.frame_rate_key))  # type: ignore[union-attr, arg-type]
+    except (TypeError, ValueError):
+        return 24.0
+    return rate if 0 < rate <= 1000 else 24.0
 
 
 def _video_bytes(
@@ -185,13 +225,19 @@ def _head_classes(config: LabelConfig, choice: HeadChoice) -> dict[int, ProjectL
 
 def _detect_chunk(
     settings: Settings, store: ChunkStore, raw: bytes, config: LabelConfig, choice: HeadChoice, start: int,
-    stop: int, progress: Progress,
+    stop: int | None, rate: float, progress: Progress,
 ) -> None:  # fmt: skip
     if store.has(start):
-        progress.advance(len(range(start, stop, settings.video_stride)))
+        progress.advance(len(range(start, stop or start, settings.video_stride)))
         return
-    clip = read_clip(raw, stride=settings.video_stride, start=start, stop=stop,
-                     max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels)  # fmt: skip
+    try:
+        clip = read_clip(raw, stride=settings.video_stride, start=start, stop=stop,
+                         max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels)  # fmt: skip
+    except VideoError:
+        if start == 0:
+            raise
+        store.put(start, {"frames": [], "frame_count": 0})  # the container overstated its length
+        return
     by_class = _head_classes(config, choice)
     predictor = TaskPredictor(settings, lambda: shared_engine(settings), FeedbackStore.for_settings(settings),
                               compute_lock)  # fmt: skip
@@ -206,7 +252,7 @@ def _detect_chunk(
         frames.append({"index": index, "boxes": np.asarray(boxes).tolist(), "scores": np.asarray(scores).tolist(),
                        "classes": np.asarray(classes).tolist()})  # fmt: skip
     store.put(start, {"fps": clip.fps, "frame_count": clip.frame_count, "width": width, "height": height,
-                      "frames": frames})  # fmt: skip
+                      "frame_rate": rate, "frames": frames})  # fmt: skip
 
 
 def _link_and_post(
@@ -214,8 +260,21 @@ def _link_and_post(
     store: ChunkStore, chunks: list[tuple[int, int]],
 ) -> int:  # fmt: skip
     """Link the chunks' detections into tracks and post them; 1 if a prediction was posted."""
-    parts = store.load(chunks)
-    assert parts is not None
+    try:
+        parts = store.load(chunks)
+        if parts is None:  # linked by another caller meanwhile
+            return 0
+        posted = _post_tracks(api, project, task_id, config, choice, parts, settings.video_stride)
+    finally:
+        store.release()
+    store.clear()
+    return posted
+
+
+def _post_tracks(
+    api: LabelStudioApi, project: str, task_id: int, config: LabelConfig, choice: HeadChoice,
+    parts: list[dict[str, Any]], stride: int,
+) -> int:  # fmt: skip
     frames = [f for part in parts for f in part["frames"]]
     detections = [
         (np.asarray(f["boxes"], dtype=np.float64).reshape(-1, 4), np.asarray(f["scores"]), np.asarray(f["classes"]))
@@ -224,13 +283,11 @@ def _link_and_post(
     indices = [int(f["index"]) for f in frames]
     tracks = track_boxes(detections, frames=indices, min_hits=min(TrackOptions.min_hits, len(indices)))
     clip = {**parts[0], "frame_count": max(int(part["frame_count"]) for part in parts)}
-    results = video_results(tracks, config, choice, task_id, settings.video_stride, clip)
-    posted = 0
-    if choice.version not in api.prediction_versions(task_id):
-        api.create_prediction(project, task_id, prediction(results, choice.version))
-        posted = 1
-    store.clear()
-    return posted
+    results = video_results(tracks, config, choice, task_id, stride, clip)
+    if choice.version in api.prediction_versions(task_id):
+        return 0
+    api.create_prediction(project, task_id, prediction(results, choice.version))
+    return 1
 
 
 def video_results(
@@ -240,6 +297,7 @@ def video_results(
     """One ``videorectangle`` per track whose class serves a label of the video."""
     by_class = _head_classes(config, choice)
     video = next(iter(config.videos.values()))
+    rate = float(clip.get("frame_rate") or video.frame_rate)
     results = []
     for tid, track in sorted(tracks.items()):
         label = by_class.get(track.class_id)
@@ -250,6 +308,6 @@ def video_results(
         rid = region_id(choice.version, task_id, video.name, tid)
         size = (int(clip["width"]), int(clip["height"]))
         region = video_rectangle(keyframes, continues, label, track.score, rid, size=size, fps=float(clip["fps"]),
-                                 frame_count=int(clip["frame_count"]), frame_rate=video.frame_rate)  # fmt: skip
+                                 frame_count=int(clip["frame_count"]), frame_rate=rate)  # fmt: skip
         results.append(region)
     return results

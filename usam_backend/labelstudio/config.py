@@ -5,7 +5,7 @@ labelled box tracks on videos, and smart prompt tools.
   frame sequence (one task, a list of frames): its regions carry each frame's ``item_index``.
 - A ``<Video>`` with a ``<VideoRectangle>`` and ``<Labels>`` bound to it is served with one
   ``videorectangle`` track per object; its frame rate is the ``frameRate`` attribute (any case;
-  Label Studio's default 24).
+  Label Studio's default 24), or the task field it names (``frameRate="$fps"``).
 - A label's ``predicted_values`` are the model class names that map onto it (label-studio-ml's
   convention). ``<KeyPointLabels>`` and ``<RectangleLabels>`` on an image act as prompts for
   interactive segmentation.
@@ -63,6 +63,7 @@ class VideoField:
     name: str  # the <Video> tag's name (to_name)
     key: str  # the task data key of the video's URL
     frame_rate: float = 24.0
+    frame_rate_key: str | None = None  # frameRate="$fps": the task data key holding the rate
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,11 @@ def _parse(xml: str) -> LabelConfig:
         if obj.tag == "Image":
             images[obj.name] = ImageField(obj.name, value[1:], sequence=bool(attrs.get("valuelist")))
         elif obj.tag == "Video":
-            videos[obj.name] = VideoField(obj.name, value[1:], _frame_rate(attrs.get("framerate"), obj.name))
+            raw_rate = str(attrs.get("framerate") or "")
+            if raw_rate.startswith("$"):
+                videos[obj.name] = VideoField(obj.name, value[1:], 24.0, raw_rate[1:])
+            else:
+                videos[obj.name] = VideoField(obj.name, value[1:], _frame_rate(raw_rate, obj.name))
     labels: list[ProjectLabel] = []
     prompt_tools: dict[str, PromptTool] = {}
     seen: set[tuple[str, str]] = set()

@@ -57,10 +57,12 @@ def video_rectangle(
     """
     width, height = size
     duration = frame_count / fps
-    sequence = []
+    sequence: list[dict[str, Any]] = []
     for index in sorted(keyframes):
         x0, y0, x1, y1 = (float(v) for v in keyframes[index])
         frame = round(index / fps * frame_rate) + 1
+        if sequence and sequence[-1]["frame"] == frame:  # a file faster than frameRate: one keyframe per frame
+            sequence.pop()
         sequence.append(
             {
                 "frame": frame,

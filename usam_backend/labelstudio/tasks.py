@@ -253,10 +253,10 @@ class TaskPredictor:
         refs = data.get(key) if isinstance(data, dict) else None
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
             raise UsamError(f"task {task.get('id')}: '{key}' must be a list of image URLs (a frame sequence)")
-        if len(refs) > self.settings.video_max_frames:
+        if len(refs) > self.settings.sequence_max_frames:
             raise UsamError(
-                f"task {task.get('id')}: {len(refs)} frames, more than USAM_VIDEO_MAX_FRAMES="
-                f"{self.settings.video_max_frames}"
+                f"task {task.get('id')}: {len(refs)} frames, more than USAM_SEQUENCE_MAX_FRAMES="
+                f"{self.settings.sequence_max_frames}: sample the sequence, or use a <Video> project"
             )
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
         frames = [load_image(fetcher.fetch(r, task_id, basic), max_pixels=self.settings.max_image_pixels) for r in refs]

@@ -4,10 +4,15 @@ Per sequence, every predicted object (at most :data:`MAX_PROPOSALS`, the largest
 against every ground-truth object on every frame: **J**, the region IoU, and **F**, the boundary
 F-measure (boundaries match within ``ceil(0.008 x image diagonal)`` pixels, by dilating each with
 a disk). Predictions are assigned to ground-truth objects by the Hungarian algorithm on their mean
-(J + F) / 2; an object left without a prediction scores 0. Per object: Mean, Recall (share of
-frames above 0.5) and Decay (the first quarter's mean minus the last quarter's). J&F-Mean is
-(J-Mean + F-Mean) / 2 over all objects of all sequences. Pixels of value 255 in the ground truth
-are void (left out), as in DAVIS.
+(J + F) / 2; an object left without a prediction is scored against an empty mask (as DAVIS pads
+missing proposals: frames where the object is absent count as right). Per object: Mean, Recall
+(share of frames above 0.5) and Decay (first quarter's mean minus the last's, DAVIS's overlapping
+bins). J&F-Mean is (J-Mean + F-Mean) / 2 over all objects of all sequences. Pixels of value 255 in
+the ground truth are void (left out), as in DAVIS.
+
+Two deviations from the official code, both for inputs it refuses or ignores: the true objects are
+every id in any ground-truth frame (DAVIS counts those of the first frame), and with more than 20
+predicted objects the 20 largest are scored (DAVIS stops with an error).
 
 Masks are indexed PNGs (``<sequence>/<frame>.png``, the value a pixel's object id, 0 background),
 which is what ``usam video`` writes and what DAVIS's ``Annotations`` hold.
@@ -56,15 +61,20 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     return b
 
 
+def disk(radius: int) -> np.ndarray:
+    """The pixels within ``radius`` of the centre (``skimage.morphology.disk``, which DAVIS uses)."""
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return (x * x + y * y <= radius * radius).astype(np.uint8)
+
+
 def boundary_f(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH) -> float:
     """DAVIS's boundary F-measure between two masks."""
     if void is not None:
         gt, pred = gt & ~void, pred & ~void
-    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(radius) + 1, 2 * int(radius) + 1))
+    radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape)))
     pb, gb = boundary(pred), boundary(gt)
-    p_dil = cv2.dilate(pb.astype(np.uint8), disk).astype(bool)
-    g_dil = cv2.dilate(gb.astype(np.uint8), disk).astype(bool)
+    p_dil = cv2.dilate(pb.astype(np.uint8), disk(radius)).astype(bool)
+    g_dil = cv2.dilate(gb.astype(np.uint8), disk(radius)).astype(bool)
     n_p, n_g = np.count_nonzero(pb), np.count_nonzero(gb)
     if n_p == 0 and n_g == 0:
         return 1.0
@@ -76,12 +86,15 @@ def boundary_f(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None,
 
 
 def object_stats(per_frame: np.ndarray) -> dict[str, float]:
-    """Mean, Recall (> 0.5) and Decay over one object's frames."""
-    bins = np.round(np.linspace(1, len(per_frame), 5) + 1e-10).astype(int) - 1
-    quarters = [per_frame[bins[i] : bins[i + 1]] for i in range(4)]
-    quarters = [q for q in quarters if len(q)]
-    decay = float(np.mean(quarters[0]) - np.mean(quarters[-1])) if len(quarters) > 1 else 0.0
-    return {"mean": float(np.mean(per_frame)), "recall": float(np.mean(per_frame > 0.5)), "decay": decay}
+    """Mean, Recall (> 0.5) and Decay over one object's frames, as DAVIS's ``db_statistics``: Decay
+    is the first of four overlapping bins' mean minus the last's."""
+    ids = (np.round(np.linspace(1, len(per_frame), 5) + 1e-10) - 1).astype(int)
+    bins = [per_frame[ids[i] : ids[i + 1] + 1] for i in range(4)]
+    return {
+        "mean": float(np.mean(per_frame)),
+        "recall": float(np.mean(per_frame > 0.5)),
+        "decay": float(np.mean(bins[0]) - np.mean(bins[3])),
+    }
 
 
 @dataclass
@@ -122,10 +135,14 @@ def evaluate_sequence(gt: np.ndarray, pred: np.ndarray, name: str = "") -> Seque
     rows, cols = linear_sum_assignment(-(j.mean(axis=2) + f.mean(axis=2)) / 2) if kept else ([], [])
     match = {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
     objects = []
+    empty = np.zeros(gt.shape[1:], dtype=bool)
     for gi, g in enumerate(gt_ids):
         best = match.get(gi)
-        jj = j[best, gi] if best is not None else np.zeros(n_frames)
-        ff = f[best, gi] if best is not None else np.zeros(n_frames)
+        if best is not None:
+            jj, ff = j[best, gi], f[best, gi]
+        else:  # scored against an empty prediction, as DAVIS pads missing proposals
+            jj = np.array([region_j(gt[t] == g, empty, void[t]) for t in range(n_frames)])
+            ff = np.array([boundary_f(gt[t] == g, empty, void[t]) for t in range(n_frames)])
         objects.append(
             {
                 "id": g,

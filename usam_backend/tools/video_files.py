@@ -2,11 +2,11 @@
 
 Outputs in ``--out DIR``:
 
-- ``DIR/<frame>.png`` (``00000.png``, ...): one per frame of the clip, DAVIS-style: a palette PNG
+- ``DIR/<frame>.png`` (``00000.png``, ...; a frame folder's own names): one per frame, DAVIS-style: a palette PNG
   whose pixel values are track ids (0: nothing), so ``usam eval video`` and DAVIS tools read it;
 - ``DIR/tracks.json``: the clip (name, fps, frame count, size) and per track its id, label, score
   and per frame its box (xyxy pixels), detection score (null where interpolated) and COCO RLE;
-- ``DIR/viz.mp4`` with ``--viz`` (``viz.gif`` with ``--viz-format gif``): the masks over the clip.
+- ``DIR/viz.mp4`` with ``--viz`` (``viz.gif`` with ``--viz gif``): the masks over the clip.
 
 Tracks come from a head (the class names path), from objects given as boxes on one frame each
 (``--box FRAME:X0,Y0,X1,Y1[:LABEL]``, followed through the clip), or from a tracks file: UVOSAM's JSON (a list of
@@ -93,9 +93,13 @@ def read_tracks(
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON: {exc}") from None
-        tracks = _from_usam(raw, path) if isinstance(raw, dict) else _from_uvosam(raw, path, video, prefer)
+        try:
+            tracks = _from_usam(raw, path) if isinstance(raw, dict) else _from_uvosam(raw, path, video, prefer)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: a track lacks a field or has one of the wrong type ({exc!r})") from None
     else:
         tracks = _from_mot(text, path)
+    check_track_ids(tracks, str(path))
     for track in tracks.values():
         for frame, box in track.boxes.items():
             if frame < 0 or (frame_count is not None and frame >= frame_count):
@@ -181,6 +185,13 @@ def _box(box: Any, path: Path) -> np.ndarray:
     return out
 
 
+def check_track_ids(tracks: dict[int, Track], where: str) -> None:
+    """Track ids must fit a palette PNG: 1-255, at most 255 tracks."""
+    bad = [tid for tid in tracks if not 1 <= int(tid) <= 255]
+    if bad:
+        raise DataError(f"{where}: track ids must be 1-255 (a palette PNG's values), got {bad[:5]}")
+
+
 # --- usam video -------------------------------------------------------------------------------
 
 
@@ -221,11 +232,12 @@ def run_video(
         tracks = tracks_for()
         with atomic_path(saved) as tmp:
             tmp.write_text(json.dumps(tracks_document(clip, tracks, None, source)))
+    check_track_ids(tracks, "the tracks")
     run = VideoRun(tracks=tracks)
     maps: list[np.ndarray] = []
     bar = tqdm(total=len(clip), desc="segmenting", unit="frame", disable=not progress)
-    for frame, index in zip(clip.frames, clip.indices, strict=True):
-        path = out / f"{index:05d}.png"
+    for position, (frame, index) in enumerate(zip(clip.frames, clip.indices, strict=True)):
+        path = out / f"{clip.names[position] if clip.names else f'{index:05d}'}.png"
         if path.exists():
             with Image.open(path) as done:
                 ids = np.asarray(done).astype(np.int32)
