@@ -359,7 +359,7 @@ class FollowOptions:
     margin: float = 0.1
     max_area_change: float = 3.0
     max_appearance_change: float = 0.5
-    lost_frames: int = 5
+    lost_frames: int = 8
     max_frames: int = 0
 
 
@@ -403,7 +403,7 @@ def follow_object(
         last, last_at, velocity = start, keyframe, np.zeros(4)
         position = keyframe + step
         while 0 <= position < len(frames) and abs(position - keyframe) <= limit:
-            if abs(position - last_at) > opts.lost_frames + 1:
+            if abs(position - last_at) > opts.lost_frames:
                 break
             predicted = mask_box(last) + velocity * abs(position - last_at)
             predictor.set_image(frames[position])
