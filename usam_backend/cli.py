@@ -302,9 +302,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.sam is None and head.sam_type and head.sam_type != settings.sam_type:
         settings = settings.replace(sam_type=head.sam_type)  # follow the head unless told otherwise
     engine = SamEngine.from_settings(settings)
-    segmenter = SemanticSegmenter(
-        engine, head, points=settings.points, score_threshold=settings.score_threshold, nms_iou=settings.nms_iou
-    )
+    segmenter = SemanticSegmenter.from_settings(engine, head, settings)
     failures = 0
     for image_path in args.images:
         try:

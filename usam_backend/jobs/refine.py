@@ -96,8 +96,10 @@ def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish 
                     result = []
                     for image_name, field in config.images.items():
                         regions = [r for r in found[source].get("result") or [] if r.get("to_name") == image_name]
-                        if not regions or field.sequence:  # frame sequences: carried over as they are
-                            result += regions if field.sequence else []
+                        if field.sequence:  # frame sequences: carried over as they are
+                            result += regions
+                            continue
+                        if not regions:
                             continue
                         image = tasks.task_image(task, field.key, fetcher, None)
                         with compute_lock:

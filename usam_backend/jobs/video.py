@@ -37,13 +37,12 @@ from usam_backend.jobs.preannotate import serving
 from usam_backend.jobs.runners import Publish, make_runner
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
-from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.labelstudio.projects import ProjectRecord
 from usam_backend.labelstudio.results import prediction, region_id, video_rectangle
-from usam_backend.labelstudio.tasks import TaskPredictor
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.shared import compute_lock, shared_engine
+from usam_backend.systems.usam import SemanticSegmenter
 from usam_backend.systems.uvosam import Track, TrackOptions, detect, track_boxes
 
 log = logging.getLogger("usam.video")
@@ -239,10 +238,8 @@ def _detect_chunk(
         store.put(start, {"frames": [], "frame_count": 0})  # the container overstated its length
         return
     by_class = _head_classes(config, choice)
-    predictor = TaskPredictor(settings, lambda: shared_engine(settings), FeedbackStore.for_settings(settings),
-                              compute_lock)  # fmt: skip
     with compute_lock:
-        segmenter = predictor.segmenter(choice)
+        segmenter = SemanticSegmenter.from_settings(shared_engine(settings), choice.head, settings)
         found = detect(clip.frames, segmenter, classes={choice.head.class_names[i] for i in by_class},
                        progress=progress.advance)  # fmt: skip
     height, width = clip.frames[0].shape[:2]

@@ -237,10 +237,7 @@ class TaskPredictor:
         with self._guard:
             segmenter = self._segmenters.get(choice.version)
             if segmenter is None:
-                s = self.settings
-                segmenter = SemanticSegmenter(
-                    self.engine(), choice.head, points=s.points, score_threshold=s.score_threshold, nms_iou=s.nms_iou
-                )
+                segmenter = SemanticSegmenter.from_settings(self.engine(), choice.head, self.settings)
             recent = [(v, seg) for v, seg in self._segmenters.items() if v != choice.version][: MAX_SEGMENTERS - 1]
             self._segmenters = {choice.version: segmenter, **dict(recent)}
             return segmenter

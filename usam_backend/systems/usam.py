@@ -19,6 +19,7 @@ import torch
 from training.head import Head
 from usam_backend.core.masks import low_res_nms, mask_nms
 from usam_backend.core.regions import Regions, decision_confidence
+from usam_backend.core.settings import Settings
 from usam_backend.core.timing import StageTimer
 from usam_backend.sam.cache import ImageEmbedding
 from usam_backend.sam.engine import SamEngine
@@ -89,6 +90,12 @@ class SemanticSegmenter:
         self.points = points
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
+
+    @classmethod
+    def from_settings(cls, engine: SamEngine, head: Head, settings: Settings) -> SemanticSegmenter:
+        """A segmenter with ``USAM_POINTS``, ``USAM_SCORE_THRESHOLD`` and ``USAM_NMS_IOU``."""
+        return cls(engine, head, points=settings.points, score_threshold=settings.score_threshold,
+                   nms_iou=settings.nms_iou)  # fmt: skip
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -454,14 +454,6 @@ def tracks_from_masks(masks: Mapping[int, Mapping[int, np.ndarray]], frame_indic
     return tracks
 
 
-def masks_to_detections(masks: Sequence[np.ndarray], scores: Sequence[float], class_ids: Sequence[int]) -> Detections:
-    """A frame's detections from its masks (each mask's box)."""
-    if not len(masks):
-        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int)
-    boxes = np.stack([mask_box(m) for m in masks])
-    return boxes, np.asarray(scores, dtype=np.float64), np.asarray(class_ids, dtype=int)
-
-
 def detect(
     frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, classes: set[str] | None = None,
     progress: Callable[[int], None] | None = None,

@@ -57,8 +57,7 @@ def moving_clip(frames: int, size: int, objects: int, seed: int = 0) -> tuple[li
 
 def run_video_bench(settings: Settings, *, frames: int = 24, size: int = 640, stride: int = 5, objects: int = 4) -> str:
     engine = SamEngine.from_settings(settings.replace(embedding_cache_size=stride + 2), allow_random=True)
-    segmenter = SemanticSegmenter(engine, random_head(engine), points=settings.points,
-                                  score_threshold=settings.score_threshold, nms_iou=settings.nms_iou)  # fmt: skip
+    segmenter = SemanticSegmenter.from_settings(engine, random_head(engine), settings)
     clip_frames, truth = moving_clip(frames, size, objects)
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:

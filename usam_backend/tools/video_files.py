@@ -385,9 +385,7 @@ def video_command(
         if loaded is None:
             assert tracks is not None
             return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
-        segmenter = SemanticSegmenter(
-            engine, loaded, points=settings.points, score_threshold=settings.score_threshold, nms_iou=settings.nms_iou
-        )
+        segmenter = SemanticSegmenter.from_settings(engine, loaded, settings)
         chosen = list(range(0, len(clip), stride))
         with tqdm(total=len(chosen), desc="finding objects", unit="frame") as bar:
             return detect_tracks([clip.frames[i] for i in chosen], segmenter,
