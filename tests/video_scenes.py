@@ -162,3 +162,51 @@ class SegmenterOracle:
             sam_scores=np.ones(n, np.float32),
             class_names=self.class_names,
         )
+
+
+def report(seeds: int = 8) -> str:
+    """The README's table: J&F and identity switches over ``seeds`` seeds of :func:`moving_shapes`
+    (``python tests/video_scenes.py``)."""
+    from usam_backend.systems.uvosam import detect_tracks, follow_object, segment_video, track_boxes
+    from usam_backend.tools.eval_video import evaluate_sequence
+
+    scene = moving_shapes(30)
+
+    def score(tracks) -> float:
+        result = evaluate_sequence(
+            np.stack(scene.objects), np.stack(segment_video(scene.frames, tracks, VideoOracle(scene)))
+        )
+        return (result.j_mean + result.f_mean) / 2
+
+    rows = []
+    clean = track_boxes(noisy_detections(scene, 0, jitter=0, miss=0, false_positives=0))
+    rows.append(("the true boxes", score(clean), identity_switches(scene, clean)[0]))
+    noisy = [track_boxes(noisy_detections(scene, seed)) for seed in range(seeds)]
+    rows.append(("noisy detections", float(np.mean([score(t) for t in noisy])),
+                 sum(identity_switches(scene, t)[0] for t in noisy)))  # fmt: skip
+    for stride in (1, 3, 5):
+        chosen = list(range(0, 30, stride))
+        found = [
+            detect_tracks(
+                [scene.frames[t] for t in chosen], SegmenterOracle(scene, seed=seed), frame_indices=chosen, min_hits=2
+            )
+            for seed in range(seeds)
+        ]
+        rows.append((f"class names, 1 frame in {stride}", float(np.mean([score(t) for t in found])),
+                     sum(identity_switches(scene, t)[0] for t in found)))  # fmt: skip
+    lines = [f"{'tracks from':<32}{'J&F':>7}{'switches':>10}"] + [f"{n:<32}{j:>7.3f}{s:>10}" for n, j, s in rows]
+    for k, start in ((1, 5), (2, 25), (3, 2), (1, 20), (2, 5)):
+        masks = follow_object(scene.frames, start, VideoOracle(scene), box=scene.boxes(start)[k])
+        visible = [t for t in range(30) if (scene.objects[t] == k).any()]
+        wrong = sum(bool((masks[t] & (scene.objects[t] != k)).any()) for t in masks)
+        lines.append(f"follow object {k} from frame {start}: found on {sum(t in masks for t in visible)} of "
+                     f"{len(visible)} frames it is visible on, {wrong} on another object")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(report())
