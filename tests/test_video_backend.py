@@ -173,6 +173,12 @@ def test_a_frame_sequence_gets_one_region_per_track_per_frame(frames_host):
     (empty,) = backend.predict(PredictRequest(tasks=[broken], label_config=FRAMES))
     assert empty["result"] == []
     assert "must be a list of image URLs" in backend.failures[-1]["reason"]
+    import usam_backend.labelstudio.tasks as tasks_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks_module, "SEQUENCE_PIXELS", 3 * H * W)  # three frames' worth
+        (empty,) = backend.predict(PredictRequest(tasks=[task], label_config=FRAMES))
+    assert empty["result"] == [] and "pixels in all" in backend.failures[-1]["reason"]
     too_many = backend_for(tmp_path, sequence_max_frames=3)
     (empty,) = too_many.predict(PredictRequest(tasks=[task], label_config=FRAMES))
     assert empty["result"] == [] and "USAM_SEQUENCE_MAX_FRAMES=3" in too_many.failures[-1]["reason"]

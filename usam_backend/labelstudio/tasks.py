@@ -43,6 +43,9 @@ from usam_backend.systems.uvosam import TrackOptions, detect_tracks, follow_obje
 log = logging.getLogger("usam.tasks")
 
 MAX_SEGMENTERS = 4  # heads kept ready on the device at once
+SEQUENCE_PIXELS = 200_000_000
+"""A frame sequence is held whole while it is predicted: at most this many pixels in all (about
+0.6 GB of RGB and 0.8 GB of track-id maps)."""
 
 Basic = tuple[str, str] | None
 """HTTP basic auth Label Studio passes along for task images on allow-listed hosts."""
@@ -256,7 +259,15 @@ class TaskPredictor:
                 f"{self.settings.sequence_max_frames}: sample the sequence, or use a <Video> project"
             )
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        frames = [load_image(fetcher.fetch(r, task_id, basic), max_pixels=self.settings.max_image_pixels) for r in refs]
+        frames: list[np.ndarray] = []
+        for ref in refs:
+            frames.append(load_image(fetcher.fetch(ref, task_id, basic), max_pixels=self.settings.max_image_pixels))
+            if len(frames) * frames[0].shape[0] * frames[0].shape[1] > SEQUENCE_PIXELS:
+                raise UsamError(
+                    f"task {task.get('id')}: {len(refs)} frames of {frames[0].shape[1]}x{frames[0].shape[0]} are more "
+                    f"than {SEQUENCE_PIXELS:,} pixels in all, which one request may hold: sample or shrink them, or "
+                    "use a <Video> project"
+                )
         if len({f.shape for f in frames}) > 1:
             raise UsamError(f"task {task.get('id')}: the frames of '{key}' do not all have the same size")
         return frames
