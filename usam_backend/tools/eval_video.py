@@ -1,18 +1,25 @@
 """Video object segmentation scores, DAVIS-2017's unsupervised protocol.
 
-Per sequence, every predicted object (at most :data:`MAX_PROPOSALS`, the largest kept) is scored
+Per sequence, the predicted objects are the proposals 1 to the largest id in any frame, as the
+official ``davis2017-evaluation`` reads them: an id no frame uses is an empty proposal, and empty
+proposals are added until there are as many as ground-truth objects. Every proposal is scored
 against every ground-truth object on every frame: **J**, the region IoU, and **F**, the boundary
 F-measure (boundaries match within ``ceil(0.008 x image diagonal)`` pixels, by dilating each with
-a disk). Predictions are assigned to ground-truth objects by the Hungarian algorithm on their mean
-(J + F) / 2; an object left without a prediction is scored against an empty mask (as DAVIS pads
-missing proposals: frames where the object is absent count as right). Per object: Mean, Recall
-(share of frames above 0.5) and Decay (first quarter's mean minus the last's, DAVIS's overlapping
-bins). J&F-Mean is (J-Mean + F-Mean) / 2 over all objects of all sequences. Pixels of value 255 in
-the ground truth are void (left out), as in DAVIS.
+a disk); two empty masks score 1 on both. Proposals are assigned to ground-truth objects by the
+Hungarian algorithm on their mean (J + F) / 2, so an object absent from some frames may be best
+matched by an empty proposal. Per object: Mean, Recall (share of frames above 0.5) and Decay
+(first quarter's mean minus the last's, DAVIS's overlapping bins). J&F-Mean is (J-Mean + F-Mean)
+/ 2 over all objects of all sequences. Pixels of value 255 in the ground truth are void (left
+out), as in DAVIS.
 
-Two deviations from the official code, both for inputs it refuses or ignores: the true objects are
-every id in any ground-truth frame (DAVIS counts those of the first frame), and with more than 20
-predicted objects the 20 largest are scored (DAVIS stops with an error).
+Deviations from the official code, all for inputs it refuses or ignores:
+
+- the true objects are the ids present in any ground-truth frame (DAVIS: 1 to the largest id of
+  the first frame);
+- with ids past :data:`MAX_PROPOSALS` (20), the 20 proposals with the most pixels in the sequence
+  are scored (ties: the lower id, so empty ones go first), each under its own id and in id order,
+  and the non-empty ones left out are counted (DAVIS stops with an error);
+- in :func:`evaluate_folders`, a frame the prediction lacks is an empty one (DAVIS stops).
 
 Masks are indexed PNGs (``<sequence>/<frame>.png``, the value a pixel's object id, 0 background),
 which is what ``usam video`` writes and what DAVIS's ``Annotations`` hold.
@@ -100,8 +107,8 @@ def object_stats(per_frame: np.ndarray) -> dict[str, float]:
 @dataclass
 class SequenceScore:
     name: str
-    objects: list[dict[str, Any]]  # per ground-truth object: id, matched prediction, J and F stats
-    dropped: int = 0  # predicted objects beyond MAX_PROPOSALS, left out
+    objects: list[dict[str, Any]]  # per ground-truth object: id, matched proposal (None: padding), J and F stats
+    dropped: int = 0  # non-empty predicted objects left out, with ids past MAX_PROPOSALS
 
     @property
     def j_mean(self) -> float:
@@ -112,45 +119,69 @@ class SequenceScore:
         return float(np.mean([o["F"]["mean"] for o in self.objects])) if self.objects else 0.0
 
 
+def proposals(pred: np.ndarray, n_objects: int) -> tuple[list[int | None], int]:
+    """The proposals DAVIS scores in a (T, H, W) map of predicted ids: ids 1 to the largest, an
+    unused one empty; past :data:`MAX_PROPOSALS`, the largest by pixel count (ties: the lower id),
+    in id order. Padded with None (an empty proposal without an id) to ``n_objects``. Returns them
+    and the number of non-empty ids left out."""
+    ids, areas = np.unique(pred[pred > 0], return_counts=True)
+    largest = int(ids[-1]) if len(ids) else 0
+    if largest <= MAX_PROPOSALS:
+        kept = list(range(1, largest + 1))
+    else:
+        order = np.argsort(-areas, kind="stable")
+        kept = [int(ids[i]) for i in order[:MAX_PROPOSALS]]
+        used = set(kept)
+        unused = (k for k in range(1, largest + 1) if k not in used)
+        kept = sorted(kept + [next(unused) for _ in range(MAX_PROPOSALS - len(kept))])
+    dropped = max(0, len(ids) - MAX_PROPOSALS)
+    padding: list[int | None] = [None] * max(0, n_objects - len(kept))
+    return [*kept, *padding], dropped
+
+
+def pair_scores(truth: np.ndarray, proposal: np.ndarray, void: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame J and F, each (T,), of a true object and a proposal: (T, H, W) bool masks."""
+    frames = range(len(truth))
+    return (
+        np.array([region_j(truth[t], proposal[t], void[t]) for t in frames]),
+        np.array([boundary_f(truth[t], proposal[t], void[t]) for t in frames]),
+    )
+
+
 def evaluate_sequence(gt: np.ndarray, pred: np.ndarray, name: str = "") -> SequenceScore:
     """Score one sequence: ``gt`` and ``pred`` are (T, H, W) integer maps of object ids."""
     if gt.shape != pred.shape:
         raise DataError(f"{name or 'sequence'}: prediction {pred.shape} and ground truth {gt.shape} differ (T, H, W)")
     void = gt == VOID
     gt_ids = [int(i) for i in np.unique(gt) if i not in (0, VOID)]
-    pred_ids, areas = np.unique(pred[pred > 0], return_counts=True)
-    order = np.argsort(-areas, kind="stable")
-    kept = [int(pred_ids[i]) for i in order[:MAX_PROPOSALS]]
-    dropped = max(0, len(pred_ids) - MAX_PROPOSALS)
-    n_frames = gt.shape[0]
-    j = np.zeros((len(kept), len(gt_ids), n_frames))
+    scored, dropped = proposals(pred, len(gt_ids))
+    j = np.zeros((len(scored), len(gt_ids), gt.shape[0]))
     f = np.zeros_like(j)
+    empty = np.zeros_like(void)
     for gi, g in enumerate(gt_ids):
-        for pi, p in enumerate(kept):
-            for t in range(n_frames):
-                j[pi, gi, t] = region_j(gt[t] == g, pred[t] == p, void[t])
-                f[pi, gi, t] = boundary_f(gt[t] == g, pred[t] == p, void[t])
+        truth = gt == g
+        versus_empty: tuple[np.ndarray, np.ndarray] | None = None  # every empty proposal scores the same
+        for pi, p in enumerate(scored):
+            mask = pred == p if p is not None else empty
+            if mask.any():
+                j[pi, gi], f[pi, gi] = pair_scores(truth, mask, void)
+                continue
+            if versus_empty is None:
+                versus_empty = pair_scores(truth, empty, void)
+            j[pi, gi], f[pi, gi] = versus_empty
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(-(j.mean(axis=2) + f.mean(axis=2)) / 2) if kept else ([], [])
+    rows, cols = linear_sum_assignment(-(j.mean(axis=2) + f.mean(axis=2)) / 2)
     match = {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
-    objects = []
-    empty = np.zeros(gt.shape[1:], dtype=bool)
-    for gi, g in enumerate(gt_ids):
-        best = match.get(gi)
-        if best is not None:
-            jj, ff = j[best, gi], f[best, gi]
-        else:  # scored against an empty prediction, as DAVIS pads missing proposals
-            jj = np.array([region_j(gt[t] == g, empty, void[t]) for t in range(n_frames)])
-            ff = np.array([boundary_f(gt[t] == g, empty, void[t]) for t in range(n_frames)])
-        objects.append(
-            {
-                "id": g,
-                "prediction": kept[best] if best is not None else None,
-                "J": object_stats(jj),
-                "F": object_stats(ff),
-            }
-        )
+    objects = [
+        {
+            "id": g,
+            "prediction": scored[match[gi]],
+            "J": object_stats(j[match[gi], gi]),
+            "F": object_stats(f[match[gi], gi]),
+        }
+        for gi, g in enumerate(gt_ids)
+    ]
     return SequenceScore(name, objects, dropped)
 
 
