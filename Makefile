@@ -26,12 +26,13 @@ $(LABEL_STUDIO):
 
 label-studio: $(LABEL_STUDIO)
 
-# Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file;
-# libGL and GLib, which OpenCV loads at import.
+# Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file,
+# ffmpeg as the reference for how players show a video; libGL and GLib, which OpenCV loads at import.
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	ldconfig -p | grep -q 'libGL.so.1 ' || missing="$$missing libgl1"; \
 	ldconfig -p | grep -q 'libgthread-2.0.so.0 ' || missing="$$missing libglib2.0-0"; \
 	if [ -n "$$missing" ]; then \
