@@ -11,7 +11,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from usam_backend.core.settings import Settings
-from usam_backend.jobs.video import ChunkStore, plan_chunks, video_results
+from usam_backend.jobs.policy import VideoShape
+from usam_backend.jobs.video import LINK_CLAIM_SECONDS, chunk_store, plan_chunks, video_results
 from usam_backend.labelstudio.config import LabelConfigError, parse_label_config
 from usam_backend.registry import HeadRegistry
 from usam_backend.server.service import Backend, PredictRequest
@@ -26,6 +27,7 @@ VIDEO = """<View><Video name="video" value="$video" {rate}/><VideoRectangle name
 FRAMES = """<View><Image name="frames" valueList="$frames"/><BrushLabels name="tag" toName="frames" smart="true">
 <Label value="Sky" predicted_values="sky"/><Label value="tomato"/></BrushLabels></View>"""
 H, W = 120, 160
+SHAPE = VideoShape(stride=5, chunk=240, max_frames=3000, max_pixels=10**7)
 
 
 @pytest.mark.parametrize(("attribute", "rate"), [("", 24.0), ('frameRate="25"', 25.0), ('framerate="29.97"', 29.97),
@@ -61,6 +63,9 @@ def test_frame_sequence_configs_templates_and_bad_configs():
         parse_label_config(VIDEO.format(rate='frameRate="fast"'))
     with pytest.raises(LabelConfigError, match="frames per second"):
         parse_label_config(VIDEO.format(rate='frameRate="0"'))
+    mixed = VIDEO.format(rate="").replace("</View>", FRAMES.replace("<View>", "").replace("</View>", "") + "</View>")
+    with pytest.raises(LabelConfigError, match="one kind per project"):  # images would never be predicted
+        parse_label_config(mixed)
     no_rectangle = VIDEO.format(rate="").replace('<VideoRectangle name="box" toName="video"/>', "")
     with pytest.raises(LabelConfigError, match="VideoRectangle"):
         parse_label_config(no_rectangle)
@@ -104,28 +109,79 @@ def test_video_results_are_valid_label_studio_tracks(trained_head, tmp_path):
     assert video_results({2: other}, config, choice, 7, 4, clip) == []
 
 
-def test_chunks_start_on_strided_frames_and_one_caller_links_them(tmp_path):
+def test_chunks_start_on_strided_frames():
     assert plan_chunks(100, 30, 4) == [(0, 28), (28, 56), (56, 84), (84, 100)]
     assert plan_chunks(10, 240, 5) == [(0, 10)]
     assert plan_chunks(7, 2, 5) == [(0, 5), (5, 7)]
-    settings = Settings(model_dir=tmp_path)
-    store = ChunkStore(settings, "3", 9, "v1")
+
+
+def check_store(store) -> None:
+    """One caller links (the owner token releases only its own claim); an error chunk is not done."""
     assert store.load([(0, 5), (5, 7)]) is None
     store.put(0, {"frames": []})
-    store.put(5, {"frames": []})
-    assert store.load([(0, 5), (5, 7)]) == [{"frames": []}, {"frames": []}]
-    assert store.claim() and not store.claim()
-    store.release()  # a linker that failed lets the next one try
-    assert store.claim()
+    store.put(5, {"error": "frames 5-6: corrupt"})
+    assert store.has(0) and not store.has(5)  # a failed chunk is computed again
+    assert store.load([(0, 5), (5, 7)]) == [{"frames": []}, {"error": "frames 5-6: corrupt"}]
+    token = store.claim()
+    assert token and store.claim() is None
+    store.release("not-the-owner")
+    assert store.claim() is None  # a stranger cannot release the claim
+    store.release(token)
+    token = store.claim()
+    assert token
     store.clear()
-    assert not store.folder.exists() and store.load([(0, 5)]) is None  # linked: a late caller finds nothing
-    assert not store.claim()  # the marker outlives the folder until released
+    store.release(token)
+    assert store.load([(0, 5)]) is None  # linked: a late caller finds nothing
+
+
+def test_chunk_claims_on_disk(tmp_path):
+    store = chunk_store(Settings(model_dir=tmp_path), "3", 9, "v1", SHAPE)
+    check_store(store)
+    token = store.claim()
     import os
 
-    os.utime(store.marker, (0, 0))  # its holder died long ago
-    assert store.claim() and not store.claim()
-    store.release()
-    assert list(store.marker.parent.iterdir()) == []
+    os.utime(store.marker, (0, 0))  # its holder died while linking, long ago
+    assert store.claim() is not None and store.claim() is None
+    store.release(token)  # the dead holder's token no longer releases anything
+    assert store.claim() is None
+
+
+def test_chunk_claims_in_redis(redis_url):
+    from redis import Redis
+
+    store = chunk_store(Settings(redis_url=redis_url), "3", 9, "v1", SHAPE)
+    check_store(store)
+    token = store.claim()
+    ttl = Redis.from_url(redis_url).pttl(store.lock)
+    assert 0 < ttl <= LINK_CLAIM_SECONDS * 1000  # a dead linker's claim expires by itself
+    store.release(token)
+    other = chunk_store(Settings(redis_url=redis_url), "3", 9, "v1", VideoShape(3, 240, 3000, 10**7))
+    assert other.chunks != store.chunks  # chunks computed with other settings are not mixed
+
+
+def test_video_jobs_carry_the_settings_that_shape_them():
+    from usam_backend.jobs.policy import video_chunk_jobs, video_task_jobs
+
+    (task_job,) = video_task_jobs("3", [9], trigger="t", version="v1", shape=SHAPE)
+    assert VideoShape.from_request(task_job.request, Settings(video_stride=7)) == SHAPE
+    (other,) = video_task_jobs("3", [9], trigger="t", version="v1", shape=VideoShape(3, 240, 3000, 10**7))
+    assert other.id != task_job.id
+    chunks = video_chunk_jobs("3", 9, [(0, 5), (5, 7)], version="v1", shape=SHAPE)
+    assert all(VideoShape.from_request(c.request, Settings(video_stride=7)) == SHAPE for c in chunks)
+    assert task_job.rerun_after  # a video job that ended is not run again on every /predict
+
+
+def test_a_failed_or_finished_video_waits_before_it_runs_again():
+    import time
+
+    from usam_backend.jobs.runners import RETRY_FAILED_AFTER, should_resubmit
+
+    now = time.time()
+    assert not should_resubmit("failed", now, force=False, rerun_after=RETRY_FAILED_AFTER)
+    assert not should_resubmit("finished", now, force=False, rerun_after=RETRY_FAILED_AFTER)
+    assert should_resubmit("failed", now - RETRY_FAILED_AFTER - 1, force=False, rerun_after=RETRY_FAILED_AFTER)
+    assert should_resubmit("finished", now - RETRY_FAILED_AFTER - 1, force=False, rerun_after=RETRY_FAILED_AFTER)
+    assert not should_resubmit("finished", now - 10**6, force=False)  # a training job is not re-run
 
 
 @pytest.fixture
@@ -173,10 +229,10 @@ def test_a_frame_sequence_gets_one_region_per_track_per_frame(frames_host):
     (empty,) = backend.predict(PredictRequest(tasks=[broken], label_config=FRAMES))
     assert empty["result"] == []
     assert "must be a list of image URLs" in backend.failures[-1]["reason"]
-    import usam_backend.labelstudio.tasks as tasks_module
+    from dataclasses import replace
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tasks_module, "SEQUENCE_PIXELS", 3 * H * W)  # three frames' worth
+        patch.setattr(backend.tasks, "limits", replace(backend.tasks.limits, max_pixels=3 * H * W))  # 3 frames' worth
         (empty,) = backend.predict(PredictRequest(tasks=[task], label_config=FRAMES))
     assert empty["result"] == [] and "pixels in all" in backend.failures[-1]["reason"]
     too_many = backend_for(tmp_path, sequence_max_frames=3)

@@ -50,6 +50,29 @@ def load_image(source: ImageSource, *, max_pixels: int) -> np.ndarray:
     return to_rgb_array(image)
 
 
+def peek_size(source: ImageSource, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an image as :func:`load_image` would return it (EXIF rotation applied),
+    read from its header without decoding the pixels.
+
+    Raises:
+        ImageError: unreadable, too small, or more than ``max_pixels`` pixels.
+    """
+    name = _describe(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = _open(source)
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+                width, height = height, width
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"{name} is not a readable image ({exc})") from None
+    _check_size((width, height), name, max_pixels)
+    return width, height
+
+
 def to_rgb_array(image: Image.Image) -> np.ndarray:
     """Convert any PIL mode to HxWx3 uint8 RGB."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

@@ -54,6 +54,10 @@ class VideoError(ImageError):
     """A video could not be read, has a variable frame rate, or is outside the limits usam accepts."""
 
 
+class EmptyRange(VideoError):
+    """A video file holds no frame from the start of the range asked for (it ends before it)."""
+
+
 @dataclass
 class Clip:
     """Decoded frames of one video.
@@ -233,7 +237,7 @@ def _read_file(source: str | Path | bytes, wanted: _Range, max_pixels: int) -> C
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"{name} could not be decoded as video: {str(exc)[:200]}") from None
     if not decoded.frames:
-        raise VideoError(f"{name} holds no frames" + (f" from frame {wanted.start}" if wanted.start else ""))
+        raise EmptyRange(f"{name} holds no frames" + (f" from frame {wanted.start}" if wanted.start else ""))
     return Clip(decoded.frames, decoded.indices, float(rate), decoded.frame_count, name, rotation=decoded.rotation)
 
 

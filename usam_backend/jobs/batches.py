@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.runners import JobSpec, Runner, make_runner, run_function
 
@@ -34,14 +35,20 @@ def run_task_jobs(
     totals = dict.fromkeys(COUNTS, 0)
     if runner.kind == "embedded":  # no Redis: this process does the work
         results = []
+        failed = []
         with tqdm(total=total, desc=desc, unit="task") as bar:
             for spec in specs:
-                counts = run_function(spec.function, settings, spec.request, None)
+                try:
+                    counts = run_function(spec.function, settings, spec.request, None)
+                except UsamError as exc:  # as a worker would: the job failed, the others still run
+                    failed.append({"id": spec.id, "status": "failed", "error": str(exc)})
+                    continue
+                finally:
+                    bar.update(len(spec.request["tasks"]))
                 results.append(counts)
-                bar.update(len(spec.request["tasks"]))
                 for key in totals:
                     totals[key] += int(counts.get(key, 0))
-        return Outcome(totals, results=results)
+        return Outcome(totals, failed, results=results)
     for spec in specs:
         runner.submit(spec, force=True)  # a finished chunk re-run skips what it did
     print(f"queued {len(specs)} job(s) of up to {settings.preannotate_chunk} tasks on {settings.queue}")

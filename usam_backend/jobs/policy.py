@@ -16,14 +16,16 @@ off the caller's thread: requests answer at once, also when Redis is down.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from training.recipe import Recipe, label_set
 from usam_backend.core.settings import Settings
-from usam_backend.jobs.runners import JobSpec, Runner, RunnerUnavailable
+from usam_backend.jobs.runners import RETRY_FAILED_AFTER, JobSpec, Runner, RunnerUnavailable
 from usam_backend.labelstudio.config import LabelConfig, parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback
 from usam_backend.labelstudio.projects import ProjectStore
@@ -104,23 +106,65 @@ def preannotate_jobs(
     return specs
 
 
-def video_task_jobs(project: str, task_ids: list[int], *, trigger: str, version: str = "current") -> list[JobSpec]:
-    """One job per video task (it splits a long video into chunk jobs itself)."""
+@dataclass(frozen=True)
+class VideoShape:
+    """The settings that shape a video's prediction; they travel in the video's job requests.
+
+    Attributes:
+        stride: the head runs on every ``stride``-th frame (``USAM_VIDEO_STRIDE``) and each chunk's last.
+        chunk: frames per chunk job (``USAM_VIDEO_CHUNK``).
+        max_frames: a longer video is refused (``USAM_VIDEO_MAX_FRAMES``, source frames).
+        max_pixels: larger frames are refused (``USAM_MAX_IMAGE_PIXELS``).
+    """
+
+    stride: int
+    chunk: int
+    max_frames: int
+    max_pixels: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VideoShape:
+        return cls(settings.video_stride, settings.video_chunk, settings.video_max_frames, settings.max_image_pixels)
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], settings: Settings) -> VideoShape:
+        """The shape a job was given (a request from before shapes travelled: this worker's settings)."""
+        given = request.get("shape")
+        return cls(**{k: int(v) for k, v in given.items()}) if isinstance(given, dict) else cls.from_settings(settings)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def video_task_jobs(
+    project: str, task_ids: list[int], *, trigger: str, version: str, shape: VideoShape
+) -> list[JobSpec]:  # fmt: skip
+    """One job per video task (it splits a long video into chunk jobs itself), named by the head's
+    version and the settings that shape the result.
+    A video job that ended, well or not, runs again only after ``RETRY_FAILED_AFTER`` (a bad
+    video is not downloaded again on every ``/predict``)."""
+    digest = hashlib.sha256(f"{version}/{shape.digest()}".encode()).hexdigest()[:8]
     return [
         JobSpec(
-            id=f"usam-video-{project}-{task_id}-" + hashlib.sha256(version.encode()).hexdigest()[:8],
+            id=f"usam-video-{project}-{task_id}-{digest}",
             function=JOBS["video"],
-            request={"project": project, "trigger": trigger, "tasks": [task_id]},
+            request={"project": project, "trigger": trigger, "tasks": [task_id], "shape": shape.to_dict()},
             kind="video",
             description=f"find and track objects in video task {task_id} of project {project}",
+            rerun_after=RETRY_FAILED_AFTER,
         )
         for task_id in task_ids
     ]
 
 
-def video_chunk_jobs(project: str, task_id: int, chunks: list[tuple[int, int]], *, version: str) -> list[JobSpec]:
+def video_chunk_jobs(
+    project: str, task_id: int, chunks: list[tuple[int, int]], *, version: str, shape: VideoShape
+) -> list[JobSpec]:  # fmt: skip
     """One job per chunk of frames of a video task."""
-    digest = hashlib.sha256(version.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{version}/{shape.digest()}".encode()).hexdigest()[:8]
     return [
         JobSpec(
             id=f"usam-video-{project}-{task_id}-{digest}-{start}",
@@ -132,6 +176,7 @@ def video_chunk_jobs(project: str, task_id: int, chunks: list[tuple[int, int]], 
                 "stop": stop,
                 "chunks": chunks,
                 "version": version,
+                "shape": shape.to_dict(),
             },
             kind="video",
             description=f"frames {start}-{stop - 1} of video task {task_id} of project {project}",
@@ -171,11 +216,14 @@ class TrainingPolicy:
         """New annotation events: fold them into feedback; retrain every ``USAM_RETRAIN_EVERY``."""
         self._later(self._take_feedback, pid)
 
-    def hand_off(self, pid: str, config: LabelConfig, task_ids: list[int]) -> None:
+    def hand_off(self, pid: str, config: LabelConfig, task_ids: list[int], version: str) -> None:
         """Tasks a ``/predict`` batch had no time for (every video task): pre-annotation jobs post
-        their predictions."""
+        their predictions (``version``: the head serving the project)."""
         if config.videos:
-            specs = video_task_jobs(pid, task_ids, trigger="predict")
+            shape = VideoShape.from_settings(self.settings)
+            specs = video_task_jobs(pid, task_ids, trigger="predict", version=version, shape=shape)
+            self._later(self._submit_all, pid, specs, False)
+            return
         else:
             specs = preannotate_jobs(pid, sorted(config.label_values), task_ids,
                                      chunk=self.settings.preannotate_chunk, trigger="predict")  # fmt: skip
@@ -234,9 +282,9 @@ class TrainingPolicy:
             self.feedback.training_queued(pid)
         return True
 
-    def _submit_all(self, pid: str, specs: list[JobSpec]) -> None:
+    def _submit_all(self, pid: str, specs: list[JobSpec], force: bool = True) -> None:
         for spec in specs:
-            if not self._submit(pid, spec, force=True):  # a finished chunk re-run skips what it did
+            if not self._submit(pid, spec, force=force):  # a finished chunk re-run skips what it did
                 log.error("project %s: the rest of the batch was not handed off; run Retrieve predictions again", pid)
                 return
 

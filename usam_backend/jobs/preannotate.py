@@ -22,7 +22,7 @@ from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.batches import run_task_jobs
-from usam_backend.jobs.policy import preannotate_jobs, video_task_jobs
+from usam_backend.jobs.policy import VideoShape, preannotate_jobs, video_task_jobs
 from usam_backend.jobs.runners import Publish
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError, versions_of
 from usam_backend.labelstudio.config import LabelConfig, parse_label_config
@@ -114,7 +114,8 @@ def run_preannotate(settings: Settings, project: str, *, wait: bool = True, time
     if not todo:
         return 0
     if config.videos:
-        specs = video_task_jobs(pid, todo, trigger="usam preannotate", version=choice.version)
+        specs = video_task_jobs(pid, todo, trigger="usam preannotate", version=choice.version,
+                                shape=VideoShape.from_settings(settings))  # fmt: skip
     else:
         specs = preannotate_jobs(pid, sorted(config.label_values), todo, chunk=settings.preannotate_chunk,
                                  trigger="usam preannotate", version=choice.version)  # fmt: skip

@@ -30,6 +30,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from usam_backend.core.errors import UsamError
+from usam_backend.core.fetch import redact_url
 from usam_backend.core.settings import Settings, get_settings
 
 log = logging.getLogger("usam.runner")
@@ -60,13 +61,16 @@ class JobSpec:
     """A job to run: ``function`` (dotted path of a top-level function taking ``settings``,
     ``request`` and ``publish``) on ``request`` (plain data: ids, paths, labels, recipe).
 
-    ``request`` may carry ``labels``, ``project`` and ``trigger``: they are shown in ``/jobs``."""
+    ``request`` may carry ``labels``, ``project`` and ``trigger``: they are shown in ``/jobs``.
+    ``rerun_after``: a job that finished may run again after this many seconds (else only when forced).
+    """
 
     id: str
     function: str
     request: dict[str, Any]
     kind: str
     description: str
+    rerun_after: float | None = None
 
 
 def run_function(function: str, settings: Settings, request: dict[str, Any], publish: Publish | None) -> Any:
@@ -78,26 +82,54 @@ def run_function(function: str, settings: Settings, request: dict[str, Any], pub
 def rq_entry(function: str, request: dict[str, Any]) -> Any:
     """What RQ workers run: settings from this worker's environment; progress and a heartbeat go
     into the job's meta (the heartbeat tells the server a worker is still on it)."""
-    job = get_current_job()
-    lock = threading.Lock()
+    meta = JobMeta(get_current_job())
     stop = threading.Event()
-
-    def save(**values: Any) -> None:
-        if job is not None:
-            with lock:
-                job.meta.update(values, heartbeat=time.time())
-                job.save_meta()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
-            save()
+            meta.save()
 
-    save()
+    meta.save()
     threading.Thread(target=beat, name="usam-heartbeat", daemon=True).start()
     try:
-        return run_function(function, get_settings(), request, lambda snapshot: save(progress=snapshot))
+        return run_function(function, get_settings(), request, lambda snapshot: meta.save(progress=snapshot))
     finally:
         stop.set()
+
+
+class JobMeta:
+    """A running job's progress and heartbeat, saved into its meta in Redis.
+
+    A save that Redis refuses (a restart, a network blip) neither fails the job nor stops the
+    heartbeat: the meta is kept here and the next save carries it. An outage is logged when it
+    starts and when it ends, not at every beat."""
+
+    def __init__(self, job: Job | None):
+        self.job = job
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+
+    def save(self, **values: Any) -> None:
+        if self.job is None:
+            return
+        with self._lock:
+            self.job.meta.update(values, heartbeat=time.time())
+            try:
+                self.job.save_meta()
+            except (RedisError, OSError) as exc:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning(
+                        "job %s: cannot save its heartbeat and progress to Redis (%s); the job goes on and "
+                        "saves them again when Redis answers", self.job.id, exc,
+                    )  # fmt: skip
+                return
+            if self._down_since is not None:
+                log.info(
+                    "job %s: Redis answers again after %.0f s; heartbeat and progress saved",
+                    self.job.id, time.monotonic() - self._down_since,
+                )  # fmt: skip
+                self._down_since = None
 
 
 @dataclass
@@ -130,12 +162,15 @@ class Runner(Protocol):
     def fault(self) -> str | None: ...
 
 
-def should_resubmit(status: str, ended_at: float | None, *, force: bool) -> bool:
+def should_resubmit(status: str, ended_at: float | None, *, force: bool, rerun_after: float | None = None) -> bool:
     if status in ACTIVE:
         return False
     if status == "failed":
         return force or ended_at is None or time.time() - ended_at > RETRY_FAILED_AFTER
-    return force  # finished: its head is published; only Start training retrains
+    if force:
+        return True
+    # finished: a head is published (only Start training retrains), unless the job may be re-run
+    return rerun_after is not None and (ended_at is None or time.time() - ended_at > rerun_after)
 
 
 class EmbeddedRunner:
@@ -154,7 +189,9 @@ class EmbeddedRunner:
     def submit(self, spec: JobSpec, *, force: bool = False) -> JobInfo:
         with self._lock:
             known = self._jobs.get(spec.id)
-            if known is not None and not should_resubmit(known.status, known.ended_at, force=force):
+            if known is not None and not should_resubmit(
+                known.status, known.ended_at, force=force, rerun_after=spec.rerun_after
+            ):
                 return known
             info = _new_info(spec.id, spec.request, spec.kind)
             self._jobs[spec.id] = info
@@ -244,7 +281,7 @@ class RQRunner:
                 status, ended = _status(job), _timestamp(job.ended_at)
                 if status == "stale":
                     job.delete()  # its worker died: run it again (it resumes from the files on disk)
-                elif not should_resubmit(status, ended, force=force):
+                elif not should_resubmit(status, ended, force=force, rerun_after=spec.rerun_after):
                     return _info(job)
                 else:
                     job.delete()
@@ -262,7 +299,7 @@ class RQRunner:
                 meta={"request": spec.request, "kind": spec.kind},
             )
         except RedisError as exc:
-            self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
+            self._fault = f"Redis at {redact_url(self.settings.redis_url or '')} is unreachable: {exc}"
             self._failed_at = time.monotonic()
             raise RunnerUnavailable(self._fault) from None
         self._fault = None
@@ -278,7 +315,7 @@ class RQRunner:
                 ids += registry.get_job_ids(0, LISTED - 1, desc=True)  # the newest of each
             jobs = [job for job in Job.fetch_many(list(dict.fromkeys(ids)), connection=self.redis) if job]
         except RedisError as exc:
-            self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
+            self._fault = f"Redis at {redact_url(self.settings.redis_url or '')} is unreachable: {exc}"
             return []
         return [_info(job).public() for job in sorted(jobs, key=lambda j: j.enqueued_at or 0, reverse=True)[:LISTED]]
 
@@ -289,7 +326,9 @@ class RQRunner:
             for start in range(0, len(job_ids), 500):
                 found += [j for j in Job.fetch_many(job_ids[start : start + 500], connection=self.redis) if j]
         except RedisError as exc:
-            raise RunnerUnavailable(f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}") from None
+            raise RunnerUnavailable(
+                f"Redis at {redact_url(self.settings.redis_url or '')} is unreachable: {exc}"
+            ) from None
         return [_info(job).public() for job in found]
 
     def fault(self) -> str | None:
@@ -299,7 +338,7 @@ class RQRunner:
                 self.redis.ping()
                 self._fault = None
             except RedisError as exc:
-                self._fault = f"Redis at {_safe_url(self.settings.redis_url)} is unreachable: {exc}"
+                self._fault = f"Redis at {redact_url(self.settings.redis_url or '')} is unreachable: {exc}"
         return self._fault
 
 
@@ -363,11 +402,3 @@ def _last_line(job: Any) -> str:
 
 def _timestamp(value: Any) -> float | None:
     return value.timestamp() if value is not None else None
-
-
-def _safe_url(url: str | None) -> str:
-    """The Redis URL without a password."""
-    if not url or "@" not in url:
-        return url or ""
-    scheme, rest = url.split("://", 1) if "://" in url else ("redis", url)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

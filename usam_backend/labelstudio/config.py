@@ -198,6 +198,11 @@ def _parse(xml: str) -> LabelConfig:
             f"tracks; for example: {EXAMPLE}"
         )
     used = {label.image for label in labels}
+    if used & set(videos) and used - set(videos):
+        raise LabelConfigError(
+            "the label config labels both a <Video> and images: usam predicts a project's video tracks in jobs and "
+            "its images in /predict, one kind per project. Make one project for the videos and one for the images"
+        )
     return LabelConfig(
         labels=tuple(labels),
         images={name: image for name, image in images.items() if name in used},

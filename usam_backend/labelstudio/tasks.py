@@ -5,11 +5,9 @@ For each image of a task: fetch it (:mod:`usam_backend.labelstudio.media`), segm
 head chosen for the project (:mod:`usam_backend.systems.usam`), and format the regions as brush
 results carrying the project's labels; the regions are logged for learning from annotators.
 
-A frame sequence (``<Image valueList>``) is one video: the head runs on every
-``USAM_VIDEO_STRIDE``-th frame, its regions are linked into tracks and SAM segments each track on
-every frame (:mod:`usam_backend.systems.uvosam`); each track gets one brush region per frame, with
-the frame's ``item_index``. A smart-brush stroke on one frame of a sequence is refined there and
-followed through the other frames.
+A frame sequence (``<Image valueList>``) is one video (:mod:`usam_backend.labelstudio.sequences`).
+A smart-brush stroke on one frame of a sequence is refined there and followed through the other
+frames.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.interactive import BrushStroke, PromptError, parse_brush_strokes, parse_prompt
 from usam_backend.labelstudio.media import TaskImageFetcher
 from usam_backend.labelstudio.results import brush_region, prediction, region_id
+from usam_backend.labelstudio.sequences import Basic, FrameCache, SequenceLimits, predict_sequence
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.generator import AutomaticMasks
@@ -38,17 +37,11 @@ from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.prompts import segment_prompt
 from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
 from usam_backend.systems.usam import SemanticSegmenter, Survivors
-from usam_backend.systems.uvosam import TrackOptions, detect_tracks, follow_object, segment_video
+from usam_backend.systems.uvosam import Lock, follow_object
 
 log = logging.getLogger("usam.tasks")
 
 MAX_SEGMENTERS = 4  # heads kept ready on the device at once
-SEQUENCE_PIXELS = 200_000_000
-"""A frame sequence is held whole while it is predicted: at most this many pixels in all (about
-0.6 GB of RGB and 0.8 GB of track-id maps)."""
-
-Basic = tuple[str, str] | None
-"""HTTP basic auth Label Studio passes along for task images on allow-listed hosts."""
 
 
 class TaskPredictor:
@@ -62,7 +55,7 @@ class TaskPredictor:
     """
 
     def __init__(
-        self, settings: Settings, engine: Callable[[], SamEngine], feedback: FeedbackStore, lock: threading.Lock,
+        self, settings: Settings, engine: Callable[[], SamEngine], feedback: FeedbackStore, lock: Lock,
         on_failure: Callable[[object, str], None] | None = None,
     ):  # fmt: skip
         self.settings = settings
@@ -72,12 +65,18 @@ class TaskPredictor:
         self.on_failure = on_failure
         self._segmenters: dict[str, SemanticSegmenter] = {}
         self._guard = threading.Lock()
+        self.sequences = FrameCache()
+        self.limits = SequenceLimits(settings.sequence_max_frames, settings.max_image_pixels)
 
     def predict(
         self, task: dict[str, Any], config: LabelConfig, choice: HeadChoice, fetcher: TaskImageFetcher,
-        basic: Basic = None, pid: str | None = None,
+        basic: Basic = None, pid: str | None = None, deadline: float | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """A task's prediction (empty, with the reason reported, when its image cannot be used)."""
+        """A task's prediction (empty, with the reason reported, when its image cannot be used).
+
+        Raises:
+            OutOfTime: a frame sequence could not finish before ``deadline`` (``time.monotonic()``).
+        """
         task_id = task.get("id")
         results: list[dict[str, Any]] = []
         logged: list[Region] = []
@@ -91,7 +90,11 @@ class TaskPredictor:
                 if not by_class:
                     continue
                 if field_.sequence:
-                    results += self._sequence(task, field_.key, image_name, by_class, choice, fetcher, basic)
+                    frames = self.sequences.get(task, field_.key, fetcher, basic, self.limits)
+                    results += predict_sequence(
+                        frames, self.segmenter(choice), by_class, choice, task_id=task_id, image_name=image_name,
+                        stride=self.settings.video_stride, lock=self.lock, deadline=deadline,
+                    )  # fmt: skip
                     continue
                 image = self.task_image(task, field_.key, fetcher, basic)
                 head_classes = {choice.head.class_names[i] for i in by_class}
@@ -116,29 +119,6 @@ class TaskPredictor:
                 log.warning("task %s: prediction not logged for feedback: %s", task_id, exc)
         confidence = float(np.nanmean(confidences)) if confidences and not np.isnan(confidences).all() else None
         return prediction(results, choice.version, confidence)
-
-    def _sequence(
-        self, task: dict[str, Any], key: str, image_name: str, by_class: dict[int, ProjectLabel], choice: HeadChoice,
-        fetcher: TaskImageFetcher, basic: Basic,
-    ) -> list[dict[str, Any]]:  # fmt: skip
-        """Brush regions of a frame sequence: one per track per frame, with ``item_index``."""
-        frames = self.task_frames(task, key, fetcher, basic)
-        chosen = list(range(0, len(frames), self.settings.video_stride))
-        head_classes = {choice.head.class_names[i] for i in by_class}
-        with self.lock:
-            segmenter = self.segmenter(choice)
-            tracks = detect_tracks(
-                [frames[i] for i in chosen], segmenter, frame_indices=chosen, classes=head_classes,
-                min_hits=min(TrackOptions.min_hits, len(chosen)),
-            )  # fmt: skip
-            maps = segment_video(frames, tracks, EnginePredictor(segmenter.engine))
-        results = []
-        for index, ids in enumerate(maps):
-            for tid in np.unique(ids[ids > 0]):
-                track = tracks[int(tid)]
-                rid = region_id(choice.version, task.get("id"), image_name, index, int(tid))
-                results.append(brush_region(ids == tid, by_class[track.class_id], track.score, rid, item_index=index))
-        return results
 
     def _masks(self, image: np.ndarray, survivors: Survivors) -> Iterator[tuple[int, np.ndarray]]:
         """(survivor index, non-empty (H, W) bool mask), refined as ``USAM_REFINE`` says."""
@@ -195,9 +175,7 @@ class TaskPredictor:
             where = (stroke.image, stroke.item_index)
             if where not in images:
                 if field_.sequence:
-                    sequences[stroke.image] = sequences.get(stroke.image) or self.task_frames(
-                        task, field_.key, fetcher, basic
-                    )
+                    sequences[stroke.image] = self.sequences.get(task, field_.key, fetcher, basic, self.limits)
                     count = len(sequences[stroke.image])
                     if not (stroke.item_index or 0) < count:
                         raise PromptError(f"a stroke is on frame {stroke.item_index} of a {count}-frame sequence")
@@ -227,8 +205,7 @@ class TaskPredictor:
         version: str,
     ) -> list[dict[str, Any]]:  # fmt: skip
         """The stroke's object followed through the other frames of its sequence."""
-        with self.lock:
-            found = follow_object(frames, stroke.item_index or 0, EnginePredictor(self.engine()), mask=mask)
+        found = follow_object(frames, stroke.item_index or 0, EnginePredictor(self.engine()), mask=mask, lock=self.lock)
         return [
             brush_region(m, stroke.label, score, region_id(version, task.get("id"), stroke.id, index), index)
             for index, m in found.items()
@@ -244,33 +221,6 @@ class TaskPredictor:
             recent = [(v, seg) for v, seg in self._segmenters.items() if v != choice.version][: MAX_SEGMENTERS - 1]
             self._segmenters = {choice.version: segmenter, **dict(recent)}
             return segmenter
-
-    def task_frames(
-        self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: Basic
-    ) -> list[np.ndarray]:  # fmt: skip
-        """The frames of a frame-sequence field (a list of image references), all of one size."""
-        data = task.get("data")
-        refs = data.get(key) if isinstance(data, dict) else None
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise UsamError(f"task {task.get('id')}: '{key}' must be a list of image URLs (a frame sequence)")
-        if len(refs) > self.settings.sequence_max_frames:
-            raise UsamError(
-                f"task {task.get('id')}: {len(refs)} frames, more than USAM_SEQUENCE_MAX_FRAMES="
-                f"{self.settings.sequence_max_frames}: sample the sequence, or use a <Video> project"
-            )
-        task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        frames: list[np.ndarray] = []
-        for ref in refs:
-            frames.append(load_image(fetcher.fetch(ref, task_id, basic), max_pixels=self.settings.max_image_pixels))
-            if len(frames) * frames[0].shape[0] * frames[0].shape[1] > SEQUENCE_PIXELS:
-                raise UsamError(
-                    f"task {task.get('id')}: {len(refs)} frames of {frames[0].shape[1]}x{frames[0].shape[0]} are more "
-                    f"than {SEQUENCE_PIXELS:,} pixels in all, which one request may hold: sample or shrink them, or "
-                    "use a <Video> project"
-                )
-        if len({f.shape for f in frames}) > 1:
-            raise UsamError(f"task {task.get('id')}: the frames of '{key}' do not all have the same size")
-        return frames
 
     def task_image(self, task: dict[str, Any], key: str, fetcher: TaskImageFetcher, basic: Basic) -> np.ndarray:
         """The task's image in data field ``key``, as HxWx3 uint8 RGB."""

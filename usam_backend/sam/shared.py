@@ -12,9 +12,40 @@ from usam_backend.sam.engine import SamEngine
 
 log = logging.getLogger("usam.sam")
 
-compute_lock = threading.Lock()
-"""Held around model computation so the server's predictions and an in-process job take turns
-instead of fighting over the same cores and memory."""
+
+class FairLock:
+    """A lock granted in the order it was asked for. A video job takes it for one frame at a time;
+    with ``threading.Lock`` the job could take it straight back after each frame while a request
+    that was already waiting never gets it. Not re-entrant."""
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition(threading.Lock())
+        self._issued = 0  # tickets handed out
+        self._serving = 0  # the ticket that may hold the lock
+
+    def acquire(self) -> None:
+        with self._turns:
+            ticket = self._issued
+            self._issued += 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+
+    def release(self) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+compute_lock = FairLock()
+"""Held around model computation so the server's predictions and in-process jobs take turns
+(first come, first served) instead of fighting over the same cores and memory; long work takes
+it per frame or per image."""
 
 RETRY_SECONDS = 60.0
 """After a failed load, how long :class:`LazyEngine` answers with the same error."""

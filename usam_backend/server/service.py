@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from usam_backend.core.fetch import redact_url
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.policy import TrainingPolicy
 from usam_backend.jobs.runners import make_runner
@@ -31,6 +32,7 @@ from usam_backend.labelstudio.interactive import PromptError
 from usam_backend.labelstudio.media import TaskImageFetcher, fetcher_for
 from usam_backend.labelstudio.projects import EventLog, ProjectRecord, ProjectStore, UnknownProjectError, project_id
 from usam_backend.labelstudio.results import prediction
+from usam_backend.labelstudio.sequences import OutOfTime
 from usam_backend.labelstudio.tasks import TaskPredictor
 from usam_backend.registry import HeadRegistry, no_head_version
 from usam_backend.sam.models import resolve_device
@@ -126,7 +128,7 @@ class Backend:
         if hostname and not trusted and not self.settings.label_studio_url:
             log.warning(
                 "project %s: not using the /setup hostname %s (the call was not authenticated and usam listens "
-                "beyond loopback): set LABEL_STUDIO_URL", project_id(project), hostname[:100],
+                "beyond loopback): set LABEL_STUDIO_URL", project_id(project), redact_url(hostname),
             )  # fmt: skip
         self.projects.put(ProjectRecord(pid, schema, hostname, access_token, hostname_trusted=trusted))
         choice = self.registry.choose(config.labels, pid)
@@ -198,12 +200,17 @@ class Backend:
         if config.videos:  # always longer than Label Studio waits: jobs post the predictions
             ids = [int(t["id"]) for t in request.tasks if isinstance(t.get("id"), int)]
             if pid is not None and ids:
-                self.policy.hand_off(pid, config, ids)
+                self.policy.hand_off(pid, config, ids, choice.version)
                 log.info("project %s: %d video task(s) handed to video jobs", pid, len(ids))
             return [[] for _ in request.tasks]
         results: list[Any] = []
+        deadline = started + self.settings.predict_budget
         for i, task in enumerate(request.tasks):
-            if i and time.monotonic() - started > self.settings.predict_budget:
+            try:
+                if i and time.monotonic() > deadline:
+                    raise OutOfTime
+                results.append(self.tasks.predict(task, config, choice, fetcher, basic, pid, deadline=deadline))
+            except OutOfTime:  # the rest of the batch, this task included, goes to pre-annotation jobs
                 rest = request.tasks[i:]
                 log.warning(
                     "predicted %d task(s) in USAM_PREDICT_BUDGET=%.0f s; %d left for pre-annotation jobs",
@@ -211,10 +218,9 @@ class Backend:
                 )  # fmt: skip
                 ids = [int(t["id"]) for t in rest if isinstance(t.get("id"), int)]
                 if pid is not None and ids:
-                    self.policy.hand_off(pid, config, ids)
+                    self.policy.hand_off(pid, config, ids, choice.version)
                 results += [[] for _ in rest]
                 break
-            results.append(self.tasks.predict(task, config, choice, fetcher, basic, pid))
         return results
 
     # -- helpers -----------------------------------------------------------------------------------

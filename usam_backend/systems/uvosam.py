@@ -28,6 +28,7 @@ ones (the largest-first rule above).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,13 @@ if TYPE_CHECKING:
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
 """One frame's detections: boxes (n, 4) float xyxy pixels, scores (n,), class ids (n,)."""
+
+Lock = contextlib.AbstractContextManager[Any]
+"""Held around each frame's model work (a ``threading.Lock``), so other requests wait for one frame at most."""
+
+
+def _held(lock: Lock | None) -> Lock:
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -157,9 +165,14 @@ def track_boxes(
             if overlaps and max(overlaps) >= opts.match_iou:
                 seen[frames[q]] = pool.pop(int(np.argmax(overlaps)))
                 earliest = q
+    # ByteTrack starts no track on a clip's last frame, nor on a one-frame clip: a confident
+    # detection still left untracked is an object seen once.
+    singletons = [
+        {frames[q]: entry} for q, pool in enumerate(untracked) for entry in pool if entry[1] >= opts.start_score
+    ]
     kept = [
         seen
-        for seen in raw.values()
+        for seen in [*raw.values(), *singletons]
         if len(seen) >= opts.min_hits and np.mean([s for _, s, _ in seen.values()]) >= opts.min_score
     ]
     kept = sorted(kept, key=lambda s: -float(np.mean([v[1] for v in s.values()])))[: opts.max_tracks]
@@ -181,9 +194,18 @@ def track_boxes(
     return tracks
 
 
+def sampled_frames(start: int, stop: int, stride: int) -> list[int]:
+    """The frames of [start, stop) a detector runs on: every ``stride``-th from ``start``, and the
+    last (so a clip no longer than the stride is still seen at both ends, and a track's end is not
+    cut at the last multiple of the stride)."""
+    chosen = list(range(start, stop, stride))
+    return [*chosen, stop - 1] if chosen and chosen[-1] != stop - 1 else chosen
+
+
 def _step(frames: Sequence[int]) -> int:
+    """The usual gap between processed frames (a clip's last frame may come sooner than the stride)."""
     gaps = np.diff(np.asarray(frames))
-    return int(gaps[gaps > 0].min()) if (gaps > 0).any() else 1
+    return int(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 1
 
 
 def _interpolate(track: Track, max_gap: int) -> None:
@@ -241,6 +263,7 @@ def boxes_by_frame(tracks: TrackBoxes) -> dict[int, dict[int, np.ndarray]]:
 def segment_video(
     frames: Sequence[np.ndarray], tracks: TrackBoxes, predictor: Predictor, *,
     frame_indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None,
+    lock: Lock | None = None,
 ) -> list[np.ndarray]:  # fmt: skip
     """Per-frame masks of tracks: each frame's track boxes prompt SAM.
 
@@ -251,6 +274,7 @@ def segment_video(
         frame_indices: the frame index of each entry of ``frames`` (default 0, 1, 2, ...): the keys
             the tracks' boxes use.
         progress: called with 1 after each frame.
+        lock: held around each frame's SAM work.
 
     Returns:
         per frame, an HxW int32 map of track ids (0: none). A frame without boxes is not shown to SAM.
@@ -267,8 +291,9 @@ def segment_video(
             tid: b for tid, b in ((tid, _clip_box(box, frame.shape)) for tid, box in boxes.items()) if b is not None
         }
         if inside:
-            predictor.set_image(frame)
-            masks = {tid: m for tid, m in _box_masks(predictor, inside).items() if m.any()}
+            with _held(lock):
+                predictor.set_image(frame)
+                masks = {tid: m for tid, m in _box_masks(predictor, inside).items() if m.any()}
             paint(ids, [(int(m.sum()), tid, m) for tid, m in drop_duplicates(masks, boxes).items()])
         out.append(ids)
         if progress is not None:
@@ -365,12 +390,15 @@ class FollowOptions:
 
 def follow_object(
     frames: Sequence[np.ndarray], keyframe: int, predictor: Predictor, *, box: Sequence[float] | None = None,
-    mask: np.ndarray | None = None, progress: Callable[[int], None] | None = None, **options: Any,
+    mask: np.ndarray | None = None, progress: Callable[[int], None] | None = None, lock: Lock | None = None,
+    **options: Any,
 ) -> dict[int, np.ndarray]:  # fmt: skip
     """One object through a clip from an annotator's box or mask on frame ``keyframe`` (a position
     in ``frames``): SAM is prompted frame by frame, forwards then backwards, with the box where the
     object was last found moved on by its velocity. A found mask is the object only if its area and
     colours are close to what the object had; frames where it is not found (occluded) get no mask.
+
+    ``lock`` is held around each frame's SAM work.
 
     Returns:
         position -> HxW bool mask, for the keyframe and every frame the object was found on.
@@ -389,8 +417,9 @@ def follow_object(
             raise ValueError("the keyframe's mask must be a non-empty HxW mask of the frame's size")
     else:
         clipped = _clip_box(np.asarray(box, dtype=np.float64).reshape(4), frames[keyframe].shape)
-        predictor.set_image(frames[keyframe])
-        found = _box_mask(predictor, clipped)
+        with _held(lock):
+            predictor.set_image(frames[keyframe])
+            found = _box_mask(predictor, clipped)
         if found is None:
             return {}
         start = found
@@ -406,8 +435,9 @@ def follow_object(
             if abs(position - last_at) > opts.lost_frames:
                 break
             predicted = mask_box(last) + velocity * abs(position - last_at)
-            predictor.set_image(frames[position])
-            found = _follow_step(predictor, frames[position], predicted, last, look, opts)
+            with _held(lock):
+                predictor.set_image(frames[position])
+                found = _follow_step(predictor, frames[position], predicted, last, look, opts)
             if found is not None:
                 velocity = (mask_box(found) - mask_box(last)) / abs(position - last_at)
                 out[position] = last = found
@@ -455,13 +485,15 @@ def tracks_from_masks(masks: Mapping[int, Mapping[int, np.ndarray]], frame_indic
 
 
 def detect(
-    frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, classes: set[str] | None = None,
-    progress: Callable[[int], None] | None = None,
+    frames: Iterable[np.ndarray], segmenter: SemanticSegmenter, *, classes: set[str] | None = None,
+    progress: Callable[[int], None] | None = None, lock: Lock | None = None,
 ) -> list[Detections | None]:  # fmt: skip
-    """Per frame, the head's regions as detections: each region's box, class probability and class."""
+    """Per frame, the head's regions as detections: each region's box, class probability and class
+    (``lock`` held around each frame's model work)."""
     detections: list[Detections | None] = []
     for frame in frames:
-        regions = segmenter.segment(frame, classes=classes)
+        with _held(lock):
+            regions = segmenter.segment(frame, classes=classes)
         detections.append((regions.boxes, regions.scores, regions.class_ids) if len(regions) else None)
         if progress is not None:
             progress(1)
@@ -470,7 +502,8 @@ def detect(
 
 def detect_tracks(
     frames: Sequence[np.ndarray], segmenter: SemanticSegmenter, *, frame_indices: Sequence[int] | None = None,
-    classes: set[str] | None = None, progress: Callable[[int], None] | None = None, **options: Any,
+    classes: set[str] | None = None, progress: Callable[[int], None] | None = None, lock: Lock | None = None,
+    **options: Any,
 ) -> dict[int, Track]:  # fmt: skip
     """Tracks of the head's classes (the class-names path): the head segments each frame
     (:func:`detect`) and :func:`track_boxes` links its regions' boxes; each track's ``label`` is
@@ -483,7 +516,8 @@ def detect_tracks(
         **options: :class:`TrackOptions` fields.
     """
     indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
-    tracks = track_boxes(detect(frames, segmenter, classes=classes, progress=progress), frames=indices, **options)
+    found = detect(frames, segmenter, classes=classes, progress=progress, lock=lock)
+    tracks = track_boxes(found, frames=indices, **options)
     return name_tracks(tracks, segmenter.class_names)
 
 
