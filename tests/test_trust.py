@@ -200,3 +200,27 @@ def test_the_rest_client_refuses_a_setup_hostname_at_a_metadata_address():
         LabelStudioApi.for_project(Settings(), record, client)
     named = LabelStudioApi.for_project(Settings(label_studio_url="http://127.0.0.1:1"), record, httpx.Client())
     assert named.url == "http://127.0.0.1:1"  # the operator's URL, whatever its address
+
+
+def test_failures_name_no_credentials_from_task_urls(model_dir, tmp_path_factory, attacker):
+    """Presigned signatures and ``user:pass@`` in task URLs stay out of /health and the log."""
+    server = start(model_dir, tmp_path_factory, host="127.0.0.1", USAM_ALLOWED_HOSTS="127.0.0.1")
+    try:
+        port = attacker.server.server_port
+        secrets = "?X-Amz-Signature=hunter2&X-Amz-Credential=AKIA"
+        images = {
+            1: f"http://ann:pw-hunter2@127.0.0.1:{port}/gone.png{secrets}",  # allowed host: HTTP 404
+            2: f"http://ann:pw-hunter2@localhost:{port}/a.png{secrets}",  # not allowed: refused
+        }
+        assert server.client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
+        body = {"tasks": [{"id": i, "data": {"image": url}} for i, url in images.items()], "project": "1.1"}
+        response = server.client.post("/predict", json=body)
+        assert response.status_code == 200 and [p["result"] for p in response.json()["results"]] == [[], []]
+
+        reasons = {f["task"]: f["reason"] for f in server.health()["recent_failures"]}
+        assert f"http://127.0.0.1:{port}/gone.png?… answered HTTP 404" in reasons[1]
+        assert f"refusing to fetch http://localhost:{port}/a.png?…" in reasons[2]
+        for shown in (str(reasons), server.log()):
+            assert "hunter2" not in shown and "AKIA" not in shown and "ann:" not in shown
+    finally:
+        server.stop()

@@ -3,12 +3,22 @@ in predictions; and the faults: a killed worker, Redis gone, a failing job."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq.job import Job
+
+from usam_backend.jobs import runners
 
 from conftest import scene, write_class_folders
 from helpers import UsamServer, WebHost, free_port, run_worker, wait_until
@@ -176,9 +186,6 @@ def test_a_killed_worker_leaves_no_head_and_the_rerun_resumes(tmp_path_factory, 
 
 
 def _age_heartbeat(redis_url: str, job_id: str) -> None:
-    from redis import Redis
-    from rq.job import Job
-
     job = Job.fetch(job_id, connection=Redis.from_url(redis_url))
     job.meta["heartbeat"] = time.time() - 3600
     job.save_meta()
@@ -228,3 +235,60 @@ def test_a_worker_with_other_sam_fails_the_job_naming_both(tmp_path_factory, red
         assert not heads.exists() or not list(heads.glob("*.pt"))  # nothing the server cannot use
     finally:
         server.stop()
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server of this test's own, keeping its data in ``folder`` (``dump.rdb``) across restarts."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed here; `make test` installs it")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*command, "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_until(lambda: bool(Redis(port=port).ping()), 20, "redis-server")
+    return process
+
+
+def test_the_heartbeat_outlives_a_redis_outage(tmp_path, monkeypatch, caplog):
+    """Redis goes away for half a second while a job runs: the job neither fails nor is taken for
+    stale afterwards, and the outage is logged once, not at every beat."""
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    connection = Redis(port=port, retry=Retry(NoBackoff(), 0))  # fail at once, as when the client's retries ran out
+    job = Job.create(print, id="heartbeat", connection=connection)
+    job.save()
+    monkeypatch.setattr(runners, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(runners, "get_current_job", lambda: job)
+    caplog.set_level(logging.INFO, logger="usam.runner")
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = runners.rq_entry("tests_job_helpers.slow_job", {"seconds": 3})
+        except Exception as exc:
+            outcome["error"] = exc
+
+    running = threading.Thread(target=work)
+    running.start()
+    try:
+        wait_until(lambda: "heartbeat" in Job.fetch("heartbeat", connection=Redis(port=port)).meta, 5, "a heartbeat")
+        Redis(port=port).save()  # the restarted server loads the job from dump.rdb
+        server.terminate()
+        server.wait(timeout=10)
+        time.sleep(0.5)  # some ten beats and five progress reports fail
+        server = start_redis(port, tmp_path)
+        back = time.time()
+
+        def beating() -> bool:
+            return float(Job.fetch("heartbeat", connection=Redis(port=port)).meta["heartbeat"]) > back
+
+        wait_until(beating, 5, "a heartbeat after Redis came back", interval=0.05)
+        assert any(t.name == "usam-heartbeat" and t.is_alive() for t in threading.enumerate())
+        running.join(timeout=10)
+        assert outcome == {"result": {"slept": 3}}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "cannot save" in warnings[0], warnings
+        assert any("Redis answers again" in r.getMessage() for r in caplog.records)
+    finally:
+        running.join(timeout=10)
+        server.terminate()
+        server.wait(timeout=10)

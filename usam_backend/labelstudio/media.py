@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError, host_allowed, origin, short
+from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError, host_allowed, origin, redact_url
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.projects import ProjectRecord, label_studio_origin
 
@@ -70,7 +70,7 @@ class LabelStudioAuth:
             response = self.client.post(url, json={"refresh": refresh_token})
         except httpx.HTTPError as exc:
             raise ImageFetchError(
-                f"could not reach Label Studio at {url} to refresh the access token ({exc})"
+                f"could not reach Label Studio at {redact_url(url)} to refresh the access token ({exc})"
             ) from None
         if response.status_code != 200 or "access" not in _json(response):
             raise ImageFetchError(
@@ -98,14 +98,14 @@ class TaskImageFetcher(GuardedFetcher):
         reference = reference.strip()
         if reference.startswith(CLOUD_SCHEMES):
             if task_id is None:
-                raise ImageFetchError(f"{reference} needs a task id to be presigned by Label Studio")
+                raise ImageFetchError(f"{redact_url(reference)} needs a task id to be presigned by Label Studio")
             encoded = base64.urlsafe_b64encode(reference.encode()).decode()
             return f"{self._label_studio(reference)}/tasks/{task_id}/presign/?fileuri={encoded}"
         if reference.startswith("/"):
             return self._label_studio(reference) + reference
         if reference.startswith(("http://", "https://")):
             return reference
-        raise ImageFetchError(f"unsupported image reference {reference[:100]!r}: expected a URL or a /data/ path")
+        raise ImageFetchError(f"unsupported image reference {redact_url(reference)!r}: expected a URL or a /data/ path")
 
     def fetch(self, reference: str, task_id: int | None = None, basic_auth: tuple[str, str] | None = None) -> bytes:
         """Download a task image, following a bounded number of redirects, each one checked."""
@@ -114,7 +114,7 @@ class TaskImageFetcher(GuardedFetcher):
     def _label_studio(self, reference: str) -> str:
         if not self.label_studio_url:
             raise ImageFetchError(
-                f"{short(reference)} is stored in Label Studio, but its URL is unknown: set LABEL_STUDIO_URL "
+                f"{redact_url(reference)} is stored in Label Studio, but its URL is unknown: set LABEL_STUDIO_URL "
                 "(or let Label Studio call /setup first)"
             )
         return self.label_studio_url
@@ -140,7 +140,7 @@ class TaskImageFetcher(GuardedFetcher):
         return False
 
     def _http_error(self, url: str, status: int, trusted: bool) -> str:
-        message = f"{short(url)} answered HTTP {status}"
+        message = f"{redact_url(url)} answered HTTP {status}"
         if trusted and status in (401, 403):
             if self.auth is None or not (self.auth.api_key or self.auth.setup_token):
                 return f"{message}: Label Studio needs a token, set LABEL_STUDIO_API_KEY"

@@ -122,6 +122,8 @@ def create_app(backend: Backend, *, loopback_only: bool = False) -> FastAPI:
     machine; then a ``/setup`` hostname is trusted without authentication (zero-config local use).
     """
     settings = backend.settings
+    # httpx logs every request's full URL at INFO, presigned signatures included: keep its warnings only
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = FastAPI(
         title="usam",
         version="0.1.0",
