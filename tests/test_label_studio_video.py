@@ -39,10 +39,27 @@ def frames() -> list[np.ndarray]:
     return out
 
 
+def write_portrait(path, shown: list[np.ndarray]):
+    """A phone's portrait clip: coded sideways (landscape) with a 90-degree display rotation."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = shown[0].shape[0], shown[0].shape[1], "yuv420p"
+        stream.set_display_rotation(90)
+        for frame in shown:  # displayed = rot90(coded): code it turned back
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(frame, -1)), "rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     folder = tmp_path_factory.mktemp("video-media")
     clip = write_video(folder / "tomato.mp4", frames(), 24)
+    write_portrait(folder / "portrait.mp4", [np.ascontiguousarray(np.rot90(f, -1)) for f in frames()])
     for t, frame in enumerate(frames()[:6]):
         Image.fromarray(frame).save(folder / f"{t}.png")
     host = WebHost(folder)
@@ -100,15 +117,19 @@ def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subproc
 
 
 def test_usam_preannotate_tracks_a_video_in_chunks(label_studio, usam_video, media, tmp_path):
+    """A landscape clip and a phone's portrait clip (coded sideways, turned by its display matrix)."""
     clip, _ = media
     pid, task, config = video_project(label_studio, clip, "video preannotate")
+    label_studio.upload(pid, clip.with_name("portrait.mp4"), "video/mp4")
+    (portrait,) = [t.id for t in label_studio.sdk.tasks.list(project=pid) if t.id != task]
     env = {**usam_video.env, "USAM_MODEL_DIR": usam_video.env["USAM_MODEL_DIR"]}
     run = run_cli(["preannotate", "--project", str(pid)], env)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 of 1 task(s) lack" in run.stdout and "predicted 1" in run.stdout
+    assert "2 of 2 task(s) lack" in run.stdout and "predicted 2" in run.stdout
     check_tracks(label_studio, task, config)
+    check_tracks(label_studio, portrait, config)
     again = run_cli(["preannotate", "--project", str(pid)], env)
-    assert again.returncode == 0 and "0 of 1 task(s) lack" in again.stdout
+    assert again.returncode == 0 and "0 of 2 task(s) lack" in again.stdout
 
 
 def test_rq_workers_share_a_videos_chunks(label_studio, usam_video, media, redis_url, tmp_path):

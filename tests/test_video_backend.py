@@ -290,3 +290,70 @@ def test_video_tasks_go_to_video_jobs_at_once(frames_host):
         next(i for i in jobs if "-32-" in i),
     }
     assert all(job["kind"] == "video" for i, job in jobs.items() if i.startswith("usam-video-"))
+
+
+class BrightObjectOracle:
+    """ORACLE standing in for the head on synthetic frames: the bright pixels are one object of
+    ``class_id``, found with score 0.9 (it measures the coordinate path, not the head)."""
+
+    def __init__(self, class_id: int):
+        self.class_id = class_id
+
+    def segment(self, frame: np.ndarray, classes=None):
+        from usam_backend.core.regions import Regions
+
+        mask = frame[..., 0] > 128
+        return Regions(mask[None], np.array([self.class_id]), np.array([0.9], np.float32),
+                       np.zeros((1, 2), np.float32), np.ones(1, np.float32), ("sky", "tomato"))  # fmt: skip
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_a_phone_video_is_tracked_in_the_picture_people_see(trained_head, tmp_path, monkeypatch, rotation):
+    """A clip coded sideways with a display rotation (as phones write portrait video): the chunk's
+    size and the videorectangle's percent coordinates are those of the displayed frames."""
+    import av
+
+    import usam_backend.jobs.video as video_jobs
+    from training.progress import Progress
+    from usam_backend.labelstudio.projects import ProjectRecord
+    from usam_backend.systems.uvosam import track_boxes
+
+    height, width, n = 160, 96, 10  # as displayed: portrait
+    shown = []
+    for t in range(n):
+        frame = np.zeros((height, width, 3), np.uint8)
+        frame[20 + 3 * t : 50 + 3 * t, 10:40] = 255  # a square moving down the left side
+        shown.append(frame)
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        coded_h, coded_w = (height, width) if rotation == 180 else (width, height)
+        stream.width, stream.height, stream.pix_fmt = coded_w, coded_h, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for frame in shown:  # displayed = rot90(coded, rotation / 90): code it turned back
+            coded = np.ascontiguousarray(np.rot90(frame, k=-(rotation // 90)))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(coded, "rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    trained_head.save(tmp_path / "heads" / "head.pt")
+    xml = VIDEO.format(rate="")
+    config = parse_label_config(xml)
+    choice = HeadRegistry(tmp_path / "heads", "tiny").choose(config.labels, None)
+    oracle = BrightObjectOracle(choice.served["tomato"])
+    monkeypatch.setattr(video_jobs.SemanticSegmenter, "from_settings", lambda *a, **k: oracle)
+    monkeypatch.setattr(video_jobs, "shared_engine", lambda settings: None)
+    settings = Settings(model_dir=tmp_path, sam_type="tiny")
+    job = video_jobs.VideoJob(settings, "3", 9, ProjectRecord("3", xml), config, choice, SHAPE)
+    store = job.store()
+    video_jobs._detect_chunk(job, store, path, 0, n, last=True, rate=24.0, progress=Progress(bars=False))
+    (part,) = store.load([(0, n)])
+    assert (part["width"], part["height"]) == (width, height)
+    found = [(np.array(f["boxes"]), np.array(f["scores"]), np.array(f["classes"])) for f in part["frames"]]
+    tracks = track_boxes(found, frames=[f["index"] for f in part["frames"]], min_hits=1)
+    (region,) = video_results(tracks, config, choice, 9, SHAPE.stride, part)
+    for key in region["value"]["sequence"]:
+        t = key["frame"] - 1
+        expected = (10 / width * 100, (20 + 3 * t) / height * 100, 30 / width * 100, 30 / height * 100)
+        got = (key["x"], key["y"], key["width"], key["height"])
+        assert np.allclose(got, expected, atol=3.5), (t, got, expected)  # within a couple of pixels (codec)
