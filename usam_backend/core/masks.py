@@ -87,7 +87,8 @@ def low_res_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> 
 def brush_rle(mask: np.ndarray) -> list[int]:
     """Label Studio's brush RLE of an (H, W) bool mask, as ``label_studio_sdk``'s ``mask2rle`` of
     ``mask * 255`` gives it, byte for byte, computed from the mask's runs: no 4-channel copy of
-    the image, so a 48-megapixel mask costs its runs, not gigabytes."""
+    the image, so a 48-megapixel mask costs its runs, not gigabytes. Decoded by
+    :func:`usam_backend.core.rle.decode_brush_rle`."""
     flat = np.asarray(mask, dtype=bool).ravel()
     if flat.size == 0:
         raise ValueError("an empty mask has no brush RLE")

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.masks import mask_boxes, mask_iou, mask_to_rle
 from usam_backend.core.regions import Region
+from usam_backend.core.rle import decode_brush_rle
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.projects import EventLog
 
@@ -290,8 +290,8 @@ def annotation_regions(result: list[Any]) -> list[Region]:
         if not labels or value.get("format", "rle") != "rle" or not value.get("rle") or not height or not width:
             continue
         try:
-            mask = decode_rle(value["rle"]).reshape(int(height), int(width), 4)[:, :, 3] > 127
-        except (ValueError, TypeError, IndexError) as exc:
+            mask = decode_brush_rle(value["rle"], int(height), int(width))
+        except (ValueError, TypeError) as exc:  # BrushRLEError is a ValueError
             log.warning("skipping a brush region whose RLE does not decode: %s", exc)
             continue
         regions.append(

@@ -4,12 +4,13 @@ strokes of a smart brush to refine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 from usam_backend.core.errors import UsamError
+from usam_backend.core.rle import BrushRLEError, check_brush_rle, decode_brush_rle
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
 
 
@@ -72,14 +73,40 @@ def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
 
 @dataclass(frozen=True)
 class BrushStroke:
-    """One brush region of a smart-brush request: its id, label, image and (H, W) bool mask at the
-    image's natural size."""
+    """One brush region of a smart-brush request: its id, label, image, and its RLE with the size
+    it states (Label Studio's ``original_height``, ``original_width``: the image's natural size).
+
+    The RLE is decoded when asked for: :meth:`mask_on` compares the stated size with the image's
+    first, so a stroke cannot make the server decode more pixels than the image has."""
 
     id: str
     label: ProjectLabel
     image: str
-    mask: np.ndarray
+    rle: list[int]
+    height: int
+    width: int
     item_index: int | None = None  # the frame of a frame sequence
+
+    def mask_on(self, height: int, width: int) -> np.ndarray:
+        """The (H, W) bool mask on an HxW image.
+
+        Raises:
+            PromptError: the stroke states another size, or its RLE is not that of its size.
+        """
+        if (self.height, self.width) != (height, width):
+            raise PromptError(
+                f"a stroke is ({self.width}, {self.height}) (W, H), the image ({width}, {height}): strokes must be "
+                "drawn at the image's natural size"
+            )
+        return self.mask
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """The (H, W) bool mask at the size the stroke states (:meth:`mask_on` checks it first)."""
+        try:
+            return decode_brush_rle(self.rle, self.height, self.width)
+        except BrushRLEError as exc:
+            raise _unreadable(exc) from None
 
 
 def parse_brush_strokes(context: list[Any], config: LabelConfig) -> list[BrushStroke]:
@@ -102,7 +129,7 @@ def parse_brush_strokes(context: list[Any], config: LabelConfig) -> list[BrushSt
             raise PromptError(f"the stroke's label {names[0]!r} is not a BrushLabels label of {image!r}")
         frame = _item_index(item) if config.images[image].sequence else None
         stroke_id = str(item.get("id") or f"stroke-{len(strokes)}")
-        strokes.append(BrushStroke(stroke_id, label, image, _stroke(item, value), frame))
+        strokes.append(BrushStroke(stroke_id, label, image, *_stroke(item, value), frame))
     return strokes
 
 
@@ -119,11 +146,18 @@ def _value(item: dict[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _stroke(item: dict[str, Any], value: dict[str, Any]) -> np.ndarray:
+def _stroke(item: dict[str, Any], value: dict[str, Any]) -> tuple[list[int], int, int]:
+    """A stroke's RLE and the (H, W) it states; only the RLE's header is read here."""
     try:
         height, width = int(item["original_height"]), int(item["original_width"])
-        if value.get("format", "rle") != "rle" or height < 1 or width < 1:
+        rle = value["rle"]
+        if value.get("format", "rle") != "rle" or not isinstance(rle, list):
             raise ValueError("not an RLE brush")
-        return np.asarray(decode_rle(value["rle"]), dtype=np.uint8).reshape(height, width, 4)[:, :, 3] > 127
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise PromptError(f"a smart brush stroke could not be read ({exc}): expected RLE at the image's size") from None
+        check_brush_rle(rle, height, width)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(exc) from None
+    return rle, height, width
+
+
+def _unreadable(reason: Exception) -> PromptError:
+    return PromptError(f"a smart brush stroke could not be read ({reason}): expected RLE at the image's size")
