@@ -464,6 +464,7 @@ def _worker(args: argparse.Namespace) -> int:
     from rq import Queue, SimpleWorker
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines hold whole URLs, presigned ones too
     settings = get_settings()
     if not settings.redis_url:
         raise ConfigurationError("usam worker needs REDIS_URL; without it, `usam serve` trains in its own process")

@@ -78,7 +78,9 @@ class Settings:
         "larger task video downloads are refused (Label Studio's upload cap)",
         default=262_144_000,
     )
-    fetch_timeout: float = _env("USAM_FETCH_TIMEOUT", "seconds to wait for a task image", default=20.0)
+    fetch_timeout: float = _env(
+        "USAM_FETCH_TIMEOUT", "seconds a whole task image or video download may take", default=20.0
+    )
     label_studio_url: str | None = _env(
         "LABEL_STUDIO_URL",
         "Label Studio's URL (task images, API); unset: the hostname a trusted /setup sends, with its own token",

@@ -15,7 +15,7 @@ from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from usam_backend.core.errors import UsamError
-from usam_backend.core.fetch import ImageFetchError, check_not_forbidden
+from usam_backend.core.fetch import ImageFetchError, check_not_forbidden, redact_url
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.projects import ProjectRecord, label_studio_origin
 
@@ -95,7 +95,7 @@ class LabelStudioApi:
                 raise LabelStudioApiError(f"Label Studio refused the token for {what} (HTTP 401)") from None
             raise LabelStudioApiError(f"Label Studio answered {what} with HTTP {exc.status_code}: {body}") from None
         except httpx.HTTPError as exc:
-            raise LabelStudioApiError(f"Label Studio at {self.url} is unreachable: {exc}") from None
+            raise LabelStudioApiError(f"Label Studio at {redact_url(self.url)} is unreachable: {exc}") from None
 
 
 def versions_of(task: dict[str, Any]) -> set[str]:
