@@ -40,7 +40,15 @@ from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.uosam import Predictor
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.systems.uvosam import Track, detect_tracks, follow_object, segment_video, tracks_from_masks
+from usam_backend.systems.uvosam import (
+    Track,
+    TrackOptions,
+    detect_tracks,
+    follow_object,
+    sampled_frames,
+    segment_video,
+    tracks_from_masks,
+)
 from usam_backend.tools.viz import class_colors
 
 FORMAT = "usam-video-tracks/1"
@@ -386,9 +394,10 @@ def video_command(
             assert tracks is not None
             return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
         segmenter = SemanticSegmenter.from_settings(engine, loaded, settings)
-        chosen = list(range(0, len(clip), stride))
+        chosen = sampled_frames(0, len(clip), stride)  # a short clip is still seen at both ends
         with tqdm(total=len(chosen), desc="finding objects", unit="frame") as bar:
-            return detect_tracks([clip.frames[i] for i in chosen], segmenter,
-                                 frame_indices=[clip.indices[i] for i in chosen], progress=bar.update)  # fmt: skip
+            return detect_tracks([clip.frames[i] for i in chosen], segmenter, progress=bar.update,
+                                 frame_indices=[clip.indices[i] for i in chosen],
+                                 min_hits=min(TrackOptions.min_hits, len(chosen)))  # fmt: skip
 
     return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite)
