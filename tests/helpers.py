@@ -246,3 +246,14 @@ class LabelStudioServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+def tiny_backend(tmp_path: Path, **extra: Any) -> Any:
+    """A backend with the tiny SAM, heads in ``tmp_path/models/heads``, task media on loopback allowed."""
+    from usam_backend.core.settings import Settings
+    from usam_backend.server.service import Backend
+
+    settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
+                        model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",), score_threshold=0.2,
+                        **extra)  # fmt: skip
+    return Backend(settings)

@@ -16,11 +16,11 @@ from usam_backend.core.errors import UsamError
 from usam_backend.core.settings import Settings
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.sam.shared import FairLock
-from usam_backend.server.service import Backend, PredictRequest
+from usam_backend.server.service import PredictRequest
 from usam_backend.systems.uvosam import sampled_frames, track_boxes
 
 from conftest import scene
-from helpers import WebHost
+from helpers import WebHost, tiny_backend
 
 FRAMES = """<View><Image name="frames" valueList="$frames"/><BrushLabels name="tag" toName="frames">
 <Label value="Sky" predicted_values="sky"/><Label value="tomato"/></BrushLabels></View>"""
@@ -60,11 +60,7 @@ def sequence_host(tmp_path, trained_head):
     host.stop()
 
 
-def backend_for(tmp_path, **extra) -> Backend:
-    settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
-                        model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",), score_threshold=0.2,
-                        **extra)  # fmt: skip
-    return Backend(settings)
+backend_for = tiny_backend
 
 
 def test_sequence_frames_are_checked_before_they_are_decoded(sequence_host, monkeypatch):

@@ -15,11 +15,11 @@ from usam_backend.jobs.policy import VideoShape
 from usam_backend.jobs.video import LINK_CLAIM_SECONDS, chunk_store, plan_chunks, video_results
 from usam_backend.labelstudio.config import LabelConfigError, parse_label_config
 from usam_backend.registry import HeadRegistry
-from usam_backend.server.service import Backend, PredictRequest
+from usam_backend.server.service import PredictRequest
 from usam_backend.systems.uvosam import Track
 
 from conftest import scene
-from helpers import ROOT, WebHost
+from helpers import ROOT, WebHost, tiny_backend
 
 VIDEO = """<View><Video name="video" value="$video" {rate}/><VideoRectangle name="box" toName="video"/>
 <Labels name="videoLabels" toName="video"><Label value="Sky" predicted_values="sky"/><Label value="tomato"/></Labels>
@@ -198,11 +198,7 @@ def frames_host(tmp_path, trained_head):
     host.stop()
 
 
-def backend_for(tmp_path, **extra) -> Backend:
-    settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
-                        model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",), score_threshold=0.2,
-                        **extra)  # fmt: skip
-    return Backend(settings)
+backend_for = tiny_backend
 
 
 def test_a_frame_sequence_gets_one_region_per_track_per_frame(frames_host):
