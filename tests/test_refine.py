@@ -372,3 +372,28 @@ def test_bench_refine_prints_the_cost_per_image_and_region(capsys):
     assert main(["bench-refine", "--sam", "tiny", "--size", "256", "--objects", "4", "--global-points", "4"]) == 0
     out = capsys.readouterr().out
     assert "local, embedding cached" in out and "s per region" in out and "local + global (4x4 points)" in out
+
+
+def test_thousands_of_specks_cost_their_statistics_not_a_mask_each():
+    """Regions are kept as statistics until refined: 5,000 one-pixel regions and max_regions=4 make
+    four region masks, each over its box, not 5,000 image-sized ones (120 MB here)."""
+    import tracemalloc
+
+    coarse = np.zeros((240, 100), dtype=np.uint8)
+    coarse[0:200:2, 0:100:2] = 1  # 5,000 one-pixel regions, none touching another
+    instances = np.zeros(coarse.shape, dtype=np.int32)
+    for k, x in enumerate(range(0, 100, 25), start=1):  # and four larger ones, of different sizes
+        coarse[210:230, x : x + 20 - k] = 2
+        instances[210:230, x : x + 20 - k] = k
+    image = np.zeros((*coarse.shape, 3), dtype=np.uint8)
+    report = RefineReport()
+    tracemalloc.start()
+    try:
+        refined = refine_masks(image, coarse, GeometricOracle(instances), report=report, min_region_area=1,
+                               max_regions=4)  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
+    assert [r["area"] for r in report.regions] == [380, 360, 340, 320] and report.accepted == 4
+    assert np.array_equal(refined, coarse)

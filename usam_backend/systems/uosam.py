@@ -142,21 +142,25 @@ def refine_masks(
 
 
 def local_refine(coarse: np.ndarray, predictor: Predictor, opts: RefineOptions, report: RefineReport) -> np.ndarray:
-    """Step 1 over every region, largest first (a smaller region painted later wins)."""
+    """Step 1 over every region, largest first (a smaller region painted later wins). A region's
+    mask is made only when it is refined, over its box; SAM's masks are image-sized."""
     refined = coarse.copy()
     frozen = coarse == opts.ignore if opts.ignore is not None else np.zeros(coarse.shape, dtype=bool)
-    by_size = sorted(regions_of(coarse, opts), key=lambda item: -int(item[1].sum()))
-    for cls, region in by_size[: opts.max_regions]:
-        mask = _sam_mask(predictor, region, opts)
-        iou = _iou(mask, region) if mask is not None else 0.0
+    ids, components = components_of(coarse, opts)
+    for component in components[: opts.max_regions]:
+        points, labels, box, region = region_prompts(component, ids, opts)
+        mask = _sam_mask(predictor, points, labels, box, coarse.shape, opts)
+        iou = _iou_on_box(mask, component, region) if mask is not None else 0.0
         accepted = iou >= opts.accept_iou
         report.regions.append(
-            {"class": int(cls), "area": int(region.sum()), "iou": round(iou, 4), "accepted": accepted}
+            {"class": component.cls, "area": component.area, "iou": round(iou, 4), "accepted": accepted}
         )
         if not accepted or mask is None:
             continue
-        refined[region & ~mask & (refined == cls)] = opts.background
-        refined[mask & ~frozen] = cls
+        x0, y0, x1, y1 = component.box
+        inside = refined[y0:y1, x0:x1]
+        inside[region & ~mask[y0:y1, x0:x1] & (inside == component.cls)] = opts.background
+        refined[mask & ~frozen] = component.cls
     return refined
 
 
@@ -180,44 +184,77 @@ def global_refine(
     return result
 
 
-def regions_of(coarse: np.ndarray, opts: RefineOptions) -> list[tuple[int, np.ndarray]]:
-    """(class, (H, W) bool) for every connected region of a non-background class (8-connected)
-    of at least ``min_region_area`` pixels."""
-    found = []
+@dataclass(frozen=True)
+class Component:
+    """A connected region of one class of the coarse map: its class, its id in the map of
+    :func:`components_of`, its area (pixels) and its XYXY box (max exclusive)."""
+
+    cls: int
+    id: int
+    area: int
+    box: tuple[int, int, int, int]
+
+
+def components_of(coarse: np.ndarray, opts: RefineOptions) -> tuple[np.ndarray, list[Component]]:
+    """Every connected region (8-connected) of a non-background class with at least
+    ``min_region_area`` pixels, the largest first (ties: by class, then in OpenCV's order), and an
+    (H, W) int32 map of their ids (0: none). Regions are kept as statistics: no mask is made here."""
+    ids = np.zeros(coarse.shape, dtype=np.int32)
+    found: list[Component] = []
     for cls in _classes(coarse, opts):
         if cls == opts.background:
             continue
         count, labels, stats, _ = cv2.connectedComponentsWithStats((coarse == cls).astype(np.uint8), connectivity=8)
-        for index in range(1, count):
-            if stats[index, cv2.CC_STAT_AREA] >= opts.min_region_area:
-                found.append((int(cls), labels == index))
-    return found
+        kept = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= opts.min_region_area) + 1
+        if not len(kept):
+            continue
+        renumber = np.zeros(count, dtype=np.int32)
+        renumber[kept] = np.arange(len(found) + 1, len(found) + 1 + len(kept))
+        ids += renumber[labels]  # the classes' regions do not overlap
+        for index in kept.tolist():
+            x, y, w, h, area = (int(v) for v in stats[index])
+            found.append(Component(int(cls), int(renumber[index]), area, (x, y, x + w, y + h)))
+    found.sort(key=lambda component: -component.area)
+    return ids, found
 
 
-def region_prompts(region: np.ndarray, opts: RefineOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prompts for one region: (n, 2) XY points, (n,) labels (1 inside, 0 outside), XYXY box.
+def region_prompts(
+    component: Component, ids: np.ndarray, opts: RefineOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts for one region: (n, 2) XY points, (n,) labels (1 inside, 0 outside), XYXY box, and
+    the region's mask over that box ((y1 - y0, x1 - x0) bool).
 
     The positive point is the region's most interior pixel (farthest from its edge); the negative
-    one the pixel farthest from the region within its box grown by ``negative_margin``."""
-    ys, xs = np.nonzero(region)
-    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    inside = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    py, px = np.unravel_index(int(np.argmax(inside)), inside.shape)
-    points, labels = [[px, py]], [1]
-    height, width = region.shape
+    one the pixel farthest from the region within its box grown by ``negative_margin``. Only that
+    grown box of ``ids`` (the map of :func:`components_of`) is read."""
+    x0, y0, x1, y1 = component.box
+    height, width = ids.shape
     mx, my = int((x1 - x0) * opts.negative_margin) + 1, int((y1 - y0) * opts.negative_margin) + 1
     wx0, wy0, wx1, wy1 = max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
-    window = region[wy0:wy1, wx0:wx1]
+    window = ids[wy0:wy1, wx0:wx1] == component.id
+    region = window[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+    # outside the box is outside the region, so the padded box gives the full image's distances
+    inside = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    py, px = np.unravel_index(int(np.argmax(inside)), inside.shape)
+    points, labels = [[x0 + px, y0 + py]], [1]
     if not window.all():
         outside = cv2.distanceTransform((~window).astype(np.uint8), cv2.DIST_L2, 5)
         ny, nx = np.unravel_index(int(np.argmax(outside)), outside.shape)
         points.append([wx0 + nx, wy0 + ny])
         labels.append(0)
-    return np.asarray(points, dtype=np.float32), np.asarray(labels, dtype=np.int64), np.array([x0, y0, x1, y1], float)
+    box = np.array([x0, y0, x1, y1], float)
+    return np.asarray(points, dtype=np.float32), np.asarray(labels, dtype=np.int64), box, region
 
 
-def _sam_mask(predictor: Predictor, region: np.ndarray, opts: RefineOptions) -> np.ndarray | None:
-    points, labels, box = region_prompts(region, opts)
+def _sam_mask(
+    predictor: Predictor,
+    points: np.ndarray,
+    labels: np.ndarray,
+    box: np.ndarray,
+    shape: tuple[int, ...],
+    opts: RefineOptions,
+) -> np.ndarray | None:
+    """SAM's best (H, W) mask for a region's prompts, after the cascade pass; None if not (H, W)."""
     masks, scores, low_res = predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=True)
     best = int(np.argmax(scores))
     mask = np.asarray(masks[best], dtype=bool)
@@ -229,12 +266,15 @@ def _sam_mask(predictor: Predictor, region: np.ndarray, opts: RefineOptions) -> 
             multimask_output=False,
         )  # fmt: skip
         mask = np.asarray(masks[0], dtype=bool)
-    return mask if mask.shape == region.shape else None
+    return mask if mask.shape == shape else None
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 0.0
+def _iou_on_box(mask: np.ndarray, component: Component, region: np.ndarray) -> float:
+    """IoU of an (H, W) mask with a region given over its box: the intersection is in the box."""
+    x0, y0, x1, y1 = component.box
+    intersection = np.count_nonzero(mask[y0:y1, x0:x1] & region)
+    union = np.count_nonzero(mask) + component.area - intersection
+    return intersection / union if union else 0.0
 
 
 def _classes(labels: np.ndarray, opts: RefineOptions) -> list[int]:
