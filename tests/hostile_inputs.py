@@ -96,9 +96,11 @@ def stroke(sam: str) -> dict[str, float]:
         _head(tmp, sam)
         host = WebHost(tmp / "www")
         backend = Backend(_settings(tmp, sam))
-        # Label Studio's brush RLE: a 32-bit count of values first; this one claims 2^32-1 values
-        bits = "1" * 32 + "1011" + "0" * 5
-        rle = [int(bits[i : i + 8].ljust(8, "0"), 2) for i in range(0, len(bits), 8)] + [0] * 250_000
+        # Label Studio's brush RLE: a 32-bit count of values, a 5-bit word size, four 4-bit run-length
+        # sizes, then runs; this one claims 2^32-1 values and then repeats long runs (221 kB, 1.1 MB of JSON)
+        bits = f"{2**32 - 1:032b}{7:05b}" + "".join(f"{w - 1:04b}" for w in (3, 4, 8, 16)) + "1" * 27 * 65536
+        bits += "0" * (-len(bits) % 8)
+        rle = [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
         item = {"id": "s", "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": 64,
                 "original_height": 64, "value": {"format": "rle", "rle": rle, "brushlabels": ["cat"]}}  # fmt: skip
         task = {"id": 1, "data": {"image": f"{host.url}/a.png"}}

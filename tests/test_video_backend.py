@@ -286,6 +286,13 @@ def test_video_tasks_go_to_video_jobs_at_once(frames_host):
         next(i for i in jobs if "-32-" in i),
     }
     assert all(job["kind"] == "video" for i, job in jobs.items() if i.startswith("usam-video-"))
+    backend.runner.wait(60)  # they fail: this Label Studio's URL is unknown
+    failed = {j["id"]: j for j in backend.training_status()["jobs"] if j["id"].startswith("usam-video-")}
+    assert all(job["status"] == "failed" and "LABEL_STUDIO_URL" in job["error"] for job in failed.values())
+    assert backend.predict(PredictRequest(tasks=tasks, project="12")) == [[], []]  # the task is opened again
+    backend.policy.drain()
+    again = {j["id"]: j for j in backend.training_status()["jobs"] if j["id"] in failed}
+    assert all(again[i]["ended_at"] == failed[i]["ended_at"] for i in failed)  # not run again (RETRY_FAILED_AFTER)
 
 
 class BrightObjectOracle:
@@ -353,3 +360,73 @@ def test_a_phone_video_is_tracked_in_the_picture_people_see(trained_head, tmp_pa
         expected = (10 / width * 100, (20 + 3 * t) / height * 100, 30 / width * 100, 30 / height * 100)
         got = (key["x"], key["y"], key["width"], key["height"])
         assert np.allclose(got, expected, atol=3.5), (t, got, expected)  # within a couple of pixels (codec)
+
+
+@pytest.fixture
+def clip_job(trained_head, tmp_path):
+    """A 24-frame mp4 served over HTTP, and the VideoJob of a task pointing at it."""
+    from usam_backend.core.video import write_video
+    from usam_backend.jobs.video import VideoJob
+    from usam_backend.labelstudio.projects import ProjectRecord
+
+    (tmp_path / "www").mkdir()
+    frames = [scene((H, W), [("tomato", (10 + 3 * t, 30, 60 + 3 * t, 90))], seed=3) for t in range(24)]
+    write_video(tmp_path / "www" / "clip.mp4", frames, 24)
+    trained_head.save(tmp_path / "heads" / "head.pt")
+    xml = VIDEO.format(rate="")
+    config = parse_label_config(xml)
+    choice = HeadRegistry(tmp_path / "heads", "tiny").choose(config.labels, None)
+    host = WebHost(tmp_path / "www")
+    settings = Settings(model_dir=tmp_path / "models", cache_dir=tmp_path / "cache", allowed_hosts=("127.0.0.1",),
+                        sam_type="tiny", device="cpu", points=64)  # fmt: skip
+    job = VideoJob(settings, "3", 9, ProjectRecord("3", xml), config, choice, SHAPE)
+    yield job, host
+    host.stop()
+
+
+class TaskApi:
+    """Label Studio's task endpoint, for the jobs' download step (the rest of the API is not used)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def task(self, task_id: int) -> dict:
+        return {"id": task_id, "data": {"video": self.url}}
+
+
+def test_a_worker_downloads_a_video_once(clip_job):
+    import httpx
+
+    job, host = clip_job
+    api = TaskApi(f"{host.url}/clip.mp4")
+    with httpx.Client() as client:
+        first, _ = job.video(api, client)
+        second, _ = job.video(api, client)  # the next chunk job on this worker
+    assert first == second and first.stat().st_size > 0
+    assert [path for path, _ in host.requests] == ["/clip.mp4"]
+
+
+def test_an_error_in_a_later_chunk_reaches_the_job_and_nothing_is_posted(clip_job):
+    """The container said 12 frames but the file goes on past the frame limit: the open last chunk
+    stops at the limit with an error; its job fails with it and the linker refuses to post."""
+    from dataclasses import replace
+
+    import httpx
+
+    from training.progress import Progress
+    from usam_backend.core.errors import UsamError
+    from usam_backend.jobs.video import _detect_chunk, _link_and_post
+
+    job, host = clip_job
+    job.shape = replace(SHAPE, max_frames=12)
+    with httpx.Client() as client:
+        source, _ = job.video(TaskApi(f"{host.url}/clip.mp4"), client)
+    store = job.store()
+    chunks = [(0, 6), (6, 12)]
+    _detect_chunk(job, store, source, 0, 6, last=False, rate=24.0, progress=Progress(bars=False))
+    with pytest.raises(UsamError, match="frames 6-11 of video task 9: .*more than 6 frames to decode"):
+        _detect_chunk(job, store, source, 6, 12, last=True, rate=24.0, progress=Progress(bars=False))
+    assert store.has(0) and not store.has(6)  # a re-run computes the failed chunk again
+    with pytest.raises(UsamError, match="video task 9 was not posted: frames 6-11"):
+        _link_and_post(job, None, store, chunks)  # no API call: nothing is posted
+    assert store.claim() is not None  # the claim was released

@@ -123,7 +123,8 @@ def run_preannotate(settings: Settings, project: str, *, wait: bool = True, time
     if outcome is None:
         return 0
     totals = outcome.totals
-    print(f"predicted {totals['predicted']}, already done {totals['skipped']}, failed {totals['failed']}")
+    failed_jobs = f", {len(outcome.failed_jobs)} job(s) failed" if outcome.failed_jobs else ""
+    print(f"predicted {totals['predicted']}, already done {totals['skipped']}, failed {totals['failed']}{failed_jobs}")
     for job in outcome.failed_jobs:
         print(f"job {job['id']} {job['status']}: {job.get('error')}")
     return 1 if outcome.failed_jobs or totals["failed"] else 0

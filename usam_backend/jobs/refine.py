@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.masks import brush_rle
+from usam_backend.core.rle import decode_brush_rle
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.batches import run_task_jobs
 from usam_backend.jobs.policy import JOBS
@@ -132,7 +132,7 @@ def refine_regions(
             raise UsamError(f"a predicted region is {region.get('original_width')}x{region.get('original_height')}, "
                             f"the image {width}x{height}")  # fmt: skip
         try:
-            mask = np.asarray(decode_rle(value["rle"]), dtype=np.uint8).reshape(height, width, 4)[:, :, 3] > 127
+            mask = decode_brush_rle(value["rle"], height, width)
         except (KeyError, TypeError, ValueError) as exc:
             raise UsamError(f"a predicted brush region does not decode: {exc}") from None
         coarse[mask] = index

@@ -183,14 +183,10 @@ class TaskPredictor:
                 else:
                     images[where] = self.task_image(task, field_.key, fetcher, basic)
             image = images[where]
-            if stroke.mask.shape != image.shape[:2]:
-                raise PromptError(
-                    f"a stroke is {stroke.mask.shape[::-1]} (W, H), the image {image.shape[1::-1]}: strokes must be "
-                    "drawn at the image's natural size"
-                )
+            drawn = stroke.mask_on(*image.shape[:2])  # its size checked before its RLE is decoded
             report = RefineReport()
             with self.lock:
-                refined = refine_masks(image, stroke.mask.astype(np.uint8), EnginePredictor(self.engine()),
+                refined = refine_masks(image, drawn.astype(np.uint8), EnginePredictor(self.engine()),
                                        report=report, min_region_area=16)  # fmt: skip
             accepted = [r["iou"] for r in report.regions if r["accepted"]]
             score = float(np.mean(accepted)) if accepted else 0.0
