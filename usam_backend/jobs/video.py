@@ -44,7 +44,7 @@ from training.progress import Progress
 from usam_backend.core.errors import UsamError
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.settings import Settings
-from usam_backend.core.video import EmptyRange, VideoError, probe_video, read_clip
+from usam_backend.core.video import DEFAULT_FPS, EmptyRange, VideoError, probe_video, read_clip
 from usam_backend.jobs.policy import VideoShape, video_chunk_jobs
 from usam_backend.jobs.preannotate import serving
 from usam_backend.jobs.runners import Publish, make_runner
@@ -232,9 +232,16 @@ class VideoJob:
 
 
 def _evict(folder: Path, keep: Path) -> None:
-    """Keep the :data:`CACHED_VIDEOS` most recently used videos."""
-    videos = sorted(folder.glob("*.video"), key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
-    for old in [p for p in videos if p != keep][CACHED_VIDEOS - 1 :]:
+    """Keep the :data:`CACHED_VIDEOS` most recently used videos (other workers may evict too)."""
+
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    videos = sorted((p for p in folder.glob("*.video") if p != keep), key=used, reverse=True)
+    for old in videos[CACHED_VIDEOS - 1 :]:
         old.unlink(missing_ok=True)
 
 
@@ -309,7 +316,7 @@ def video_chunk_job(settings: Settings, request: dict[str, Any], *, publish: Pub
 
 def frame_rate(config: LabelConfig, task: dict[str, Any]) -> float:
     """The video's frame rate as Label Studio uses it: the config's ``frameRate``, or the task
-    field it names (``frameRate="$fps"``); 24 when that field is missing or not a rate."""
+    field it names (``frameRate="$fps"``); Label Studio's default when that field is missing or not a rate."""
     video = next(iter(config.videos.values()))
     if video.frame_rate_key is None:
         return video.frame_rate
@@ -317,8 +324,8 @@ def frame_rate(config: LabelConfig, task: dict[str, Any]) -> float:
     try:
         rate = float(data.get(video.frame_rate_key))  # type: ignore[union-attr, arg-type]
     except (TypeError, ValueError):
-        return 24.0
-    return rate if 0 < rate <= 1000 else 24.0
+        return DEFAULT_FPS
+    return rate if 0 < rate <= 1000 else DEFAULT_FPS
 
 
 def _head_classes(config: LabelConfig, choice: HeadChoice) -> dict[int, ProjectLabel]:

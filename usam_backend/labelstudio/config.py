@@ -22,6 +22,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from usam_backend.core.errors import UsamError
 from usam_backend.core.labels import normalise
+from usam_backend.core.video import DEFAULT_FPS
 
 MAX_LABEL_CONFIG_BYTES = 1_000_000
 PROMPT_TAGS = {"KeyPointLabels": "keypointlabels", "RectangleLabels": "rectanglelabels"}
@@ -62,7 +63,7 @@ class ImageField:
 class VideoField:
     name: str  # the <Video> tag's name (to_name)
     key: str  # the task data key of the video's URL
-    frame_rate: float = 24.0
+    frame_rate: float = DEFAULT_FPS
     frame_rate_key: str | None = None  # frameRate="$fps": the task data key holding the rate
 
 
@@ -159,7 +160,7 @@ def _parse(xml: str) -> LabelConfig:
         elif obj.tag == "Video":
             raw_rate = str(attrs.get("framerate") or "")
             if raw_rate.startswith("$"):
-                videos[obj.name] = VideoField(obj.name, value[1:], 24.0, raw_rate[1:])
+                videos[obj.name] = VideoField(obj.name, value[1:], DEFAULT_FPS, raw_rate[1:])
             else:
                 videos[obj.name] = VideoField(obj.name, value[1:], _frame_rate(raw_rate, obj.name))
     labels: list[ProjectLabel] = []
@@ -214,7 +215,7 @@ def _parse(xml: str) -> LabelConfig:
 
 def _frame_rate(raw: object, name: str) -> float:
     if raw is None or raw == "":
-        return 24.0
+        return DEFAULT_FPS
     try:
         rate = float(str(raw))
     except ValueError:
