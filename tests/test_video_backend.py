@@ -424,7 +424,7 @@ def test_an_error_in_a_later_chunk_reaches_the_job_and_nothing_is_posted(clip_jo
     store = job.store()
     chunks = [(0, 6), (6, 12)]
     _detect_chunk(job, store, source, 0, 6, last=False, rate=24.0, progress=Progress(bars=False))
-    with pytest.raises(UsamError, match="frames 6-11 of video task 9: .*more than 6 frames to decode"):
+    with pytest.raises(UsamError, match=r"frames 6-11 of video task 9: .*more than 6 frames to decode"):
         _detect_chunk(job, store, source, 6, 12, last=True, rate=24.0, progress=Progress(bars=False))
     assert store.has(0) and not store.has(6)  # a re-run computes the failed chunk again
     with pytest.raises(UsamError, match="video task 9 was not posted: frames 6-11"):
