@@ -166,8 +166,13 @@ def liveness(sam: str) -> dict[str, float]:
                 time.sleep(0.05)
             worker.join()
         host.stop()
-        return {"cached_predict_s": round(alone, 2), "one_frame_s": round(frame, 2), "video_frames": len(frames),
-                "slowest_predict_s": slowest, "goal_s": round(alone + frame, 2)}  # type: ignore[dict-item]
+        return {
+            "cached_predict_s": round(alone, 2),
+            "one_frame_s": round(frame, 2),
+            "video_frames": len(frames),
+            "slowest_predict_s": slowest,
+            "goal_s": round(alone + frame, 2),
+        }  # type: ignore[dict-item]
 
 
 def _whole(lock, work):  # type: ignore[no-untyped-def]
