@@ -164,3 +164,25 @@ def test_a_sequence_that_outlasts_the_budget_goes_to_a_job(sequence_host):
     jobs = backend.training_status()["jobs"]
     assert [(job["kind"], job["project"], job["trigger"]) for job in jobs] == [("preannotate", "12", "predict")]
     assert backend.runner._specs[jobs[0]["id"]].request["tasks"] == [4]
+
+
+def test_a_smart_brush_session_fetches_a_sequences_frames_once(sequence_host):
+    from label_studio_sdk.converter.brush import mask2rle
+
+    host, tmp_path = sequence_host
+    backend = backend_for(tmp_path)
+    config = FRAMES.replace(
+        '<BrushLabels name="tag" toName="frames">', '<BrushLabels name="tag" toName="frames" smart="true">'
+    )
+    task = {"id": 4, "data": {"frames": [f"{host.url}/{t}.png" for t in range(7)]}}
+    drawn = np.zeros((H, W), dtype=np.uint8)
+    drawn[20:70, 14:54] = 255
+    for rid in ("s1", "s2"):  # two strokes, one after the other, on frame 2
+        stroke = {"id": rid, "type": "brushlabels", "from_name": "tag", "to_name": "frames", "item_index": 2,
+                  "original_width": W, "original_height": H,
+                  "value": {"format": "rle", "rle": mask2rle(drawn), "brushlabels": ["tomato"]}}  # fmt: skip
+        (answer,) = backend.predict(PredictRequest(tasks=[task], label_config=config,
+                                                   params={"context": {"result": [stroke]}}))  # fmt: skip
+        assert any(r["id"] == rid for r in answer["result"])
+    fetched = [path for path, _ in host.requests]
+    assert sorted(fetched) == sorted(f"/{t}.png" for t in range(7))  # each frame once for both strokes
