@@ -1,136 +1,36 @@
 """UO-SAM refinement. Random weights cannot show that refinement helps, so its quality is measured
-with a deterministic geometric ORACLE over synthetic scenes: an object with SamPredictor's interface
-that answers a prompt with the true shape under it (plus plausible wrong alternatives among its
-three masks), and a mask generator that answers with the true shapes plus over-segmented pieces.
-It is a measuring instrument for the algorithm, not a stand-in for SAM. The tiny random SAM
-covers the plumbing."""
+with the deterministic geometric ORACLE of ``refine_oracle`` over synthetic scenes: a measuring
+instrument with SamPredictor's interface that answers a wrong prompt worse than the right one, and
+a mask generator that answers with the true shapes plus over-segmented pieces. The prompts the
+algorithm sends are checked too. The tiny random SAM covers the plumbing."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
+from refine_oracle import (
+    CORRUPTIONS,
+    SIZE,
+    GeometricOracle,
+    OracleGenerator,
+    WrongOracle,
+    corrupt,
+    from_low_res,
+    scene,
+)
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from usam_backend import EnginePredictor, refine_masks
 from usam_backend.systems.uosam import RefineReport
 from usam_backend.tools.evaluate import miou
 
-SIZE = 160
-
-
-def scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, instance map, semantic map): 5 non-touching objects of 3 classes on background."""
-    rng = np.random.default_rng(seed)
-    instances = np.zeros((SIZE, SIZE), dtype=np.int32)
-    semantic = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    image = np.full((SIZE, SIZE, 3), 120, dtype=np.uint8)
-    cells = [(r, c) for r in range(3) for c in range(3)]
-    for k, index in enumerate(rng.choice(len(cells), size=5, replace=False), start=1):
-        r, c = cells[index]
-        cy, cx = 27 + r * 53, 27 + c * 53
-        hy, hx = rng.integers(12, 22, size=2)
-        shape = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        if k % 2:
-            cv2.ellipse(shape, (int(cx), int(cy)), (int(hx), int(hy)), float(rng.integers(0, 90)), 0, 360, 1, -1)
-        else:
-            shape[cy - hy : cy + hy, cx - hx : cx + hx] = 1
-        region = shape.astype(bool)
-        instances[region] = k
-        semantic[region] = 1 + k % 3
-        image[region] = rng.integers(0, 255, size=3)
-    return image, instances, semantic
-
-
-class GeometricOracle:
-    """ORACLE with SamPredictor's interface: a point prompt answers with the true object under the
-    positive point, a box alone with the object it overlaps most; multimask outputs are [a part of
-    it, the object, the object grown into its surroundings], scored so the object wins."""
-
-    def __init__(self, instances: np.ndarray):
-        self.instances = instances
-        self.images = 0
-
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        assert image.shape[:2] == self.instances.shape
-        self.images += 1
-
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True):
-        target = 0
-        if point_coords is not None:
-            for (x, y), label in zip(point_coords, point_labels, strict=True):
-                if label == 1 and self.instances[int(y), int(x)]:
-                    target = int(self.instances[int(y), int(x)])
-                    break
-        if not target and box is not None:
-            x0, y0, x1, y1 = (int(v) for v in box)
-            ids, counts = np.unique(self.instances[y0:y1, x0:x1], return_counts=True)
-            counts[ids == 0] = 0
-            target = int(ids[np.argmax(counts)]) if counts.max() else 0
-        whole = self.instances == target if target else np.zeros(self.instances.shape, dtype=bool)
-        part = whole.copy()
-        if whole.any():
-            xs = np.nonzero(whole)[1]
-            part[:, (xs.min() + xs.max()) // 2 :] = False
-        grown = cv2.dilate(whole.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
-        masks = np.stack([part, whole, grown]) if multimask_output else whole[None]
-        scores = np.array([0.6, 0.95, 0.5] if multimask_output else [0.95], dtype=np.float32)
-        low_res = np.stack([cv2.resize(m.astype(np.float32), (256, 256)) * 20 - 10 for m in masks])
-        return masks, scores, low_res
-
-
-class WrongOracle(GeometricOracle):
-    """ORACLE that answers every prompt with a confident mask somewhere else."""
-
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True):
-        masks, scores, low_res = super().predict(point_coords, point_labels, box, mask_input, multimask_output)
-        return np.roll(masks, SIZE // 2, axis=(1, 2)), scores, low_res
-
-
-class OracleGenerator:
-    """ORACLE with SamAutomaticMaskGenerator's interface: every true object, and each one cut in
-    two pieces (over-segmentation)."""
-
-    def __init__(self, instances: np.ndarray):
-        self.instances = instances
-
-    def generate(self, image: np.ndarray) -> list[dict]:
-        records = []
-        for k in np.unique(self.instances)[1:]:
-            whole = self.instances == k
-            top = whole.copy()
-            ys = np.nonzero(whole)[0]
-            top[(ys.min() + ys.max()) // 2 :] = False
-            for mask in (whole, top, whole & ~top):
-                records.append({"segmentation": mask, "area": int(mask.sum())})
-        return records
-
-
-def corrupt(semantic: np.ndarray, how: str, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    kernel = np.ones((9, 9), np.uint8)
-    if how == "dilated":
-        out = semantic.copy()
-        for c in np.unique(semantic)[1:]:
-            out[cv2.dilate((semantic == c).astype(np.uint8), kernel).astype(bool)] = c
-        return out
-    if how == "eroded":
-        out = np.zeros_like(semantic)
-        for c in np.unique(semantic)[1:]:
-            out[cv2.erode((semantic == c).astype(np.uint8), kernel).astype(bool)] = c
-        return out
-    if how == "shifted":
-        return np.roll(semantic, (6, -5), axis=(0, 1))
-    if how == "noisy edges":
-        edges = cv2.dilate(cv2.Canny(semantic * 60, 1, 1), np.ones((7, 7), np.uint8)).astype(bool)
-        flip = edges & (rng.random(semantic.shape) < 0.5)
-        out = semantic.copy()
-        out[flip] = np.where(semantic[flip] > 0, 0, np.roll(semantic, 4, axis=1)[flip])
-        return out
-    raise ValueError(how)
-
-
-CORRUPTIONS = ["dilated", "eroded", "shifted", "noisy edges"]
+FIGURES = {  # mean mIoU over 4 scenes: coarse, local, local + global (the README's table)
+    "dilated": (0.678, 1.000, 1.000),
+    "eroded": (0.613, 0.721, 0.956),
+    "shifted": (0.624, 0.809, 0.961),
+    "noisy edges": (0.794, 0.996, 1.000),
+}
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -146,6 +46,131 @@ def test_refinement_raises_the_miou_of_corrupted_maps(how):
         assert after_local > before + 0.05 and after_both > before + 0.05, (seed, gains[-1])
     mean = np.mean(gains, axis=0)
     print(f"\n{how}: mIoU coarse {mean[0]:.3f} -> local {mean[1]:.3f} -> local+global {mean[2]:.3f} (4 scenes)")
+    assert tuple(np.round(mean, 3)) == FIGURES[how]
+
+
+@pytest.mark.parametrize("how", ["dilated", "noisy edges"])
+def test_the_cascade_pass_cleans_the_first_pass(how):
+    """The first pass bleeds over the edges; the second, given its best mask, answers it cleanly."""
+    for seed in range(4):
+        image, instances, semantic = scene(seed)
+        coarse = corrupt(semantic, how, seed)
+        cascade = miou(refine_masks(image, coarse, GeometricOracle(instances)), semantic)
+        single = miou(refine_masks(image, coarse, GeometricOracle(instances), cascade=False), semantic)
+        assert cascade > single + 0.05 and cascade > 0.99, (seed, cascade, single)
+
+
+@pytest.mark.parametrize("how", ["eroded", "shifted"])
+def test_the_global_step_restores_what_a_shrunken_or_shifted_box_cut_off(how):
+    """The local step gets only the part of an object inside the coarse region's box; the automatic
+    masks are whole objects."""
+    for seed in range(4):
+        image, instances, semantic = scene(seed)
+        coarse = corrupt(semantic, how, seed)
+        local = miou(refine_masks(image, coarse, GeometricOracle(instances)), semantic)
+        both = refine_masks(image, coarse, GeometricOracle(instances), generator=OracleGenerator(instances))
+        assert miou(both, semantic) > local + 0.1, (seed, local, miou(both, semantic))
+
+
+def test_the_global_step_alone_snaps_a_dilated_map_to_the_automatic_masks():
+    for seed in range(4):
+        image, instances, semantic = scene(seed)
+        coarse = corrupt(semantic, "dilated", seed)
+        report = RefineReport()
+        refined = refine_masks(image, coarse, GeometricOracle(instances), generator=OracleGenerator(instances),
+                               local=False, report=report)  # fmt: skip
+        assert np.array_equal(refined, semantic) and not report.regions and report.global_masks == 16
+
+
+def _regions_largest_first(coarse: np.ndarray, min_area: int = 100) -> list[tuple[int, np.ndarray]]:
+    """(class, (H, W) bool) of every 8-connected region of a class, the largest first."""
+    found = []
+    for cls in np.unique(coarse)[1:]:
+        count, labels = cv2.connectedComponents((coarse == cls).astype(np.uint8), connectivity=8)
+        found += [(int(cls), labels == k) for k in range(1, count) if np.count_nonzero(labels == k) >= min_area]
+    return sorted(found, key=lambda found: -np.count_nonzero(found[1]))
+
+
+def _box(mask: np.ndarray) -> list[int]:
+    """XYXY, max exclusive."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_the_prompts_are_each_regions_own_and_the_cascade_takes_the_best_first_pass():
+    """Per region, largest first: a positive point at its most interior pixel, a negative point
+    outside it within its box grown by a quarter, its own box (not its class's); then the same
+    points with the best-scored first-pass mask's box and low-res logits."""
+    image, instances, semantic = scene(0)
+    coarse = corrupt(semantic, "dilated", 0)
+    oracle = GeometricOracle(instances, record=True)
+    refine_masks(image, coarse, oracle)
+    regions = _regions_largest_first(coarse)
+    assert len(regions) == 5 and len(oracle.calls) == 2 * len(regions)
+    assert len({cls for cls, _ in regions}) < len(regions)  # a class of two regions: each has its own box
+    for (cls, region), first, second in zip(regions, oracle.calls[::2], oracle.calls[1::2], strict=True):
+        points, labels = first["point_coords"], first["point_labels"]
+        assert points.shape == (2, 2) and points.dtype == np.float32 and labels.tolist() == [1, 0]
+        (px, py), (nx, ny) = points.astype(int)
+        depth = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+        assert region[py, px] and depth[py, px] == depth.max(), (cls, (px, py))
+        x0, y0, x1, y1 = _box(region)
+        mx, my = (x1 - x0) // 4 + 1, (y1 - y0) // 4 + 1
+        assert not region[ny, nx] and x0 - mx <= nx < x1 + mx and y0 - my <= ny < y1 + my, (cls, (nx, ny))
+        assert first["box"].tolist() == [x0, y0, x1, y1] and first["multimask_output"] and first["mask_input"] is None
+        best = int(np.argmax(first["scores"]))
+        assert np.array_equal(second["point_coords"], points) and np.array_equal(second["point_labels"], labels)
+        assert second["box"].tolist() == _box(first["masks"][best]) and not second["multimask_output"]
+        assert np.array_equal(second["mask_input"], first["low_res"][best][None])
+
+
+# A literal scene for the oracle's own check: two rectangles on a backdrop, in an image wider than high.
+OBJECTS = np.zeros((64, 96), dtype=np.int32)
+OBJECTS[10:30, 40:70] = 1
+OBJECTS[40:60, 5:25] = 2
+RIGHT = {"point_coords": np.array([[55.0, 20.0], [85.0, 50.0]], dtype=np.float32), "point_labels": np.array([1, 0]),
+         "box": np.array([36.0, 6.0, 74.0, 34.0])}  # fmt: skip
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return np.count_nonzero(a & b) / max(1, np.count_nonzero(a | b))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "low", "high"),
+    [
+        (RIGHT, 0.6, 0.7),  # the object, bled by 3 px within the box
+        ({**RIGHT, "point_labels": np.array([0, 1])}, 0.1, 0.3),  # the object removed: the backdrop in the box
+        ({**RIGHT, "point_coords": RIGHT["point_coords"][:, ::-1]}, 0.0, 0.0),  # (y, x): the other object, boxed out
+        ({"point_coords": RIGHT["point_coords"][:1], "point_labels": np.array([1])}, 0.3, 0.5),  # ambiguous: grown
+        ({**RIGHT, "box": np.array([36.0, 6.0, 55.0, 34.0])}, 0.3, 0.45),  # a shrunken box: the part inside it
+    ],
+    ids=["right", "labels swapped", "x and y swapped", "lone point", "shrunken box"],
+)
+def test_the_oracle_answers_a_wrong_prompt_worse_than_the_right_one(prompt, low, high):
+    oracle = GeometricOracle(OBJECTS)
+    oracle.set_image(np.zeros((*OBJECTS.shape, 3), dtype=np.uint8))
+    masks, scores, low_res = oracle.predict(**prompt)
+    assert masks.shape == (3, *OBJECTS.shape) and masks.dtype == bool and scores.shape == (3,)
+    assert low_res.shape == (3, 256, 256) and low_res.dtype == np.float32
+    assert low <= _iou(masks[int(np.argmax(scores))], OBJECTS == 1) <= high
+
+
+def test_the_oracle_ranks_its_three_masks_and_its_second_pass_needs_the_first():
+    oracle = GeometricOracle(OBJECTS)
+    oracle.set_image(np.zeros((*OBJECTS.shape, 3), dtype=np.uint8))
+    point_and_box = {**RIGHT, "point_coords": RIGHT["point_coords"][:1], "point_labels": np.array([1])}
+    masks, scores, low_res = oracle.predict(**point_and_box)  # [part, object, object grown into the box]
+    ious = [_iou(mask, OBJECTS == 1) for mask in masks]
+    assert np.argsort(scores).tolist() == np.argsort(ious).tolist() and len(set(ious)) == 3
+    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+    assert np.array_equal(from_low_res(low_res[best], OBJECTS.shape), masks[best])
+    cascade = {"multimask_output": False, **point_and_box}
+    assert _iou(oracle.predict(**cascade, mask_input=low_res[[best]])[0][0], OBJECTS == 1) == 1.0
+    assert _iou(oracle.predict(**cascade)[0][0], OBJECTS == 1) == ious[best]  # no mask_input: as coarse
+    assert _iou(oracle.predict(**cascade, mask_input=low_res[[worst]])[0][0], OBJECTS == 1) <= 0.5
+    with pytest.raises(AssertionError):
+        oracle.predict(**RIGHT, mask_input=low_res[best])  # SamPredictor takes (1, 256, 256)
 
 
 def test_wrong_masks_are_rejected_and_the_coarse_regions_stay():
