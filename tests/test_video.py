@@ -3,7 +3,9 @@ DAVIS-2017 J&F that scores them.
 
 Random weights cannot show whether tracking and segmenting by track work, so quality is measured
 with a deterministic geometric ORACLE (tests/video_scenes.py) over synthetic moving, crossing,
-occluding shapes; the tiny random SAM covers the plumbing on real mp4 files."""
+occluding shapes: a box gives the part inside it of the visible object it covers most, so a late,
+shifted or shrunken box costs what it would cost with SAM. The tiny random SAM covers the plumbing
+on real mp4 files."""
 
 from __future__ import annotations
 
@@ -13,11 +15,20 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-from video_scenes import SegmenterOracle, VideoOracle, identity_switches, moving_shapes, noisy_detections
+from video_scenes import (
+    Scene,
+    SegmenterOracle,
+    VideoOracle,
+    box_pixels,
+    identity_switches,
+    moving_shapes,
+    noisy_detections,
+)
 
 from usam_backend import EnginePredictor, follow_object, read_clip, segment_video, track_boxes
+from usam_backend.core.settings import Settings
 from usam_backend.core.video import VideoError, probe_video, write_video
-from usam_backend.systems.uvosam import Track, detect_tracks, paint
+from usam_backend.systems.uvosam import Track, TrackOptions, detect_tracks, paint, sampled_frames
 from usam_backend.tools.eval_video import boundary_f, disk, evaluate_sequence, object_stats, region_j
 
 
@@ -94,6 +105,45 @@ def test_track_options_and_bad_detections():
 # --- masks per track ---------------------------------------------------------------------------
 
 
+def test_the_oracle_answers_a_box_with_the_part_of_the_object_inside_it():
+    """The instrument first: a late or shrunken box must cost what it costs with SAM, and a box
+    mostly over an object in front gives the object in front (what drop_duplicates is for)."""
+    scene = moving_shapes(30)
+    oracle = VideoOracle(scene)
+    oracle.set_image(scene.frames[8])
+    disc = scene.objects[8] == 1
+    box = scene.boxes(8)[1]
+    (whole,), _, _ = oracle.predict(box=box, multimask_output=False)
+    assert np.array_equal(whole, disc)
+    half = np.r_[(3 * box[:2] + box[2:]) / 4, (box[:2] + 3 * box[2:]) / 4]
+    (part,), _, _ = oracle.predict(box=half, multimask_output=False)
+    assert np.array_equal(part, disc & box_pixels(half, disc.shape)) and part.sum() < 0.4 * disc.sum()
+    (late,), _, _ = oracle.predict(box=scene.boxes(7)[1], multimask_output=False)
+    assert np.all(late <= disc) and 0.9 < late.sum() / disc.sum() < 0.98  # the disc moves 3 px a frame
+    oracle.set_image(scene.frames[15])
+    (front,), _, _ = oracle.predict(box=scene.boxes(15)[1], multimask_output=False)  # the disc, mostly hidden
+    assert np.all(front <= (scene.objects[15] == 2))
+    masks, scores, _ = oracle.predict(point_coords=np.array([[64.0, 46.0]]), point_labels=np.array([1]))
+    assert len(masks) == 3 and np.array_equal(masks[int(np.argmax(scores))], scene.objects[15] == 2)
+    (gone,), _, _ = oracle.predict(
+        point_coords=np.array([[64.0, 46.0]]), point_labels=np.array([0]), box=scene.boxes(15)[2],
+        multimask_output=False,
+    )  # fmt: skip
+    assert not (gone & (scene.objects[15] == 2)).any()  # a negative point removes the object under it
+
+
+def test_segmenting_the_true_boxes_scores_what_the_boxes_allow():
+    """With the true boxes, what is lost is frames 14-16: the disc, mostly behind the square, has a
+    box holding more of the square than of the disc; SAM's answer there, the part of the square in
+    that box (IoU 0.63 with the square), is no duplicate and takes the square's pixels. Boxes of the
+    previous frame score 0.85, boxes at half their size 0.26."""
+    scene = moving_shapes(30)
+    tracks = track_boxes(noisy_detections(scene, 0, jitter=0, miss=0, false_positives=0))
+    score = jf(scene, segment_video(scene.frames, tracks, VideoOracle(scene)))
+    print(f"the true boxes: J&F {score:.3f}")
+    assert score >= 0.95
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_segmenting_noisy_tracks_scores_high_j_and_f(seed):
     scene = moving_shapes(30)
@@ -101,8 +151,22 @@ def test_segmenting_noisy_tracks_scores_high_j_and_f(seed):
     maps = segment_video(scene.frames, track_boxes(noisy_detections(scene, seed)), oracle)
     score = jf(scene, maps)
     print(f"seed {seed}: J&F {score:.3f} with the oracle, {oracle.prompts} box prompts on {oracle.images} frames")
-    assert score >= 0.9
+    # 2 px of jitter on every corner clips the masks (0.87-0.91 over these seeds); boxes of the
+    # previous frame reach 0.80-0.83
+    assert score >= 0.85
     assert all(m.dtype == np.int32 and m.shape == scene.objects[0].shape for m in maps)
+
+
+def test_the_box_of_an_object_behind_another_does_not_take_the_object_in_front():
+    """On frame 15 the disc is mostly behind the square: its track's box (interpolated through the
+    occlusion, the disc's whole extent) gives SAM the part of the square inside it. That mask is
+    the square's own (IoU 0.88), so the square's track, whose box fits it, keeps it."""
+    scene = moving_shapes(30)
+    cx = int(20 + 85 * 15 / 29)  # the disc's centre (moving_shapes)
+    tracks = {1: {15: np.array([cx - 14, 26, cx + 15, 55.0])}, 2: {15: scene.boxes(15)[2]}}
+    ids = segment_video(scene.frames, tracks, VideoOracle(scene))[15]
+    assert np.array_equal(ids == 2, scene.objects[15] == 2)
+    assert not (ids == 1).any()  # the disc's visible sliver is given up with it
 
 
 def test_a_track_keeps_its_id_on_frames_where_another_track_is_empty():
@@ -154,7 +218,10 @@ def test_following_a_box_through_crossing_and_occlusion(obj, keyframe):
     masks = follow_object(scene.frames, keyframe, VideoOracle(scene), box=scene.boxes(keyframe)[obj])
     truth = {t: scene.objects[t] == obj for t in range(30)}
     visible = [t for t in range(30) if truth[t].sum() > 0.5 * max(m.sum() for m in truth.values())]
-    assert all(region_j(truth[t], masks[t]) == 1.0 for t in masks)  # never another object
+    assert not any((masks[t] & ~truth[t]).any() for t in masks)  # never another object
+    # the object moves 3 px a frame: the frame after the keyframe, before its velocity is known,
+    # is prompted with a box that cuts a column off
+    assert min(region_j(truth[t], masks[t]) for t in masks) >= 0.95
     found = sum(t in masks for t in visible) / len(visible)
     print(f"object {obj} from frame {keyframe}: found on {found:.0%} of the frames it is mostly visible")
     assert found >= 0.9
@@ -308,13 +375,23 @@ def test_plumbing_on_an_mp4_with_the_tiny_sam(tiny_engine, tmp_path):
     assert isinstance(next(iter(tracks.values())), Track)
 
 
+def served_class_names_path(scene: Scene, stride: int, seed: int = 0) -> dict[int, Track]:
+    """Tracks as the backend finds them on a clip (labelstudio.sequences, jobs.video): the head on
+    the sampled frames (every ``stride``-th and the last), tracks kept with ``min_hits`` sightings
+    (fewer when fewer frames are sampled)."""
+    chosen = sampled_frames(0, len(scene.frames), stride)
+    return detect_tracks(
+        [scene.frames[t] for t in chosen], SegmenterOracle(scene, seed=seed), frame_indices=chosen,
+        min_hits=min(TrackOptions.min_hits, len(chosen)),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("stride", [1, 3])
 def test_the_class_names_path_end_to_end_with_oracles(stride):
-    """The head (a segmenter ORACLE missing 15 % of objects) on every stride-th frame, tracks, SAM
+    """The head (a segmenter ORACLE missing 15 % of objects) on the sampled frames, tracks, SAM
     (the box ORACLE) on every frame: each object one labelled track, J&F high."""
     scene = moving_shapes(30)
-    chosen = list(range(0, 30, stride))
-    tracks = detect_tracks([scene.frames[t] for t in chosen], SegmenterOracle(scene), frame_indices=chosen, min_hits=2)
+    tracks = served_class_names_path(scene, stride)
     assert len(tracks) == 3
     owner = matched(scene, tracks)
     assert {k: tracks[tid].label for k, tid in owner.items()} == {1: "round", 2: "square", 3: "round"}
@@ -322,5 +399,23 @@ def test_the_class_names_path_end_to_end_with_oracles(stride):
     print(f"stride {stride}: J&F {score:.3f}, switches {identity_switches(scene, tracks)[0]}")
     # on a stride a track starts and ends at sampled frames: frames before its first and after its
     # last sampling get no mask, and a missed sample at either end costs `stride` frames
-    assert score >= (0.9 if stride == 1 else 0.8)
+    assert score >= 0.9
     assert identity_switches(scene, tracks)[0] == 0
+
+
+def test_the_class_names_path_at_the_served_stride_and_min_hits():
+    """USAM_VIDEO_STRIDE's default (5) and min_hits 3, over 8 seeds of the head's misses. The ellipse
+    is on 5 of the 7 sampled frames: missed on 2 of them (15 % each), it has too few sightings and
+    is lost (once in 8 seeds); a missed first or last sample costs a track 5 frames."""
+    stride = Settings().video_stride
+    assert (stride, TrackOptions.min_hits) == (5, 3)
+    scene = moving_shapes(30)
+    scores, found = [], 0
+    for seed in range(8):
+        tracks = served_class_names_path(scene, stride, seed)
+        assert len(tracks) <= 3 and identity_switches(scene, tracks)[0] == 0
+        found += len(tracks)
+        scores.append(jf(scene, segment_video(scene.frames, tracks, VideoOracle(scene))))
+    print(f"stride {stride}: J&F {np.round(scores, 3)}, mean {np.mean(scores):.3f}; {found} of 24 objects tracked")
+    assert found >= 23
+    assert np.mean(scores) >= 0.8 and min(scores) >= 0.6

@@ -430,3 +430,45 @@ def test_an_error_in_a_later_chunk_reaches_the_job_and_nothing_is_posted(clip_jo
     with pytest.raises(UsamError, match="video task 9 was not posted: frames 6-11"):
         _link_and_post(job, None, store, chunks)  # no API call: nothing is posted
     assert store.claim() is not None  # the claim was released
+
+
+def test_a_smart_brush_stroke_is_followed_on_the_other_frames_with_an_oracle(frames_host, monkeypatch):
+    """The tiny random SAM's masks are noise, so following finds nothing with it; with the box
+    ORACLE of tests/video_scenes.py as SAM over the served frames, a rough stroke around the tomato
+    on frame 2 is refined to the tomato and followed onto every other frame, always on the tomato."""
+    from video_scenes import Scene, VideoOracle
+
+    import usam_backend.labelstudio.tasks as tasks
+
+    host, tmp_path = frames_host
+    frames = [np.asarray(Image.open(tmp_path / "www" / f"{t}.png").convert("RGB")) for t in range(6)]
+    objects = []
+    for t in range(6):  # as frames_host draws them: the tomato moves 8 px a frame, the sky stays
+        ids = np.zeros((H, W), np.int32)
+        ids[30:90, 10 + 8 * t : 60 + 8 * t] = 1
+        ids[10:60, 110:155] = 2
+        objects.append(ids)
+    oracle = VideoOracle(Scene(frames, objects, {1: 1, 2: 0}))
+    monkeypatch.setattr(tasks, "EnginePredictor", lambda engine: oracle)
+    backend = backend_for(tmp_path)
+    monkeypatch.setattr(backend.tasks, "engine", lambda: None)  # SAM is the oracle: no model is loaded
+    rough = np.zeros((H, W), np.uint8)
+    rough[24:96, 20:84] = 255  # frame 2's tomato (x 26-76, y 30-90) and some background around it
+    drawn = {**stroke(2), "value": {"format": "rle", "rle": mask2rle(rough), "brushlabels": ["tomato"]}}
+    task = {"id": 4, "data": {"frames": [f"{host.url}/{t}.png" for t in range(6)]}}
+    request = PredictRequest(tasks=[task], label_config=FRAMES, params={"context": {"result": [drawn]}})
+    (prediction,) = backend.predict(request)
+    assert LabelInterface(FRAMES).validate_prediction(prediction)
+    masks = {
+        r["item_index"]: decode_rle(r["value"]["rle"]).reshape(H, W, 4)[:, :, 3] > 127 for r in prediction["result"]
+    }
+    (own,) = [r for r in prediction["result"] if r["id"] == "s1"]
+    assert own["item_index"] == 2 and np.array_equal(masks[2], objects[2] == 1)  # refined to the tomato
+    followed = [r for r in prediction["result"] if r["id"] != "s1"]
+    assert sorted(r["item_index"] for r in followed) == [0, 1, 3, 4, 5]
+    assert all(r["value"]["brushlabels"] == ["tomato"] for r in followed)
+    for t in (0, 1, 3, 4, 5):
+        tomato = objects[t] == 1
+        assert not (masks[t] & ~tomato).any(), f"frame {t}: off the tomato"
+        print(f"frame {t}: {masks[t].sum() / tomato.sum():.0%} of the tomato")
+        assert masks[t].sum() >= 0.8 * tomato.sum(), f"frame {t}: {masks[t].sum()} of {tomato.sum()} pixels"
