@@ -1,4 +1,5 @@
-"""``usam serve`` over real HTTP: the Label Studio protocol, predictions, prompts, auth, bad input."""
+"""``usam serve`` over real HTTP: the Label Studio protocol, predictions, prompts, auth, bad input; and
+the app in process for the table of its routes."""
 
 import json
 import time
@@ -6,16 +7,18 @@ import time
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from training import Head
 from usam_backend.registry import model_version
+from usam_backend.server.app import create_app
 from usam_backend.systems.usam import SemanticSegmenter
 
 from conftest import scene
-from helpers import UsamServer, WebHost
+from helpers import UsamServer, WebHost, tiny_backend
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -295,3 +298,22 @@ def test_basic_auth_guards_everything_but_the_webhook(guarded):
     start = {"action": "START_TRAINING", "project": {"id": 3}}
     assert anonymous.post("/webhook", json=start).status_code == 401
     assert guarded.client.post("/webhook", json=start).status_code == 200
+
+
+def test_every_route_but_ping_and_webhook_needs_basic_auth(tmp_path):
+    """Every route the app registers, the API documentation included; /webhook has its own secret."""
+    app = create_app(tiny_backend(tmp_path, basic_auth_user="ann", basic_auth_pass="s3cret"))
+    client = TestClient(app)
+    routes = [(method, route.path) for route in app.routes for method in sorted(getattr(route, "methods", {"GET"}))]
+    checked = {path for method, path in routes if path not in ("/ping", "/webhook") and method != "HEAD"}
+    assert {"/health", "/setup", "/predict", "/jobs", "/versions", "/openapi.json", "/docs", "/redoc"} <= checked
+    for method, path in routes:
+        if path in ("/ping", "/webhook") or method == "HEAD":
+            continue
+        assert "{" not in path, f"{path}: give the test a value for its parameters"
+        for auth in (None, ("ann", "wrong")):
+            refused = client.request(method, path, auth=auth)
+            assert refused.status_code == 401 and "basic auth" in refused.json()["error"], (method, path, auth)
+        assert client.request(method, path, auth=("ann", "s3cret")).status_code != 401, (method, path)
+    assert client.get("/ping").status_code == 200
+    assert client.get("/docs", auth=("ann", "s3cret")).text.count("/openapi.json") == 1  # the UI reads the schema

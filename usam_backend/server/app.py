@@ -15,7 +15,8 @@ import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -129,6 +130,9 @@ def create_app(backend: Backend, *, loopback_only: bool = False) -> FastAPI:
         version="0.1.0",
         description="Label Studio ML backend: Segment Anything that knows your labels.",
         responses={422: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
+        docs_url=None,  # served below, behind basic auth like every route but /ping and /webhook
+        redoc_url=None,
+        openapi_url=None,
     )
     basic = HTTPBasic(auto_error=False)
     basic_configured = bool(settings.basic_auth_user and settings.basic_auth_pass)
@@ -226,6 +230,7 @@ def create_app(backend: Backend, *, loopback_only: bool = False) -> FastAPI:
         """model_versions of the heads this backend can serve."""
         return VersionsResponse(versions=backend.versions())
 
+    _install_docs(app, protected)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
     return app
@@ -263,6 +268,22 @@ class Admission:
     async def control(self, work: Callable[[], T]) -> T:
         self._control = self._control or anyio.CapacityLimiter(4)
         return await anyio.to_thread.run_sync(work, limiter=self._control)
+
+
+def _install_docs(app: FastAPI, protected: list[Any]) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc``, with the same authentication as the API they describe."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=protected)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=protected)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
