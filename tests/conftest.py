@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -158,6 +159,19 @@ def label_studio(tmp_path_factory):
     server = LabelStudioServer(binary, tmp_path_factory.mktemp("label-studio"))
     yield server
     server.stop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """With ``USAM_REQUIRE_S3`` (``make test`` sets it), a test on the local S3 server (the ``s3``
+    fixture: moto and boto3) fails without them instead of skipping, before any fixture is set up."""
+    if not os.environ.get("USAM_REQUIRE_S3") or "s3" not in getattr(item, "fixturenames", ()):
+        return
+    for module in ("boto3", "moto.server"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"{module} cannot be imported ({exc}): run `make test` (it installs the dev extras)")
 
 
 @pytest.fixture

@@ -1,15 +1,22 @@
-"""Nothing answered is lost: webhooks answered 200 survive kill -9 of the server right after."""
+"""Nothing answered is lost: webhooks answered 200 survive kill -9 of the server right after, and
+each event is written out and fsynced before its answer leaves (so it survives a crash of the machine)."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import numpy as np
+from fastapi.testclient import TestClient
 from label_studio_sdk.converter.brush import mask2rle
+from starlette.types import Message, Receive, Scope, Send
 
-from helpers import UsamServer, wait_until
+from usam_backend.labelstudio import projects
+from usam_backend.server.app import create_app
+
+from helpers import UsamServer, tiny_backend, wait_until
 
 CONFIG = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
 <Label value="tomato"/><Label value="sky"/></BrushLabels></View>"""
@@ -61,3 +68,40 @@ def test_webhooks_answered_before_a_kill_are_all_folded_in_after_the_restart(tmp
         assert feedback["regions"]["added"] == 20 and "error" not in feedback
     finally:
         restarted.stop()
+
+
+def test_the_event_is_fsynced_whole_before_the_webhook_is_answered(tmp_path, monkeypatch):
+    """In process: every ``os.fsync`` and every response start are recorded in order. Before each
+    answer, the event log's descriptor is fsynced holding all it will hold (written out, not buffered)."""
+    backend = tiny_backend(tmp_path, auto_train=False, retrain_every=0)
+    app = create_app(backend, loopback_only=True)
+    order: list[tuple[str, object]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        stat = os.fstat(fd)
+        order.append(("fsync", (stat.st_dev, stat.st_ino, stat.st_size)))
+        real_fsync(fd)
+
+    async def answering(scope: Scope, receive: Receive, send: Send) -> None:
+        async def recorded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                order.append(("answer", message["status"]))
+            await send(message)
+
+        await app(scope, receive, recorded)
+
+    monkeypatch.setattr(projects.os, "fsync", recording_fsync)
+    client = TestClient(answering)
+    log = tmp_path / "models" / "events" / "5.jsonl"
+    sizes = []
+    small = {"action": "ANNOTATIONS_DELETED", "project": {"id": 5}, "annotations": [{"id": 1001}]}
+    for event in (annotation(1), small):  # an event longer than a file buffer, and one that fits in it
+        del order[:]
+        assert client.post("/webhook", json=event).status_code == 200
+        stat = log.stat()
+        sizes.append(stat.st_size)
+        whole_log = ("fsync", (stat.st_dev, stat.st_ino, stat.st_size))
+        assert [what for what in order if what[0] == "answer"] == [("answer", 200)]
+        assert whole_log in order and order.index(whole_log) < order.index(("answer", 200)), order
+    assert sizes[0] < sizes[1] and len(log.read_text().splitlines()) == 2

@@ -4,10 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from training import train_head
 from training.calibration import calibrate
 from training.feedback import BACKGROUND, IGNORE, _label, point_labels
+from training.head import Head, HeadConfig, HeadNet
 from training.metrics import instance_map
 from training.study import FEEDBACK_WORLD, run_feedback_study
 from training.synthetic import make_world, source_bags, target_bags
@@ -202,6 +205,33 @@ def test_calibration_lowers_the_likelihood_loss(feedback_head):
     assert head.temperature == record["temperature"]
 
 
+@pytest.mark.parametrize(("scale", "gain"), [(4.0, 0.4), (0.5, 0.05)])  # measured gains: 0.60, 0.073
+def test_calibration_finds_the_temperature_that_undoes_over_or_under_confidence(scale, gain):
+    """Labels drawn from softmax(W x); the head's logits are ``scale`` W x, so the right temperature
+    is ``scale`` and, divided by it, the head's probabilities are the true ones. ``gain``: how much
+    lower the negative log-likelihood must get."""
+    rng = np.random.default_rng(0)
+    n, dim, classes = 4000, 6, 3
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    weights = rng.normal(size=(classes, dim)).astype(np.float32)
+    logits = torch.as_tensor(x @ weights.T)
+    truth = logits.softmax(dim=1).numpy()
+    y = np.array([rng.choice(classes, p=row / row.sum()) for row in truth])
+    config = HeadConfig(input_dim=dim, num_classes=classes, hidden=())  # one linear layer
+    net = HeadNet(config)
+    with torch.no_grad():
+        net.layers[0].weight.copy_(torch.as_tensor(scale * weights))
+        net.layers[0].bias.zero_()
+    head = Head(net, config, ("a", "b", "c"))
+
+    record = calibrate(head, x, y)
+    assert record is not None and head.temperature == record["temperature"]
+    assert record["temperature"] == pytest.approx(scale, rel=0.1)
+    assert record["nll"] <= record["nll_uncalibrated"] - gain
+    assert record["nll"] == pytest.approx(float(F.cross_entropy(logits, torch.as_tensor(y))), abs=0.005)
+    assert np.abs(head.predict_proba(x) - truth).max() < 0.01
+
+
 def test_lower_task_scores_go_with_more_errors(feedback_head):
     """Scores of a head calibrated on whole images held out from its training, measured on others."""
     head, world, held_out = feedback_head
@@ -281,3 +311,23 @@ def test_replaying_events_after_a_crash_counts_each_task_once(tmp_path):
     (tmp_path / "feedback" / "7" / "state.json").write_text(json.dumps(stale))
     replayed = store.catch_up("7")
     assert (replayed.tasks, replayed.annotations, replayed.regions["added"]) == (2, 2, 2)
+
+
+P = [0.1, 0.35, 0.55, 0.9]  # mean 0.475: 1 - mean(p) is 0.525 at every threshold
+
+
+@pytest.mark.parametrize(
+    ("best_probs", "threshold", "score"),
+    [
+        (P, 0.3, (0.9 + 0.35 + 0.55 + 0.9) / 4),  # 0.675: only 0.1 is left as background
+        (P, 0.5, (0.9 + 0.65 + 0.55 + 0.9) / 4),  # 0.75
+        (P, 0.7, (0.9 + 0.65 + 0.45 + 0.9) / 4),  # 0.725: 0.55 is background now, right with 0.45
+        ([0.3, 0.7], 0.3, (0.3 + 0.7) / 2),  # p equal to the threshold is claimed: right with p
+        ([0.3, 0.7], 0.7, (0.7 + 0.7) / 2),
+        ([], 0.3, float("nan")),
+    ],
+)
+def test_task_score_is_the_expected_share_of_right_decisions_at_the_threshold(best_probs, threshold, score):
+    """README *Scores*: mean over the grid of (p if p >= threshold else 1 - p)."""
+    found = decision_confidence(np.array(best_probs), threshold)
+    assert found == pytest.approx(score, abs=1e-12, nan_ok=True)

@@ -68,6 +68,36 @@ def test_streamed_survivors_are_the_segment_regions(tiny_engine, trained_head, t
         assert class_id == expected_class and np.array_equal(mask, expected_mask)
 
 
+def test_masks_only_for_kept_points_and_only_survivors_upscaled_one_at_a_time(
+    tiny_engine, trained_head, two_object_image, monkeypatch
+):
+    """SAM's low-res masks are made for the grid points over the threshold only; of those, only the
+    survivors of low-res NMS are brought to image size, each when it is asked for, alone."""
+    segmenter = SemanticSegmenter(tiny_engine, trained_head, points=64, score_threshold=0.7, nms_iou=0.9)
+    probs = trained_head.predict_proba(tiny_engine.point_embeddings(two_object_image, 64))
+    kept = int((probs.max(axis=1) >= 0.7).sum())
+    masked: list[int] = []  # points per low-res mask call
+    upscaled: list[int] = []  # masks per upscaling call
+    low_res_logits, postprocess_masks = tiny_engine.low_res_logits, tiny_engine.model.postprocess_masks
+
+    def counted_low_res(chunk, index):
+        masked.append(len(index))
+        return low_res_logits(chunk, index)
+
+    def counted_upscale(masks, *args, **kwargs):
+        upscaled.append(masks.shape[0])
+        return postprocess_masks(masks, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "low_res_logits", counted_low_res)
+    monkeypatch.setattr(tiny_engine.model, "postprocess_masks", counted_upscale)
+    survivors = segmenter.survivors(tiny_engine.embed(two_object_image))
+    assert 0 < kept < 64 and sum(masked) == kept
+    assert 1 < len(survivors) < kept and upscaled == []  # nothing at image size yet
+    for i in range(len(survivors)):
+        assert survivors.mask(i).shape == (160, 240)
+        assert upscaled == [1] * (i + 1)
+
+
 def test_low_res_nms_decides_as_mask_nms():
     rng = np.random.default_rng(0)
     masks = np.zeros((40, 64, 64), dtype=bool)

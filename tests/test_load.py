@@ -1,5 +1,6 @@
 """Liveness under load: with 40 /predict calls in flight, /webhook and /health still answer within
-Label Studio's patience, and predictions beyond the bounded queue are turned away with 503."""
+Label Studio's patience, and predictions beyond the bounded queue are turned away with 503; the bound
+is exactly ``USAM_MAX_PENDING_PREDICTIONS``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import httpx
 from PIL import Image
+
+from usam_backend.core.settings import Settings
+from usam_backend.server.app import create_app
+from usam_backend.server.service import Backend, PredictRequest
 
 from conftest import scene
 from helpers import UsamServer, WebHost
@@ -71,3 +77,55 @@ def test_control_routes_answer_while_40_predictions_are_in_flight(tmp_path, trai
         server.stop()
         images.stop()
         shutil.rmtree(Path(env["USAM_CACHE_DIR"]), ignore_errors=True)
+
+
+def test_exactly_the_pending_limit_is_admitted_and_the_rest_get_503(tmp_path, monkeypatch):
+    """USAM_MAX_PENDING_PREDICTIONS=3 and 5 calls whose work blocks until released: 3 are admitted,
+    2 are refused with 503 and Retry-After while the 3 wait; once released, the 3 are answered and
+    the freed places admit again."""
+    limit, extra = 3, 2
+    environ = {
+        "USAM_MAX_PENDING_PREDICTIONS": str(limit), "USAM_SAM_TYPE": "tiny", "USAM_DEVICE": "cpu",
+        "USAM_MODEL_DIR": str(tmp_path / "models"), "USAM_CACHE_DIR": str(tmp_path / "cache"),
+    }  # fmt: skip
+    backend = Backend(Settings.from_env(environ))
+    app = create_app(backend, loopback_only=True)
+    started: list[int] = []
+    release = threading.Event()
+
+    def blocked(request: PredictRequest) -> list:
+        started.append(int(request.tasks[0]["id"]))
+        if not release.wait(60):
+            raise TimeoutError("the test never released the predictions")
+        return [[] for _ in request.tasks]
+
+    monkeypatch.setattr(backend, "predict", blocked)
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response]:
+        answered: list[httpx.Response] = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://usam", timeout=60) as client:
+
+            async def call(i: int) -> None:
+                answered.append(await client.post("/predict", json={"tasks": [{"id": i, "data": {}}]}))
+
+            async with anyio.create_task_group() as calls:
+                try:
+                    for i in range(limit + extra):
+                        calls.start_soon(call, i)
+                    with anyio.fail_after(20):  # the admitted block; the refused are answered meanwhile
+                        while len(started) < limit or len(answered) < extra:
+                            await anyio.sleep(0.01)
+                    while_blocked = list(answered)
+                finally:
+                    release.set()
+            after = await client.post("/predict", json={"tasks": [{"id": 99, "data": {}}]})
+        return while_blocked, answered, after
+
+    while_blocked, answered, after = anyio.run(scenario)
+    assert len(started) == limit + 1  # the limit, then the call after the release
+    assert [r.status_code for r in while_blocked] == [503] * extra
+    for refused in while_blocked:
+        assert refused.headers["Retry-After"] == "10" and "retry later" in refused.json()["error"]
+    assert sorted(r.status_code for r in answered) == [200] * limit + [503] * extra
+    assert after.status_code == 200 and started[-1] == 99

@@ -3,18 +3,28 @@ them, nothing a caller sends makes usam connect to internal addresses, webhooks 
 
 from __future__ import annotations
 
+import base64
+import http.server
+import io
+import json
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from usam_backend.core.fetch import FetchLimits, GuardedFetcher, ImageFetchError
+from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.config import LabelConfigError, parse_label_config
+from usam_backend.labelstudio.media import fetcher_for
+from usam_backend.server.app import create_app
 
 from conftest import scene
-from helpers import UsamServer, WebHost
+from helpers import UsamServer, WebHost, reply, tiny_backend
 
 API_KEY = "k" * 40
 SETUP_TOKEN = "s" * 40
@@ -224,3 +234,156 @@ def test_failures_name_no_credentials_from_task_urls(model_dir, tmp_path_factory
             assert "hunter2" not in shown and "AKIA" not in shown and "ann:" not in shown
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "doctype",
+    [
+        '<!DOCTYPE View [<!ENTITY label "tomato">]>',  # the SDK's parser would expand it
+        '<!DOCTYPE View [<!ENTITY a "tomato"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>',  # entities in entities
+        '<!DOCTYPE View [<!ENTITY label SYSTEM "file:///etc/hostname">]>',  # an external one
+        "<!DOCTYPE View>",  # a DTD alone, no entity: still refused
+    ],
+)
+def test_a_label_config_with_a_dtd_or_entities_is_refused(doctype):
+    value = "tomato" if doctype == "<!DOCTYPE View>" else "&label;" if "label" in doctype else "&b;"
+    xml = (
+        f'{doctype}<View><Image name="image" value="$image"/>'
+        f'<BrushLabels name="tag" toName="image"><Label value="{value}"/></BrushLabels></View>'
+    )
+    with pytest.raises(LabelConfigError, match="declares a DTD or entities"):
+        parse_label_config(xml)
+
+
+CDN_ADDRESS = "93.184.216.34"  # a public address; the requests to it never leave this process
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(scene((64, 64), [("sky", (4, 4, 60, 60))])).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_basic_auth_goes_only_to_allow_listed_hosts(tmp_path, model_dir, monkeypatch):
+    """One /predict with ``params.login``/``password`` and three images: on an allow-listed host (it
+    gets the basic auth), in Label Studio (its token only), and in cloud storage presigned by Label
+    Studio, which redirects to a public host not in USAM_ALLOWED_HOSTS (nothing)."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.png").write_bytes(png_bytes())
+    images = WebHost(tmp_path / "www")
+    cdn_url = "http://cdn.example.com/shots/cloud.png?X-Amz-Signature=abc"
+    ls_root = tmp_path / "label-studio"
+    (ls_root / "data" / "upload" / "1").mkdir(parents=True)
+    (ls_root / "data" / "upload" / "1" / "a.png").write_bytes(png_bytes())
+    label_studio = WebHost(ls_root, {"/tasks/3/presign/": reply(302, headers={"Location": cdn_url})})
+    cdn_requests: list[httpx.Request] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        cdn_requests.append(request)
+        return httpx.Response(200, content=png_bytes(), headers={"Content-Type": "image/png"})
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(name, port, *args, **kwargs):
+        if name == "cdn.example.com":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (CDN_ADDRESS, port))]
+        return real_getaddrinfo(name, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        backend = tiny_backend(tmp_path, label_studio_url=label_studio.url, label_studio_api_key=API_KEY)
+        shutil.copytree(model_dir / "heads", tmp_path / "models" / "heads")
+        backend.http = httpx.Client(follow_redirects=False, mounts={f"all://{CDN_ADDRESS}": httpx.MockTransport(cdn)})
+        client = TestClient(create_app(backend, loopback_only=True))
+        tasks = [
+            {"id": 1, "data": {"image": f"{images.url}/a.png"}},
+            {"id": 2, "data": {"image": "/data/upload/1/a.png"}},
+            {"id": 3, "data": {"image": "s3://shots/cloud.png"}},
+        ]
+        body = {"tasks": tasks, "label_config": CONFIG, "params": {"login": "ann", "password": "pw"}}
+        response = client.post("/predict", json=body)
+        assert response.status_code == 200 and len(response.json()["results"]) == 3
+        assert list(backend.failures) == []  # every image was fetched
+        basic = "Basic " + base64.b64encode(b"ann:pw").decode()
+        assert authorizations(images) == [basic]
+        assert set(authorizations(label_studio)) == {f"Token {API_KEY}"} and len(label_studio.requests) == 2
+        assert [(r.url.path, r.headers.get("Host"), r.headers.get("Authorization")) for r in cdn_requests] == [
+            ("/shots/cloud.png", "cdn.example.com", None)
+        ]
+    finally:
+        images.stop()
+        label_studio.stop()
+
+
+class TokenLabelStudio:
+    """Label Studio's token refresh and one upload, on loopback: ``POST /api/token/refresh/``
+    exchanges the personal access token for ``access-1``, ``access-2``, ...; the upload answers
+    401 to an access token not in ``valid`` (new ones are valid while ``accepting``)."""
+
+    def __init__(self, personal_token: str):
+        self.refreshes: list[dict] = []
+        self.downloads: list[str] = []
+        self.valid: set[str] = set()
+        self.accepting = True
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/api/token/refresh/" or body != {"refresh": personal_token}:
+                    self._answer(401, b'{"detail": "not a valid refresh token"}')
+                    return
+                fake.refreshes.append(body)
+                access = f"access-{len(fake.refreshes)}"
+                if fake.accepting:
+                    fake.valid.add(access)
+                self._answer(200, json.dumps({"access": access}).encode())
+
+            def do_GET(self) -> None:
+                header = self.headers.get("Authorization", "")
+                fake.downloads.append(header)
+                ok = self.path == "/data/upload/1/a.png" and header.removeprefix("Bearer ") in fake.valid
+                self._answer(200, b"image bytes") if ok else self._answer(401, b'{"detail": "expired"}')
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_refused_access_token_is_renewed_once_from_the_personal_access_token():
+    personal = "header.payload.signature"  # a JWT's shape: LABEL_STUDIO_API_KEY is a personal access token
+    label_studio = TokenLabelStudio(personal)
+    try:
+        with httpx.Client() as client:
+            settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=personal)
+            fetcher = fetcher_for(settings, None, client)
+            assert fetcher.fetch("/data/upload/1/a.png") == b"image bytes"
+            assert fetcher.fetch("/data/upload/1/a.png") == b"image bytes"  # the access token is reused
+            assert label_studio.downloads == ["Bearer access-1"] * 2 and len(label_studio.refreshes) == 1
+
+            label_studio.valid.clear()  # Label Studio ended access-1 before usam expected it to
+            assert fetcher.fetch("/data/upload/1/a.png") == b"image bytes"
+            assert label_studio.downloads[2:] == ["Bearer access-1", "Bearer access-2"]
+            assert label_studio.refreshes == [{"refresh": personal}] * 2
+
+            label_studio.accepting = False  # every access token refused from now on: renewed once, no more
+            label_studio.valid.clear()
+            with pytest.raises(ImageFetchError, match="HTTP 401: Label Studio refused LABEL_STUDIO_API_KEY"):
+                fetcher.fetch("/data/upload/1/a.png")
+            assert label_studio.downloads[4:] == ["Bearer access-2", "Bearer access-3"]
+            assert len(label_studio.refreshes) == 3
+    finally:
+        label_studio.stop()
