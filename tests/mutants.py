@@ -1,7 +1,7 @@
 """A mutation check: small, named breakages of usam's code, each of which some fast test must catch.
 
-``.venv/bin/python tests/mutants.py`` copies the code to a temporary folder, runs the tests each
-mutant names on the unmutated copy first (they must pass), then applies one mutant at a time
+``.venv/bin/python tests/mutants.py`` copies the code to a temporary folder, runs the test files the
+mutants name on the unmutated copy first (they must pass), then applies one mutant at a time
 (an exact text replaced in one file) and runs its tests again: a mutant whose tests still pass
 *survived*, which means a claim the README makes is not pinned. It prints one line per mutant and
 exits with status 1 when any survived (or when a mutant's text is no longer in its file: it is then
@@ -27,7 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("usam_backend", "training", "tests", "label_config", "pyproject.toml")
+COPIED = (
+    "usam_backend",
+    "training",
+    "tests",
+    "label_config",
+    "pyproject.toml",
+    "Makefile",
+    "README.md",
+    "docker-compose.yml",
+    "Dockerfile",
+    "constraints.txt",
+)
 
 
 @dataclass(frozen=True)
@@ -220,11 +231,13 @@ def copy_tree(target: Path) -> None:
 
 
 def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
-    """Whether the tests passed in ``folder`` (its code imported first), and how long they took."""
+    """Whether the tests passed in ``folder`` (its code imported first), and how long they took; a
+    failure's summary is kept in ``folder/last-run.txt``."""
     env = {**os.environ, "PYTHONPATH": str(folder), "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                          cwd=folder, env=env, capture_output=True, text=True, check=False)  # fmt: skip
+    (folder / "last-run.txt").write_text(run.stdout[-3000:] + run.stderr[-2000:])
     if run.returncode == 5:
         raise SystemExit(f"no test selected by {' '.join(tests)}: the mutant list needs updating")
     return run.returncode == 0, time.monotonic() - started
@@ -247,10 +260,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="usam-mutants-") as folder:
         copy = Path(folder)
         copy_tree(copy)
-        for tests in dict.fromkeys(m.tests for m in chosen):
-            passed, _ = run_tests(copy, tests)
-            if not passed:
-                raise SystemExit(f"{' '.join(tests)} fails without any mutant: fix that first")
+        files = sorted({t for m in chosen for t in m.tests if t.startswith("tests/")})
+        passed, _ = run_tests(copy, tuple(files))  # every test file involved, once, unmutated
+        if not passed:
+            raise SystemExit(f"tests fail without any mutant: fix that first\n{(copy / 'last-run.txt').read_text()}")
         for mutant in chosen:
             target = copy / mutant.path
             original = target.read_text()
