@@ -92,7 +92,7 @@ MUTANTS: list[Mutant] = [
     Mutant("video-lock-first-come-not-first-served", "usam_backend/sam/shared.py",
            "            self._turns.wait_for(lambda: self._serving == ticket)",
            "            self._turns.wait_for(lambda: self._serving <= ticket)",
-           ("tests/test_sequences.py", "-k", "between_two_frames")),
+           ("tests/test_sequences.py", "-k", "fair_lock or between_two_frames")),
     # -- video jobs --------------------------------------------------------------------------------
     Mutant("chunk-error-swallowed", "usam_backend/jobs/video.py",
            "        raise UsamError(reason) from None", "        return",

@@ -186,3 +186,23 @@ def test_a_smart_brush_session_fetches_a_sequences_frames_once(sequence_host):
         assert any(r["id"] == rid for r in answer["result"])
     fetched = [path for path, _ in host.requests]
     assert sorted(fetched) == sorted(f"/{t}.png" for t in range(7))  # each frame once for both strokes
+
+
+def test_the_fair_lock_is_held_by_one_thread_at_a_time():
+    lock = FairLock()
+    inside, most = [0], [0]
+
+    def work() -> None:
+        for _ in range(20):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.001)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert most[0] == 1 and inside[0] == 0
