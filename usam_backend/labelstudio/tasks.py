@@ -29,7 +29,14 @@ from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.interactive import BrushStroke, PromptError, parse_brush_strokes, parse_prompt
 from usam_backend.labelstudio.media import TaskImageFetcher
 from usam_backend.labelstudio.results import brush_region, prediction, region_id
-from usam_backend.labelstudio.sequences import Basic, FrameCache, SequenceLimits, predict_sequence
+from usam_backend.labelstudio.sequences import (
+    Basic,
+    FrameCache,
+    SequenceLimits,
+    fetch_frames,
+    predict_sequence,
+    sequence_refs,
+)
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.generator import AutomaticMasks
@@ -90,7 +97,8 @@ class TaskPredictor:
                 if not by_class:
                     continue
                 if field_.sequence:
-                    frames = self.sequences.get(task, field_.key, fetcher, basic, self.limits)
+                    refs = sequence_refs(task, field_.key, self.limits)  # not cached: only smart-brush sessions are
+                    frames = fetch_frames(task, refs, fetcher, basic, self.limits)
                     results += predict_sequence(
                         frames, self.segmenter(choice), by_class, choice, task_id=task_id, image_name=image_name,
                         stride=self.settings.video_stride, lock=self.lock, deadline=deadline,
