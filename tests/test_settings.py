@@ -26,6 +26,7 @@ def test_every_field_is_read_from_its_variable():
         "USAM_SCORE_THRESHOLD": "0.7",
         "USAM_NMS_IOU": "0.3",
         "USAM_DECODE_CHUNK": "16",
+        "USAM_RUNTIME": "openvino",
         "USAM_CACHE_DIR": "/tmp/usam-cache",
         "USAM_MODEL_DIR": "/srv/heads",
         "USAM_EMBEDDING_CACHE_SIZE": "3",

@@ -19,6 +19,7 @@ from usam_backend.core.errors import ConfigurationError
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "tiny")
 DATA_SOURCES = ("auto", "synthetic", "web", "folder")
 REFINE_MODES = ("off", "local", "global", "both")
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -57,6 +58,12 @@ class Settings:
         default="off",
     )
     decode_chunk: int = _env("USAM_DECODE_CHUNK", "grid points decoded per batch; 0: 8 on CPU, 64 on CUDA", default=0)
+    runtime: str = _env(
+        "USAM_RUNTIME",
+        "runtime of SAM's image encoder: auto (onnxruntime on CPU, torch on CUDA and for tiny), torch, onnxruntime or "
+        "openvino",
+        default="auto",
+    )
     cache_dir: Path = _env(
         "USAM_CACHE_DIR",
         "checkpoints and cached embeddings (default ~/.cache/usam)",
@@ -230,6 +237,8 @@ class Settings:
                 raise _bad(name, value, "a number between 0 and 1")
         if self.refine not in REFINE_MODES:
             raise _bad("refine", self.refine, f"one of {', '.join(REFINE_MODES)}")
+        if self.runtime not in RUNTIMES:
+            raise _bad("runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
         if self.decode_chunk < 0:
             raise _bad("decode_chunk", self.decode_chunk, "0 (automatic) or a positive number")
         if self.embedding_cache_size < 0:
