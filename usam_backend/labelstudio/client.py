@@ -62,6 +62,18 @@ class LabelStudioApi:
                 return
             yield _plain(item)
 
+    def tasks_with_results(self, pid: str) -> Iterator[dict[str, Any]]:
+        """Every task of the project with its annotations and predictions in full (``fields=all``)."""
+        pages = self._call(
+            "GET /api/tasks/", lambda: self.sdk.tasks.list(project=int(pid), page_size=PAGE_SIZE, fields="all")
+        )
+        iterator = iter(pages)
+        while True:
+            item = self._call("GET /api/tasks/", lambda: next(iterator, None))
+            if item is None:
+                return
+            yield _plain(item)
+
     def task(self, task_id: int) -> dict[str, Any]:
         return self._call(f"GET /api/tasks/{task_id}/", lambda: _plain(self.sdk.tasks.get(id=str(task_id))))
 
