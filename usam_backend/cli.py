@@ -234,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--timeout", type=float, help="stop waiting after this many seconds")
     pre.set_defaults(command=_preannotate)
 
+    export = commands.add_parser(
+        "export",
+        help="export a Label Studio project to COCO, YOLO-seg, label maps, MOT, DAVIS and MOTS",
+        description="Read a Label Studio project's annotations (or with --from-version its predictions of that "
+        "model version) through its API (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), fetch its images and videos, "
+        "and write OUT/images/, coco.json (RLE masks), the YOLO segmentation layout (data.yaml, classes.txt, "
+        "labels/), masks/ (label-map PNGs), and for frame sequences and videos mot/, davis/ and mots/. Files "
+        "already written are kept, so a stopped export resumes. See README, Export.",
+    )
+    export.add_argument("--project", required=True, help="Label Studio project id")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR")
+    export.add_argument("--from-version", metavar="V", help="export the predictions of this model_version instead")
+    export.add_argument("--annotation", default="latest", choices=["latest", "first", "ground-truth"],
+                        help="which of a task's annotations wins (default: the latest updated)")  # fmt: skip
+    export.add_argument("--format", default="coco,yolo,masks,mot,davis,mots", metavar="LIST",
+                        help="comma-separated formats (default: all)")  # fmt: skip
+    export.add_argument("--link-iou", type=float, default=0.3, help="frame-sequence regions join a track at this IoU")
+    export.set_defaults(command=_export)
+
     worker = commands.add_parser(
         "worker",
         help="run an RQ worker for training and pre-annotation jobs (needs REDIS_URL)",
@@ -454,6 +473,16 @@ def _preannotate(args: argparse.Namespace) -> int:
 
     settings = get_settings().replace(preannotate_chunk=args.chunk)
     return run_preannotate(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from usam_backend.tools.export import ExportOptions, run_export
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    options = ExportOptions(args.project, args.out, formats, args.from_version, args.annotation, args.link_iou)
+    report = run_export(get_settings(), options)
+    print(report.summary())
+    return 1 if report.errors or not report.exported else 0
 
 
 def _worker(args: argparse.Namespace) -> int:
