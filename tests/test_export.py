@@ -314,3 +314,51 @@ def test_predictions_of_one_version_and_tasks_without_one() -> None:
     assert choose_result(_task(), from_version="v2") == ["p2"]
     assert choose_result(_task(), from_version="v3") is None
     assert choose_result({"annotations": [{"was_cancelled": True, "result": []}]}, from_version=None) is None
+
+
+# --- a task's media and regions -------------------------------------------------------------------
+
+
+def test_a_task_exports_what_it_can_and_names_what_it_cannot(tmp_path) -> None:
+    import httpx
+
+    from usam_backend.core.settings import Settings
+    from usam_backend.labelstudio.annotations import ProjectSchema
+    from usam_backend.labelstudio.media import fetcher_for
+    from usam_backend.tools.export import ExportOptions, TaskMedia, collect_task
+
+    from helpers import WebHost
+
+    (tmp_path / "web").mkdir()
+    Image.new("RGB", (W, H)).save(tmp_path / "web" / "a.png")
+    host = WebHost(tmp_path / "web")
+    settings = Settings(allowed_hosts=("127.0.0.1",), cache_dir=tmp_path / "cache")
+    schema = ProjectSchema.read(
+        '<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">'
+        '<Label value="cat"/><Label value="dog"/><Label value="bird"/></RectangleLabels></View>'
+    )
+    bad_polygon = {"id": "bad", "type": "polygonlabels", "to_name": "image", "value": {"points": [[1, 1]]}}
+    unknown = {**_rect(0, 0, 8, 8, "cow"), "id": "cow"}
+    results = [_rect(40, 30, 60, 44, "dog"), bad_polygon, unknown]
+    options = ExportOptions("1", tmp_path / "out")
+    try:
+        with httpx.Client(follow_redirects=False) as client:
+            fetcher = fetcher_for(settings, None, client)
+            media = TaskMedia(tmp_path / "out", settings, fetcher, fetcher)
+            task = {"id": 3, "data": {"image": f"{host.url}/a.png"}}
+            images, _, errors = collect_task(task, results, schema, media, options)
+            assert [(i.file, i.height, i.width) for i in images] == [("images/task-3.png", H, W)]
+            assert [r.label for r in images[0].regions] == ["dog"]
+            assert (
+                len(errors) == 2
+                and "task 3, region bad" in errors[0]
+                and "'cow' is not in the label config" in errors[1]
+            )
+            fetched = len(host.requests)
+            collect_task(task, results, schema, media, options)  # a second run reads the stored image
+            assert len(host.requests) == fetched == 1
+            missing = {"id": 4, "data": {"image": f"{host.url}/gone.png"}}
+            images, _, errors = collect_task(missing, results, schema, media, options)
+            assert images == [] and errors[0].startswith("task 4, image:") and "404" in errors[0]
+    finally:
+        host.stop()
