@@ -8,6 +8,7 @@ import pytest
 from usam_backend.core.shapes import (
     POLYGON_MIN_IOU,
     Ellipse,
+    drawable,
     ellipse_mask,
     mask_ellipse,
     mask_polygons,
@@ -75,6 +76,17 @@ def test_specks_get_no_polygon() -> None:
     mask[10, 10] = True
     mask[30:32, 30:32] = True
     assert mask_polygons(mask) == []
+
+
+def test_specks_are_dropped_and_pinholes_filled_before_tracing() -> None:
+    mask = scenes()["disk"].copy()
+    mask[80, 120] = False  # a pinhole
+    mask[70:76, 100:106] = False  # a hole of 36 pixels
+    mask[2, 2] = True  # a speck
+    clean = drawable(mask)
+    assert clean[80, 120] and not clean[2, 2] and not clean[72, 102]
+    assert polygon_iou(mask_polygons(mask), clean) >= POLYGON_MIN_IOU
+    assert not polygons_mask(mask_polygons(mask), *mask.shape)[72, 102]  # the big hole stays a hole
 
 
 def test_the_ellipse_of_a_filled_ellipse_is_itself() -> None:

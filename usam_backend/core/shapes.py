@@ -8,7 +8,9 @@ fidelity every COCO consumer sees.
 - :func:`mask_polygons`: one closed polygon per connected part of a mask, simplified as far as its
   IoU with the part stays at ``min_iou`` (0.95). Label Studio polygons have no holes: a hole is
   **bridged** (the outline runs along a zero-width cut into the hole, around it the other way, and
-  back), so it stays a hole under both the even-odd and the non-zero fill rule.
+  back), so it stays a hole under both the even-odd and the non-zero fill rule. Parts and holes
+  under :data:`MIN_PART_PIXELS` are not drawn: specks are dropped and pinholes filled
+  (:func:`drawable`), and the IoU is that with the mask so cleaned.
 - :func:`polygons_mask`: the inverse, through pycocotools.
 - :func:`mask_ellipse`: the ellipse with the mask's area centroid and second moments.
 """
@@ -16,6 +18,7 @@ fidelity every COCO consumer sees.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -52,11 +55,25 @@ def mask_polygons(mask: np.ndarray, min_iou: float = POLYGON_MIN_IOU) -> list[np
         x, y, w, h, area = (int(v) for v in stats[part])
         if area < MIN_PART_PIXELS:
             continue
-        crop = parts[y : y + h, x : x + w] == part
+        crop = drawable(parts[y : y + h, x : x + w] == part)
         polygon = _part_polygon(crop, min_iou)
         if polygon is not None:
             found.append((area, polygon + np.array([x, y], dtype=np.float64)))
     return [polygon for _, polygon in sorted(found, key=lambda item: -item[0])]
+
+
+def drawable(mask: np.ndarray) -> np.ndarray:
+    """The mask :func:`mask_polygons` draws: without parts under :data:`MIN_PART_PIXELS`, and with
+    holes under that size filled."""
+    kept = _without_specks(np.asarray(mask, dtype=bool))
+    return ~_without_specks(~np.pad(kept, 1, constant_values=False))[1:-1, 1:-1]
+
+
+def _without_specks(mask: np.ndarray) -> np.ndarray:
+    _, parts, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < MIN_PART_PIXELS)
+    small = small[small > 0]
+    return mask & ~np.isin(parts, small) if len(small) else mask
 
 
 def polygons_mask(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -138,9 +155,9 @@ def _part_polygon(part: np.ndarray, min_iou: float) -> np.ndarray | None:
     return best
 
 
-def _simplify(contour: np.ndarray, epsilon: float, to_pixels: object) -> np.ndarray:
+def _simplify(contour: np.ndarray, epsilon: float, to_pixels: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     points = cv2.approxPolyDP(contour, epsilon, True) if epsilon > 0 else contour
-    return to_pixels(points)  # type: ignore[operator]
+    return to_pixels(points)
 
 
 def _oriented(ring: np.ndarray, clockwise: bool) -> np.ndarray:

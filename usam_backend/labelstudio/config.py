@@ -1,8 +1,14 @@
-"""What a Label Studio label config asks of usam: brush labels on images and frame sequences,
-labelled box tracks on videos, and smart prompt tools.
+"""What a Label Studio label config asks of usam: labelled regions on images and frame sequences
+in the shape of each control, labelled box tracks on videos, and smart prompt tools.
 
-- Every ``<BrushLabels>`` bound to an ``<Image>`` is served; an ``<Image valueList="$frames">`` is a
-  frame sequence (one task, a list of frames): its regions carry each frame's ``item_index``.
+- Every ``<BrushLabels>``, ``<PolygonLabels>``, ``<RectangleLabels>`` and ``<EllipseLabels>`` bound to
+  an ``<Image>`` is served, each in its own shape (:data:`SHAPE_TAGS`); one config may hold several.
+  A ``<RectangleLabels>`` whose labels all belong to a brush, polygon or ellipse control of the same
+  image is a prompt tool only (as in the interactive brush template and Label Studio's SAM example):
+  its boxes prompt SAM for that shape and are not predicted (on a frame sequence, which has no smart
+  tools, every shape control is predicted).
+  An ``<Image valueList="$frames">`` is a frame sequence (one task, a list of frames): its regions
+  carry each frame's ``item_index``.
 - A ``<Video>`` with a ``<VideoRectangle>`` and ``<Labels>`` bound to it is served with one
   ``videorectangle`` track per object; its frame rate is the ``frameRate`` attribute (any case;
   Label Studio's default 24), or the task field it names (``frameRate="$fps"``).
@@ -26,6 +32,15 @@ from usam_backend.core.video import DEFAULT_FPS
 
 MAX_LABEL_CONFIG_BYTES = 1_000_000
 PROMPT_TAGS = {"KeyPointLabels": "keypointlabels", "RectangleLabels": "rectanglelabels"}
+SHAPE_TAGS = {
+    "BrushLabels": "brushlabels",
+    "PolygonLabels": "polygonlabels",
+    "RectangleLabels": "rectanglelabels",
+    "EllipseLabels": "ellipselabels",
+}
+"""Image controls usam predicts, and the result type of each."""
+MASK_LIKE = ("brushlabels", "polygonlabels", "ellipselabels", "rectanglelabels")
+"""The shape a keypoint prompt is answered in, when several controls carry its label: the first."""
 EXAMPLE = (
     '<View><Image name="image" value="$image"/>'
     '<BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels></View>'
@@ -38,13 +53,13 @@ class LabelConfigError(UsamError):
 
 @dataclass(frozen=True)
 class ProjectLabel:
-    """A label of a brush or video-rectangle control: its value and the model class names that map onto it."""
+    """A label of a shape or video-rectangle control: its value and the model class names that map onto it."""
 
     value: str
-    control: str  # BrushLabels or VideoRectangle name (from_name)
+    control: str  # the shape control's or VideoRectangle's name (from_name)
     image: str  # Image or Video name (to_name)
     aliases: tuple[str, ...] = ()
-    kind: str = "brushlabels"  # the result type: "brushlabels" or "videorectangle"
+    kind: str = "brushlabels"  # the result type: a value of SHAPE_TAGS, or "videorectangle"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -96,13 +111,25 @@ class LabelConfig:
     def labels_for_image(self, image: str) -> tuple[ProjectLabel, ...]:
         return tuple(label for label in self.labels if label.image == image)
 
-    def brush_label(self, value: str, image: str) -> ProjectLabel | None:
-        """The brush label named ``value`` (by value or alias) on ``image``, for interactive prompts."""
-        wanted = normalise(value)
+    def labels_by_class(self, image: str, served: dict[str, int]) -> dict[int, tuple[ProjectLabel, ...]]:
+        """Head class index -> the labels on ``image`` it predicts, one per shape; ``served`` maps a
+        label's value to the head class serving it. The first label of a shape mapped onto a class wins."""
+        found: dict[int, dict[str, ProjectLabel]] = {}
         for label in self.labels_for_image(image):
-            if wanted in label.names:
-                return label
-        return None
+            if label.value in served:
+                found.setdefault(served[label.value], {}).setdefault(label.kind, label)
+        return {index: tuple(shapes.values()) for index, shapes in found.items()}
+
+    def brush_label(self, value: str, image: str) -> ProjectLabel | None:
+        """The brush label named ``value`` (by value or alias) on ``image``, for smart-brush strokes."""
+        return self.shape_label(value, image, ("brushlabels",))
+
+    def shape_label(self, value: str, image: str, kinds: tuple[str, ...] = MASK_LIKE) -> ProjectLabel | None:
+        """The label named ``value`` (by value or alias) on ``image`` whose shape comes first in
+        ``kinds``: what an interactive answer carries."""
+        wanted = normalise(value)
+        found = [label for label in self.labels_for_image(image) if wanted in label.names and label.kind in kinds]
+        return min(found, key=lambda label: kinds.index(label.kind), default=None)
 
 
 _PARSED: collections.OrderedDict[str, LabelConfig] = collections.OrderedDict()
@@ -165,24 +192,30 @@ def _parse(xml: str) -> LabelConfig:
                 videos[obj.name] = VideoField(obj.name, value[1:], _frame_rate(raw_rate, obj.name))
     labels: list[ProjectLabel] = []
     prompt_tools: dict[str, PromptTool] = {}
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
 
     def add_labels(control: object, target: str, to_control: str, kind: str) -> None:
         for value, tag in (getattr(control, "labels_attrs", None) or {}).items():
-            if not value or (value, target) in seen:  # a label repeated on one image: first control wins
+            if not value or (value, target, kind) in seen:  # a label repeated in one shape on one image: first wins
                 continue
-            seen.add((value, target))
+            seen.add((value, target, kind))
             raw_aliases = (tag.attr or {}).get("predicted_values") or ""
             aliases = tuple(a.strip() for a in str(raw_aliases).split(",") if a.strip())
             labels.append(ProjectLabel(value, to_control, target, aliases, kind))
 
+    masked: dict[str, set[str]] = collections.defaultdict(set)  # image -> labels of its brush/polygon/ellipse
+    for control in interface.controls:
+        if control.tag in SHAPE_TAGS and control.tag != "RectangleLabels":
+            for name in control.to_name or []:
+                masked[name] |= {value for value in (getattr(control, "labels_attrs", None) or {}) if value}
     for control in interface.controls:
         targets = [name for name in (control.to_name or []) if name in images]
         if targets:
             if control.tag in PROMPT_TAGS and not images[targets[0]].sequence:
                 prompt_tools[control.name] = PromptTool(control.name, PROMPT_TAGS[control.tag], targets[0])
-            if control.tag == "BrushLabels":
-                add_labels(control, targets[0], control.name, "brushlabels")
+            prompt_only = not images[targets[0]].sequence and _prompt_only(control, masked[targets[0]])
+            if control.tag in SHAPE_TAGS and not prompt_only:
+                add_labels(control, targets[0], control.name, SHAPE_TAGS[control.tag])
         video_targets = [name for name in (control.to_name or []) if name in videos]
         if control.tag == "Labels" and video_targets:
             boxes = [
@@ -194,9 +227,9 @@ def _parse(xml: str) -> LabelConfig:
                 add_labels(control, video_targets[0], boxes[0], "videorectangle")
     if not labels:
         raise LabelConfigError(
-            "the label config has no <BrushLabels> with labels bound to an <Image> whose value is a task field "
-            "($name), nor a <Video> with a <VideoRectangle> and <Labels>. usam predicts brush masks and video "
-            f"tracks; for example: {EXAMPLE}"
+            "the label config has no <BrushLabels>, <PolygonLabels>, <RectangleLabels> or <EllipseLabels> with "
+            "labels bound to an <Image> whose value is a task field ($name), nor a <Video> with a <VideoRectangle> "
+            f"and <Labels>. usam predicts regions of those shapes and video tracks; for example: {EXAMPLE}"
         )
     used = {label.image for label in labels}
     if used & set(videos) and used - set(videos):
@@ -211,6 +244,13 @@ def _parse(xml: str) -> LabelConfig:
         digest=hashlib.sha256(xml.encode()).hexdigest()[:16],
         videos={name: video for name, video in videos.items() if name in used},
     )
+
+
+def _prompt_only(control: object, masked_labels: set[str]) -> bool:
+    """A ``<RectangleLabels>`` all of whose labels a brush, polygon or ellipse control of its image
+    carries: a prompt tool for that shape, not a shape to predict."""
+    labels = {value for value in (getattr(control, "labels_attrs", None) or {}) if value}
+    return getattr(control, "tag", "") == "RectangleLabels" and bool(labels) and labels <= masked_labels
 
 
 def _frame_rate(raw: object, name: str) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 
 from usam_backend.core.errors import UsamError
 from usam_backend.core.rle import BrushRLEError, check_brush_rle, decode_brush_rle
-from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
+from usam_backend.labelstudio.config import MASK_LIKE, LabelConfig, ProjectLabel, PromptTool
 
 
 class PromptError(UsamError):
@@ -22,7 +22,7 @@ class PromptError(UsamError):
 class Prompt:
     """A smart-tool prompt as Label Studio sends it (percent coordinates)."""
 
-    label: ProjectLabel  # the brush label the mask will carry
+    label: ProjectLabel  # the label the answer carries, in its control's shape
     image: str
     points: list[tuple[float, float]]  # percent of width, height
     point_labels: list[int]  # 1 positive, 0 negative
@@ -39,7 +39,14 @@ class Prompt:
 
 
 def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
-    """Smart-tool context (keypoints, a rectangle) -> the prompt and the brush label to emit."""
+    """Smart-tool context (keypoints, a rectangle) -> the prompt and the label its answer carries.
+
+    The answer takes the shape of the project: a box drawn with a ``<RectangleLabels>`` that the
+    project predicts is answered with a box (snapped to the object); any other prompt with the
+    label's brush mask, polygon, ellipse or box, in that order of preference. An item without
+    ``from_name`` or ``to_name`` (as Label Studio's SAM example sends them) is matched to the
+    config's only prompt tool of its type.
+    """
     points: list[tuple[float, float]] = []
     point_labels: list[int] = []
     box = None
@@ -52,8 +59,16 @@ def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
         names = value.get(str(kind)) or []
         if kind not in ("keypointlabels", "rectanglelabels") or not names:
             continue
-        image = image or item.get("to_name")
-        label = label or config.brush_label(str(names[0]), str(item.get("to_name")))
+        tool = _prompt_tool(item, str(kind), config)
+        where = item.get("to_name") or (tool.image if tool else None)
+        if where is None:
+            raise PromptError(f"a {kind} prompt has no to_name: send the name of the image it is on")
+        image = image or str(where)
+        if label is None:
+            boxed = tool is not None and any(
+                lab.control == tool.control and lab.kind == "rectanglelabels" for lab in config.labels
+            )
+            label = config.shape_label(str(names[0]), image, ("rectanglelabels",) if boxed else MASK_LIKE)
         try:
             if kind == "keypointlabels":
                 points.append((float(value["x"]), float(value["y"])))
@@ -65,10 +80,25 @@ def parse_prompt(context: list[Any], config: LabelConfig) -> Prompt:
     if image is None or (not points and box is None):
         raise PromptError("the interactive context holds no keypoint or rectangle with a label")
     if image not in config.images:
-        raise PromptError(f"the prompt is on {image!r}, which has no BrushLabels in the label config")
+        raise PromptError(f"the prompt is on {image!r}, which has no labelled regions in the label config")
     if label is None:
-        raise PromptError("the prompt's label has no BrushLabels label of the same name on this image")
+        raise PromptError("the prompt's label is not a label of a brush, polygon, rectangle or ellipse control here")
     return Prompt(label, image, points, point_labels, box)
+
+
+def _prompt_tool(item: dict[str, Any], kind: str, config: LabelConfig) -> PromptTool | None:
+    """The prompt tool an item was drawn with: by its ``from_name``, else the config's only one of
+    its type (None: a ``from_name`` the config has no prompt tool for; its ``to_name`` decides)."""
+    name = item.get("from_name")
+    if name is not None:
+        return config.prompt_tools.get(str(name))
+    tools = [tool for tool in config.prompt_tools.values() if tool.kind == kind]
+    if len(tools) != 1:
+        raise PromptError(
+            f"a {kind} prompt has no from_name, and the config has {len(tools)} smart {kind} tools: "
+            "send from_name and to_name to say which"
+        )
+    return tools[0]
 
 
 @dataclass(frozen=True)

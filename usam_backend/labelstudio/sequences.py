@@ -27,7 +27,7 @@ from usam_backend.core.errors import UsamError
 from usam_backend.core.images import load_image, peek_size
 from usam_backend.labelstudio.config import ProjectLabel
 from usam_backend.labelstudio.media import TaskImageFetcher
-from usam_backend.labelstudio.results import brush_region, region_id
+from usam_backend.labelstudio.results import mask_results, region_id, shape_part
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.usam import SemanticSegmenter
@@ -109,10 +109,11 @@ def deadline_check(deadline: float | None) -> Callable[[int], None] | None:
 
 
 def predict_sequence(
-    frames: list[np.ndarray], segmenter: SemanticSegmenter, by_class: dict[int, ProjectLabel], choice: HeadChoice,
+    frames: list[np.ndarray], segmenter: SemanticSegmenter, by_class: dict[int, tuple[ProjectLabel, ...]],
+    choice: HeadChoice,
     *, task_id: object, image_name: str, stride: int, lock: Lock, deadline: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Brush regions of a frame sequence: one per track per frame, with ``item_index``."""
+    """Regions of a frame sequence: per track per frame, in each label's shape, with ``item_index``."""
     chosen = sampled_frames(0, len(frames), stride)
     check = deadline_check(deadline)
     tracks = detect_tracks(
@@ -124,8 +125,9 @@ def predict_sequence(
     for index, ids in enumerate(maps):
         for tid in np.unique(ids[ids > 0]):
             track = tracks[int(tid)]
-            rid = region_id(choice.version, task_id, image_name, index, int(tid))
-            results.append(brush_region(ids == tid, by_class[track.class_id], track.score, rid, item_index=index))
+            for label in by_class[track.class_id]:
+                rid = region_id(choice.version, task_id, image_name, index, int(tid), *shape_part(label))
+                results += mask_results(ids == tid, label, track.score, rid, item_index=index)
     return results
 
 

@@ -24,11 +24,11 @@ from usam_backend.core.images import load_image
 from usam_backend.core.masks import mask_to_rle
 from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
-from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
+from usam_backend.labelstudio.config import LabelConfig
 from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.interactive import BrushStroke, PromptError, parse_brush_strokes, parse_prompt
 from usam_backend.labelstudio.media import TaskImageFetcher
-from usam_backend.labelstudio.results import brush_region, prediction, region_id
+from usam_backend.labelstudio.results import brush_region, mask_results, prediction, region_id, shape_part
 from usam_backend.labelstudio.sequences import (
     Basic,
     FrameCache,
@@ -90,10 +90,7 @@ class TaskPredictor:
         confidences: list[float] = []
         try:
             for image_name, field_ in config.images.items():
-                by_class: dict[int, ProjectLabel] = {}  # head class index -> the project label it predicts
-                for label in config.labels_for_image(image_name):
-                    if label.value in choice.served:
-                        by_class.setdefault(choice.served[label.value], label)
+                by_class = config.labels_by_class(image_name, choice.served)
                 if not by_class:
                     continue
                 if field_.sequence:
@@ -111,11 +108,11 @@ class TaskPredictor:
                     survivors = segmenter.survivors(segmenter.engine.embed(image), classes=head_classes)
                     confidences.append(survivors.confidence)
                     for found, (i, mask) in enumerate(self._masks(image, survivors)):  # one image-sized mask at a time
-                        label = by_class[int(survivors.class_ids[i])]
-                        score = float(survivors.scores[i])
-                        rid = region_id(choice.version, task_id, image_name, found)
-                        results.append(brush_region(mask, label, score, rid))
-                        logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(mask), score))
+                        score, rle = float(survivors.scores[i]), mask_to_rle(mask)
+                        for label in by_class[int(survivors.class_ids[i])]:
+                            rid = region_id(choice.version, task_id, image_name, found, *shape_part(label))
+                            results += mask_results(mask, label, score, rid)
+                            logged.append(Region(rid, label.value, label.control, label.image, rle, score))
                 del image
         except UsamError as exc:
             self._failed(task_id, str(exc))
@@ -165,8 +162,8 @@ class TaskPredictor:
         engine = self.engine()
         with self.lock:
             found = segment_prompt(engine, image, points=points, point_labels=point_labels, box=box)
-        region = brush_region(found.mask, prompt.label, found.score, region_id(version, task.get("id"), "prompt"))
-        return prediction([region], version)
+        rid = region_id(version, task.get("id"), "prompt")
+        return prediction(mask_results(found.mask, prompt.label, found.score, rid), version)
 
     def refine_strokes(
         self, task: dict[str, Any], strokes: list[BrushStroke], config: LabelConfig, fetcher: TaskImageFetcher,
