@@ -362,3 +362,13 @@ def test_a_task_exports_what_it_can_and_names_what_it_cannot(tmp_path) -> None:
             assert images == [] and errors[0].startswith("task 4, image:") and "404" in errors[0]
     finally:
         host.stop()
+
+
+def test_the_command_refuses_bad_input_in_one_line(tmp_path, monkeypatch, isolated_settings, capsys) -> None:
+    from usam_backend.cli import main
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    assert main(["export", "--project", "1", "--out", str(tmp_path), "--format", "coco,shapefile"]) == 2
+    assert "unknown export format(s) shapefile" in capsys.readouterr().err
+    assert main(["export", "--project", "1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "usam: error: Label Studio's URL is unknown: set LABEL_STUDIO_URL"
