@@ -28,23 +28,26 @@ ones (the largest-first rule above).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+from usam_backend.core.masks import mask_boxes
 from usam_backend.systems.uosam import Predictor
 
 if TYPE_CHECKING:
     from usam_backend.systems.usam import SemanticSegmenter
 
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""One frame's detections: boxes (n, 4) float xyxy pixels, scores (n,), class ids (n,)."""
+Detections = tuple[np.ndarray, ...]
+"""One frame's detections: boxes (n, 4) float xyxy pixels, scores (n,), class ids (n,), and
+optionally appearance vectors (n, d)."""
 
 Lock = contextlib.AbstractContextManager[Any]
 """Held around each frame's model work (a ``threading.Lock``), so other requests wait for one frame at most."""
@@ -85,7 +88,8 @@ class Track:
 
 @dataclass(frozen=True)
 class TrackOptions:
-    """ByteTrack's settings and the keep rules (defaults: UVOSAM's public code, where it has them).
+    """How detections are linked, and which tracks are kept (score thresholds and keep rules:
+    UVOSAM's public code, where it has them).
 
     Attributes:
         start_score: a detection at least this confident may start a track (0.2).
@@ -94,12 +98,26 @@ class TrackOptions:
         lost_frames: a track unseen for this many processed frames ends (10).
         min_hits: tracks seen in fewer frames are dropped (3).
         min_score: tracks with a lower mean score are dropped (0.05).
-        match_iou: the least IoU between a predicted track box and a detection to link them.
         nms_iou: detections of one frame overlapping a better one by more than this are dropped (0.9).
         max_tracks: at most this many tracks are kept, the highest scoring (PNG palettes hold 255).
         interpolate: fill the frames between two sightings of a track (a missed detection, or the
             frames between strided ones) with linearly interpolated boxes, for gaps of at most
             ``lost_frames + 1`` processed frames. They get a box but no score.
+        gate: a detection continues a track only if its centre is within this many object sizes
+            (a box's longer side) of where the track is predicted, plus what the
+            object may have moved since: ``max_speed`` sizes a frame while its velocity is unsure
+            (a track seen once or twice), else twice its speed (it may have turned back) and ``drift``
+            sizes a frame (its speed counted as ``max_speed`` at most). The gate grows with the
+            frames between sightings, i.e. with the stride.
+        max_speed: see ``gate`` (0.5 object sizes a frame).
+        drift: see ``gate`` (0.1 object sizes a frame).
+        max_size_change: a detection whose box's longer side differs from the track's by more
+            than this factor does not continue it (2).
+        appearance_weight: the weight of the appearance distance (1 - cosine similarity of the
+            detections' appearance vectors, when they have them) against the motion cost (0.5).
+        absorb: a detection of another class within this share of a track's gate of where it is
+            predicted is that object given the wrong class: it neither continues the track (a cat
+            box never continues a dog track) nor starts one (0.5).
     """
 
     start_score: float = 0.2
@@ -107,10 +125,130 @@ class TrackOptions:
     lost_frames: int = 10
     min_hits: int = 3
     min_score: float = 0.05
-    match_iou: float = 0.1
     nms_iou: float = 0.9
     max_tracks: int = 255
     interpolate: bool = True
+    gate: float = 0.5
+    max_speed: float = 0.5
+    drift: float = 0.1
+    max_size_change: float = 3.0
+    appearance_weight: float = 0.5
+    absorb: float = 0.5
+
+
+Sighting = tuple[np.ndarray, float, int]
+"""A detection on a track: xyxy box, score, class id."""
+
+
+@dataclass
+class _Live:
+    """A track while detections are linked: its sightings, velocity (of its box's centre, pixels a
+    frame; None until seen twice), class, appearance and processed frames since it was last seen."""
+
+    seen: dict[int, Sighting]
+    last: int
+    class_id: int
+    velocity: np.ndarray | None = None
+    look: np.ndarray | None = None
+    misses: int = 0
+    speed: float = 0.0
+    unconfirmed: int | None = None
+    votes: dict[int, float] = field(default_factory=dict)
+
+    def predicted(self, frame: int) -> np.ndarray:
+        box = self.seen[self.last][0]
+        if self.velocity is None:
+            return box
+        return box + np.tile(self.velocity * (frame - self.last), 2)
+
+    @property
+    def size(self) -> float:
+        """The object's size: the median over its last 5 sightings (a box shrinks behind another)."""
+        return float(np.median([_size(self.seen[f][0]) for f in sorted(self.seen)[-5:]]))
+
+    def vote(self, class_id: int, score: float) -> bool:
+        """Counts a detection's class; True when it is not the track's class (then the detection
+        only votes: it is not a sighting). The track's class is the score-weighted majority."""
+        self.votes[class_id] = self.votes.get(class_id, 0.0) + score
+        other = self.class_id >= 0 and class_id >= 0 and class_id != self.class_id
+        self.class_id = min(c for c, v in self.votes.items() if v == max(self.votes.values()))
+        return other
+
+    def add(self, frame: int, sighting: Sighting, look: np.ndarray | None, far: bool = False) -> None:
+        if self.misses >= 2 and far:  # found again after a while, far from where it was expected:
+            # a second sighting must confirm it
+            self.unconfirmed = frame
+        moved = (_centre(sighting[0]) - _centre(self.seen[self.last][0])) / max(1, frame - self.last)
+        before = float(np.linalg.norm(self.velocity)) if self.velocity is not None else 0.0
+        self.speed = max(float(np.linalg.norm(moved)), before)
+        self.velocity = moved
+        if look is not None:
+            merged = look if self.look is None else 0.5 * self.look + 0.5 * look
+            self.look = merged / max(float(np.linalg.norm(merged)), 1e-12)
+        elif self.unconfirmed is not None and self.misses == 0:
+            self.unconfirmed = None
+        self.seen[frame] = sighting
+        self.last = frame
+        self.misses = 0
+
+    def confirmed(self) -> dict[int, Sighting]:
+        """Its sightings, less a last one found after the track was lost that nothing confirmed
+        (most likely a false positive in its grown gate)."""
+        if self.unconfirmed is None or self.unconfirmed != self.last:
+            return self.seen
+        return {f: s for f, s in self.seen.items() if f != self.unconfirmed}
+
+
+def _centre(box: np.ndarray) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+def _size(box: np.ndarray) -> float:
+    """A box's longer side: what stays of an object's size while it leaves the frame."""
+    return max(1.0, float(box[2] - box[0]), float(box[3] - box[1]))
+
+
+def _link_costs(
+    lives: Sequence[_Live], boxes: np.ndarray, classes: np.ndarray, looks: np.ndarray | None, frame: int,
+    opts: TrackOptions,
+) -> np.ndarray:  # fmt: skip
+    """(tracks, detections) costs of continuing each track with each detection, inf where the
+    class differs or the detection is outside the track's gate."""
+    costs = np.full((len(lives), len(boxes)), np.inf)
+    for i, live in enumerate(lives):
+        size, dt = live.size, frame - live.last
+        if len(live.seen) < 3:  # a velocity from two sightings (of a false positive?) is not trusted yet
+            radius = size * (opts.gate + opts.max_speed * dt)
+        else:
+            radius = size * (opts.gate + opts.drift * dt) + 2 * min(live.speed, opts.max_speed * size) * dt
+        centre = _centre(live.predicted(frame))
+        for j, box in enumerate(boxes):
+            change = abs(math.log(_size(box) / size))
+            distance = float(np.linalg.norm(_centre(box) - centre))
+            if distance > radius or change > math.log(opts.max_size_change):
+                continue
+            cost = distance / radius + 0.5 * change / math.log(opts.max_size_change)
+            if live.class_id >= 0 and classes[j] >= 0 and classes[j] != live.class_id:
+                if distance > opts.absorb * radius:
+                    continue
+                cost += 0.3  # a box of another class right where the track is: the object, misnamed
+            if looks is not None and live.look is not None:
+                cost += opts.appearance_weight * (1 - float(live.look @ looks[j]))
+            # tracks seen more recently are surer (DeepSORT's matching cascade, as a cost): one lost
+            # behind another object, its gate grown, does not take what a visible one is seen as
+            costs[i, j] = cost + 0.15 * live.misses
+    return costs
+
+
+def _assign(costs: np.ndarray) -> list[tuple[int, int]]:
+    """The (track, detection) pairs of least total cost, none of infinite cost (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if costs.size == 0:
+        return []
+    finite = np.where(np.isfinite(costs), costs, 1e6)
+    rows, cols = linear_sum_assignment(finite)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if np.isfinite(costs[r, c])]
 
 
 def track_boxes(
@@ -118,8 +256,20 @@ def track_boxes(
 ) -> dict[int, Track]:
     """Link per-frame detections into tracks.
 
+    Each processed frame, the confident detections (>= ``start_score``) are matched to the live
+    tracks at least total cost (Hungarian), then the weaker ones (>= ``keep_score``) to the tracks
+    left unmatched (ByteTrack's two stages). A detection can continue a track only if it has the
+    track's class and its centre lies in the track's gate: around the box moved on at the track's
+    velocity, as wide as the object may have moved in the frames since it was last seen (so the
+    gate widens with the stride). Among those, the cost is the distance to the predicted centre
+    (in gate widths), the change of size and, when detections carry appearance vectors, how
+    different they look. A confident detection left unmatched starts a track there (its first
+    sighting is kept, and so is a clip's or chunk's last frame).
+
     Args:
-        detections: ``detections[i]`` for the i-th processed frame (``None``: nothing found there).
+        detections: ``detections[i]`` for the i-th processed frame (``None``: nothing found there):
+            boxes, scores, classes and optionally (n, d) appearance vectors (e.g. SAM's image
+            embedding pooled in each box, :func:`detect`).
         frames: the source frame index of each entry of ``detections`` (default 0, 1, 2, ...), e.g.
             every 5th frame when the detector ran on a stride; the tracks' boxes are keyed by these.
         **options: :class:`TrackOptions` fields.
@@ -127,65 +277,57 @@ def track_boxes(
     Returns:
         track id -> :class:`Track`, ids 1, 2, ... in order of first appearance.
     """
-    import supervision as sv
-    from trackers import ByteTrackTracker
-
     opts = TrackOptions(**options)
     frames = list(range(len(detections))) if frames is None else list(frames)
     if len(frames) != len(detections):
         raise ValueError(f"{len(detections)} detection entries for {len(frames)} frame indices")
-    tracker = ByteTrackTracker(
-        lost_track_buffer=opts.lost_frames, frame_rate=30.0, track_activation_threshold=opts.start_score,
-        minimum_consecutive_frames=1, minimum_iou_threshold=opts.match_iou, high_conf_det_threshold=opts.start_score,
-    )  # fmt: skip
-    raw: dict[int, dict[int, tuple[np.ndarray, float, int]]] = {}  # tracker id -> frame -> (box, score, class)
-    untracked: list[list[tuple[np.ndarray, float, int]]] = []  # per position: detections left without a track
-    for position, found in enumerate(detections):
-        boxes, scores, classes = _clean(found, opts)
-        result = tracker.update(
-            sv.Detections(xyxy=boxes, confidence=scores, class_id=classes, data={"row": np.arange(len(boxes))})
-        )
-        untracked.append([])
-        ids = result.tracker_id if result.tracker_id is not None else np.zeros(0, dtype=int)
-        for row, tid in zip(result.data.get("row", []), ids, strict=True):
-            entry = (boxes[row], float(scores[row]), int(classes[row]))
-            if tid >= 0:
-                raw.setdefault(int(tid), {})[frames[position]] = entry
-            else:
-                untracked[position].append(entry)
-    # ByteTrack reports the detection that starts a track as untracked, and a track needs two
-    # sightings in a row to start: extend each track backwards over the untracked detections that
-    # overlap its earliest box, across gaps of at most lost_frames.
-    position_of = {frame: p for p, frame in enumerate(frames)}
-    for seen in sorted(raw.values(), key=lambda s: -max(v[1] for v in s.values())):
-        earliest = position_of[min(seen)]
-        for q in range(earliest - 1, max(-1, earliest - opts.lost_frames - 2), -1):
-            pool = untracked[q]
-            overlaps = [_box_iou(seen[frames[earliest]][0], b[0]) for b in pool]
-            if overlaps and max(overlaps) >= opts.match_iou:
-                seen[frames[q]] = pool.pop(int(np.argmax(overlaps)))
-                earliest = q
-    # ByteTrack starts no track on a clip's last frame, nor on a one-frame clip: a confident
-    # detection still left untracked is an object seen once.
-    singletons = [
-        {frames[q]: entry} for q, pool in enumerate(untracked) for entry in pool if entry[1] >= opts.start_score
-    ]
+    live: list[_Live] = []
+    ended: list[_Live] = []
+    for frame, found in zip(frames, detections, strict=True):
+        boxes, scores, classes, looks = _clean(found, opts)
+        free = list(range(len(live)))
+        high = np.flatnonzero(scores >= opts.start_score)
+        low = np.flatnonzero((scores >= opts.keep_score) & (scores < opts.start_score))
+        for rows, starts in ((high, True), (low, False)):
+            left = rows.tolist()
+            costs = _link_costs([live[i] for i in free], boxes[left], classes[left],
+                                None if looks is None else looks[left], frame, opts)  # fmt: skip
+            pairs = _assign(costs)
+            matched = [(free[i], left[j]) for i, j in pairs]
+            for (t, d), (i, j) in zip(matched, pairs, strict=True):
+                if not live[t].vote(int(classes[d]), float(scores[d])):  # a cat box never continues a dog
+                    look = None if looks is None else looks[d]
+                    far = costs[i, j] - 0.15 * live[t].misses > 0.5
+                    live[t].add(frame, (boxes[d], float(scores[d]), int(classes[d])), look, far)
+            free = [i for i in free if i not in {t for t, _ in matched}]
+            left = [d for d in left if d not in {d for _, d in matched}]
+            if starts:  # a confident detection no track continues (nor takes as misnamed) starts one
+                for d in left:
+                    new = _Live({frame: (boxes[d], float(scores[d]), int(classes[d]))}, frame, int(classes[d]),
+                                votes={int(classes[d]): float(scores[d])})  # fmt: skip
+                    new.look = None if looks is None else looks[d]
+                    live.append(new)
+        for i in free:
+            live[i].misses += 1
+        # ByteTrack's tentative tracks: one seen once and not again on the next processed frame
+        # was a false positive (or a class given wrongly); others end after lost_frames
+        over = [t.misses > (1 if len(t.seen) == 1 else opts.lost_frames) for t in live]
+        ended += [t for t, gone in zip(live, over, strict=True) if gone]
+        live = [t for t, gone in zip(live, over, strict=True) if not gone]
+    for linked in [*ended, *live]:
+        linked.seen = linked.confirmed()
     kept = [
-        seen
-        for seen in [*raw.values(), *singletons]
-        if len(seen) >= opts.min_hits and np.mean([s for _, s, _ in seen.values()]) >= opts.min_score
+        linked
+        for linked in [*ended, *live]
+        if len(linked.seen) >= opts.min_hits and np.mean([s for _, s, _ in linked.seen.values()]) >= opts.min_score
     ]
-    kept = sorted(kept, key=lambda s: -float(np.mean([v[1] for v in s.values()])))[: opts.max_tracks]
-    kept.sort(key=lambda s: (min(s), float(min(s.items())[1][0][0])))
+    kept = sorted(kept, key=lambda k: -float(np.mean([v[1] for v in k.seen.values()])))[: opts.max_tracks]
+    kept.sort(key=lambda k: (min(k.seen), float(min(k.seen.items())[1][0][0])))
     tracks: dict[int, Track] = {}
-    for number, seen in enumerate(kept, start=1):
-        votes: dict[int, float] = {}
-        for _, score, cls in seen.values():
-            votes[cls] = votes.get(cls, 0.0) + score
-        best_votes = max(votes.values())
-        track = Track(number, class_id=min(c for c, v in votes.items() if v == best_votes))
-        for frame in sorted(seen):
-            box, score, _ = seen[frame]
+    for number, linked in enumerate(kept, start=1):
+        track = Track(number, class_id=linked.class_id)
+        for frame in sorted(linked.seen):
+            box, score, _ = linked.seen[frame]
             track.boxes[frame] = np.asarray(box, dtype=np.float64)
             track.scores[frame] = score
         if opts.interpolate:
@@ -218,13 +360,17 @@ def _interpolate(track: Track, max_gap: int) -> None:
     track.boxes = dict(sorted(track.boxes.items()))
 
 
-def _clean(found: Detections | None, opts: TrackOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Detections above ``keep_score``, with near-duplicates (IoU > ``nms_iou``) removed."""
+def _clean(
+    found: Detections | None, opts: TrackOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Detections above ``keep_score``, with near-duplicates (IoU > ``nms_iou``) removed; their
+    appearance vectors normalised (None when the detections have none)."""
     if found is None or len(found[0]) == 0:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, int)
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, int), None
     boxes: np.ndarray = np.asarray(found[0], dtype=np.float32).reshape(-1, 4)
     scores: np.ndarray = np.asarray(found[1], dtype=np.float32).reshape(-1)
     classes: np.ndarray = np.asarray(found[2], dtype=int).reshape(-1)
+    looks = np.asarray(found[3], dtype=np.float64).reshape(len(boxes), -1) if len(found) > 3 else None
     if not len(boxes) == len(scores) == len(classes):
         raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores and {len(classes)} classes in one frame")
     keep = scores >= opts.keep_score
@@ -234,7 +380,15 @@ def _clean(found: Detections | None, opts: TrackOptions) -> tuple[np.ndarray, np
     for i in order:
         if all(_box_iou(boxes[i], boxes[j]) <= opts.nms_iou for j in chosen):
             chosen.append(int(i))
-    return boxes[chosen], scores[chosen], classes[chosen]
+    if looks is None:
+        return boxes[chosen], scores[chosen], classes[chosen], None
+    picked = looks[keep][chosen]
+    return (
+        boxes[chosen],
+        scores[chosen],
+        classes[chosen],
+        picked / np.maximum(np.linalg.norm(picked, axis=1, keepdims=True), 1e-12),
+    )
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -263,42 +417,227 @@ def boxes_by_frame(tracks: TrackBoxes) -> dict[int, dict[int, np.ndarray]]:
 def segment_video(
     frames: Sequence[np.ndarray], tracks: TrackBoxes, predictor: Predictor, *,
     frame_indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None,
-    lock: Lock | None = None,
+    lock: Lock | None = None, follow: int | None = None,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Per-frame masks of tracks: each frame's track boxes prompt SAM.
-
-    Args:
-        frames: HxWx3 uint8 RGB.
-        tracks: track id (>= 1) -> :class:`Track`, or -> {frame index: xyxy box in pixels}.
-        predictor: ``SamPredictor``'s interface.
-        frame_indices: the frame index of each entry of ``frames`` (default 0, 1, 2, ...): the keys
-            the tracks' boxes use.
-        progress: called with 1 after each frame.
-        lock: held around each frame's SAM work.
+    """Per-frame masks of tracks: :func:`segment_frames` over a list of frames.
 
     Returns:
-        per frame, an HxW int32 map of track ids (0: none). A frame without boxes is not shown to SAM.
+        per frame, an HxW map of track ids (0: none), uint8 while the ids are under 256, else int32.
     """
     indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
     if len(indices) != len(frames):
         raise ValueError(f"{len(frames)} frames for {len(indices)} frame indices")
+    return list(segment_frames(frames, tracks, predictor, frame_indices=indices, progress=progress, lock=lock,
+                               follow=follow))  # fmt: skip
+
+
+@dataclass
+class _Followed:
+    """A track's object as last found while segmenting: its mask, where, how it moves (its mask's
+    box, pixels a frame) and its colours on the frame it was last detected."""
+
+    mask: np.ndarray
+    at: int
+    velocity: np.ndarray
+    look: np.ndarray
+
+
+@dataclass
+class _Pending:
+    """A frame segmented but not yet painted: an object found later may still be followed back
+    into it."""
+
+    frame: np.ndarray
+    index: int
+    masks: dict[int, np.ndarray]
+    boxes: dict[int, np.ndarray]
+    embedding: Any = None
+    final: bool = False
+
+
+def segment_frames(
+    frames: Iterable[np.ndarray], tracks: TrackBoxes, predictor: Predictor, *,
+    frame_indices: Iterable[int] | None = None, progress: Callable[[int], None] | None = None,
+    lock: Lock | None = None, follow: int | None = None,
+    known: Callable[[int], np.ndarray | None] | None = None, **options: Any,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """Per-frame masks of tracks, frame by frame (frames stream in and id maps out; at most
+    ``follow + 1`` frames are held).
+
+    On a frame where a track has a box (detected, or interpolated between two sightings), the box
+    prompts SAM. Past a track's last sighting and before its first (and around a gap too long to
+    interpolate), its object is followed for up to ``follow`` frames, as :func:`follow_object`
+    does: the box where SAM last found it, moved on at its velocity and grown, its mask accepted
+    only if its area and colours stay the object's. When the tracks were found on a stride, that
+    is up to the neighbouring sampled frames. Objects are followed back into the frames still held.
+    (Following through a gap between two sightings scored lower on the oracle scenes than the
+    interpolated box: a followed box drifts onto an object it passes.)
+
+    Each frame is shown to SAM once (an :class:`~usam_backend.sam.predictor.EnginePredictor`'s
+    embedding is kept for the frames still held, so following back costs no encoder pass).
+
+    Args:
+        frames: HxWx3 uint8 RGB.
+        tracks: track id (>= 1) -> :class:`Track`, or -> {frame index: xyxy box in pixels} (all
+            of them sightings).
+        predictor: ``SamPredictor``'s interface.
+        frame_indices: the frame index of each frame (default 0, 1, 2, ...): the keys the tracks'
+            boxes use.
+        progress: called with 1 after each frame.
+        lock: held around each frame's SAM work.
+        follow: frames to follow an object past its sightings (default: the usual gap between
+            the tracks' sightings less one, i.e. ``stride - 1``; 0 for tracks given as boxes).
+        known: position -> the id map already made for that frame (a resumed run), or None: such
+            a frame is not shown to SAM, and the objects are followed on from its masks.
+        **options: :class:`FollowOptions` fields.
+
+    Yields:
+        per frame, an HxW map of track ids (0: none), uint8 while the ids are under 256, else int32.
+        A frame without boxes or objects to follow is not shown to SAM.
+    """
+    opts = FollowOptions(**options)
     by_frame = boxes_by_frame(tracks)
-    out = []
-    for frame, index in zip(frames, indices, strict=True):
-        boxes = by_frame.get(index, {})
-        ids = np.zeros(frame.shape[:2], dtype=np.int32)
-        inside = {
-            tid: b for tid, b in ((tid, _clip_box(box, frame.shape)) for tid, box in boxes.items()) if b is not None
-        }
-        if inside:
-            with _held(lock):
-                predictor.set_image(frame)
-                masks = {tid: m for tid, m in _box_masks(predictor, inside).items() if m.any()}
-            paint(ids, [(int(m.sum()), tid, m) for tid, m in drop_duplicates(masks, boxes).items()])
-        out.append(ids)
+    sightings = {int(tid): set(t.scores) if isinstance(t, Track) else {int(f) for f in t} for tid, t in tracks.items()}
+    ordered = {tid: sorted(seen) for tid, seen in sightings.items()}
+    if follow is None:
+        gaps = [b - a for seen in ordered.values() for a, b in itertools.pairwise(seen)]
+        follow = int(np.median(gaps)) - 1 if gaps and any(isinstance(t, Track) for t in tracks.values()) else 0
+    reach = max(0, follow)
+    dtype = np.uint8 if max(sightings, default=0) < 256 else np.int32
+    state: dict[int, _Followed] = {}
+    pending: collections.deque[_Pending] = collections.deque()
+    indices = iter(frame_indices) if frame_indices is not None else itertools.count()
+    for position, frame in enumerate(frames):
+        index = int(next(indices))
+        done = known(position) if known is not None else None
+        if done is not None:
+            item = _Pending(frame, index, {int(t): done == t for t in np.unique(done) if t}, {}, final=True)
+            item.boxes = {t: mask_box(m) for t, m in item.masks.items()}
+            for tid, mask in item.masks.items():
+                _found(state, tid, mask, index, frame, tid in by_frame.get(index, {}))
+        else:
+            item = _segment_one(frame, index, by_frame, sightings, ordered, state, predictor, reach, lock, opts)
+        if reach and not item.final:
+            _follow_back(item, pending, by_frame, sightings, state, predictor, reach, lock, opts)
+        pending.append(item)
         if progress is not None:
             progress(1)
-    return out
+        while len(pending) > reach:
+            yield _painted(pending.popleft(), dtype)
+    while pending:
+        yield _painted(pending.popleft(), dtype)
+
+
+def _segment_one(
+    frame: np.ndarray, index: int, by_frame: dict[int, dict[int, np.ndarray]], sightings: dict[int, set[int]],
+    ordered: dict[int, list[int]], state: dict[int, _Followed], predictor: Predictor, reach: int,
+    lock: Lock | None, opts: FollowOptions,
+) -> _Pending:  # fmt: skip
+    """One frame's masks: a track's box (detected or interpolated) prompts SAM; past its
+    sightings, its object is followed."""
+    boxes = by_frame.get(index, {})
+    prompts: dict[tuple[int, str], np.ndarray] = {}
+    for tid, box in boxes.items():  # a sighting, or a box interpolated between two
+        clipped = _clip_box(box, frame.shape)
+        if clipped is not None:
+            prompts[tid, "box"] = clipped
+        if index not in sightings[tid] and tid in state and index - state[tid].at <= opts.lost_frames:
+            guess = _moved_box(state[tid], index, frame.shape, opts)
+            if guess is not None:
+                prompts[tid, "follow"] = guess
+    for tid, seen in ordered.items():
+        if tid in boxes or tid not in state or not seen:
+            continue
+        before = [f for f in seen if f < index]
+        if before and index - before[-1] <= reach and index - state[tid].at <= opts.lost_frames:
+            guess = _moved_box(state[tid], index, frame.shape, opts)
+            if guess is not None:
+                prompts[tid, "follow"] = guess
+    item = _Pending(frame, index, {}, {})
+    if not prompts:
+        return item
+    with _held(lock):
+        predictor.set_image(frame)
+        item.embedding = getattr(predictor, "embedding", None) if reach else None
+        answers = _box_masks(predictor, prompts)
+    for tid in dict.fromkeys(tid for tid, _ in prompts):
+        boxed: np.ndarray | None = answers.get((tid, "box"))
+        followed: np.ndarray | None = answers.get((tid, "follow"))
+        if followed is not None and not _accepted(frame, followed, state[tid], opts):
+            followed = None
+        # between sightings, the followed box wins only where the interpolated one cuts the object
+        if followed is not None and (boxed is None or followed.sum() > 1.1 * boxed.sum()):
+            item.masks[tid], item.boxes[tid] = followed, prompts[tid, "follow"]
+        elif boxed is not None and boxed.any():
+            item.masks[tid], item.boxes[tid] = boxed, prompts[tid, "box"]
+    for tid, mask in item.masks.items():
+        _found(state, tid, mask, index, frame, index in sightings[tid])
+    return item
+
+
+def _follow_back(
+    item: _Pending, pending: collections.deque[_Pending], by_frame: dict[int, dict[int, np.ndarray]],
+    sightings: dict[int, set[int]], state: dict[int, _Followed], predictor: Predictor, reach: int,
+    lock: Lock | None, opts: FollowOptions,
+) -> None:  # fmt: skip
+    """Objects detected on ``item`` and not on the frames just before it, followed back into the
+    frames still held (up to ``reach`` of them)."""
+    for tid, mask in item.masks.items():
+        if item.index not in sightings[tid] or tid in by_frame.get(item.index - 1, {}):
+            continue
+        nxt = by_frame.get(item.index + 1, {}).get(tid)
+        velocity = np.asarray(nxt - by_frame[item.index][tid]) if nxt is not None else np.zeros(4)
+        back = _Followed(mask, item.index, velocity, _histogram(item.frame, mask))
+        for earlier in reversed(list(pending)[-reach:]):
+            if earlier.final or tid in earlier.masks or tid in by_frame.get(earlier.index, {}):
+                break
+            if back.at - earlier.index > opts.lost_frames:
+                break
+            guess = _moved_box(back, earlier.index, earlier.frame.shape, opts)
+            if guess is None:
+                continue
+            with _held(lock):
+                if earlier.embedding is not None and hasattr(predictor, "embedding"):
+                    setattr(predictor, "embedding", earlier.embedding)  # noqa: B010 (EnginePredictor's)
+                else:
+                    predictor.set_image(earlier.frame)
+                found = _box_mask(predictor, guess)
+            if found is not None and _accepted(earlier.frame, found, back, opts):
+                earlier.masks[tid], earlier.boxes[tid] = found, guess
+                velocity = (mask_box(back.mask) - mask_box(found)) / (back.at - earlier.index)
+                back = _Followed(found, earlier.index, velocity, back.look)
+
+
+def _moved_box(followed: _Followed, index: int, shape: tuple[int, ...], opts: FollowOptions) -> np.ndarray | None:
+    """Where a followed object is looked for on frame ``index``: its last mask's box moved on at
+    its velocity, grown by ``margin`` on every side."""
+    x0, y0, x1, y1 = mask_box(followed.mask) + followed.velocity * (index - followed.at)
+    dx, dy = (x1 - x0) * opts.margin, (y1 - y0) * opts.margin
+    return _clip_box(np.array([x0 - dx, y0 - dy, x1 + dx, y1 + dy]), shape)
+
+
+def _accepted(frame: np.ndarray, found: np.ndarray, followed: _Followed, opts: FollowOptions) -> bool:
+    """Whether a mask is still the followed object: its area and colours close to the object's."""
+    if not found.any():
+        return False
+    ratio = found.sum() / max(1, followed.mask.sum())
+    if not 1 / opts.max_area_change <= ratio <= opts.max_area_change:
+        return False
+    distance = cv2.compareHist(followed.look, _histogram(frame, found), cv2.HISTCMP_BHATTACHARYYA)
+    return bool(distance <= opts.max_appearance_change)
+
+
+def _found(state: dict[int, _Followed], tid: int, mask: np.ndarray, index: int, frame: np.ndarray, seen: bool) -> None:
+    """Track ``tid``'s object was found as ``mask`` on frame ``index`` (``seen``: detected there)."""
+    last = state.get(tid)
+    velocity = np.zeros(4) if last is None else (mask_box(mask) - mask_box(last.mask)) / max(1, index - last.at)
+    look = _histogram(frame, mask) if seen or last is None else last.look
+    state[tid] = _Followed(mask, index, velocity, look)
+
+
+def _painted(item: _Pending, dtype: Any) -> np.ndarray:
+    ids = np.zeros(item.frame.shape[:2], dtype=dtype)
+    return paint(ids, [(int(m.sum()), tid, m) for tid, m in drop_duplicates(item.masks, item.boxes).items()])
 
 
 def drop_duplicates(
@@ -327,7 +666,7 @@ def paint(ids: np.ndarray, masks: Iterable[tuple[int, int, np.ndarray]]) -> np.n
     return ids
 
 
-def _box_masks(predictor: Predictor, boxes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+def _box_masks(predictor: Predictor, boxes: Mapping[Any, np.ndarray]) -> dict[Any, np.ndarray]:
     """One mask per box: in one decoder batch when the predictor offers ``predict_boxes``
     (:class:`~usam_backend.sam.predictor.EnginePredictor` does), else box by box."""
     batched = getattr(predictor, "predict_boxes", None)
@@ -486,18 +825,73 @@ def tracks_from_masks(masks: Mapping[int, Mapping[int, np.ndarray]], frame_indic
 
 def detect(
     frames: Iterable[np.ndarray], segmenter: SemanticSegmenter, *, classes: set[str] | None = None,
-    progress: Callable[[int], None] | None = None, lock: Lock | None = None,
+    progress: Callable[[int], None] | None = None, lock: Lock | None = None, appearance: bool = False,
 ) -> list[Detections | None]:  # fmt: skip
     """Per frame, the head's regions as detections: each region's box, class probability and class
-    (``lock`` held around each frame's model work)."""
+    (``lock`` held around each frame's model work).
+
+    With a :class:`~usam_backend.systems.usam.SemanticSegmenter`, boxes are taken from the regions'
+    low-res (256x256) masks: no mask is brought to image size. With ``appearance``, each detection
+    also gets an appearance vector: SAM's image embedding averaged inside its box (the encoder
+    already ran on the frame), or, for a segmenter without a SAM engine, the colours inside its box.
+    """
     detections: list[Detections | None] = []
     for frame in frames:
         with _held(lock):
-            regions = segmenter.segment(frame, classes=classes)
-        detections.append((regions.boxes, regions.scores, regions.class_ids) if len(regions) else None)
+            if hasattr(segmenter, "survivors") and hasattr(segmenter, "engine"):
+                found = _low_res_detections(frame, segmenter, classes, appearance)
+            else:
+                regions = segmenter.segment(frame, classes=classes)
+                found = (regions.boxes, regions.scores, regions.class_ids)
+                if appearance and len(regions):
+                    found = (*found, np.stack([_box_colours(frame, box) for box in regions.boxes]))
+        detections.append(found if len(found[0]) else None)
         if progress is not None:
             progress(1)
     return detections
+
+
+def _low_res_detections(
+    frame: np.ndarray, segmenter: SemanticSegmenter, classes: set[str] | None, appearance: bool
+) -> Detections:
+    """Boxes of the head's regions from their low-res masks, and SAM's embedding pooled in them."""
+    engine = segmenter.engine
+    embedding = engine.embed(frame)
+    survivors = segmenter.survivors(embedding, classes=classes)
+    side = engine.model.image_encoder.img_size
+    logits = survivors.candidates.logits
+    height = math.ceil(embedding.input_size[0] * logits.shape[-2] / side) if len(logits) else 0
+    width = math.ceil(embedding.input_size[1] * logits.shape[-1] / side) if len(logits) else 0
+    low = (logits[:, :height, :width] > engine.model.mask_threshold).cpu().numpy()
+    nonempty = low.reshape(len(low), -1).any(axis=1)
+    scale = embedding.input_size[0] / embedding.original_size[0]  # original pixels -> encoder pixels
+    step = side / logits.shape[-1] if len(logits) else 1.0  # encoder pixels per low-res pixel
+    boxes = mask_boxes(low[nonempty]).astype(np.float64) * step / scale
+    h, w = embedding.original_size
+    boxes = np.clip(boxes, 0, [w, h, w, h])
+    found: Detections = (boxes, survivors.scores[nonempty], survivors.class_ids[nonempty])
+    if appearance:
+        found = (*found, _pooled(embedding.features, boxes * scale / side))
+    return found
+
+
+def _pooled(features: Any, boxes: np.ndarray) -> np.ndarray:
+    """(n, E) image embedding (1, E, h, w) averaged inside boxes given as fractions of its side."""
+    grid = features.shape[-1]
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = min(grid - 1, int(x0 * grid)), min(grid - 1, int(y0 * grid))
+        c1, r1 = max(c0 + 1, math.ceil(x1 * grid)), max(r0 + 1, math.ceil(y1 * grid))
+        out.append(features[0, :, r0:r1, c0:c1].float().mean(dim=(1, 2)).cpu().numpy())
+    return np.stack(out) if out else np.zeros((0, features.shape[1]), np.float32)
+
+
+def _box_colours(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The colours inside a box, an 8x8x8 RGB histogram, flattened."""
+    inside = np.zeros(frame.shape[:2], dtype=bool)
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
+    inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    return _histogram(frame, inside).reshape(-1)
 
 
 def detect_tracks(
@@ -516,7 +910,7 @@ def detect_tracks(
         **options: :class:`TrackOptions` fields.
     """
     indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
-    found = detect(frames, segmenter, classes=classes, progress=progress, lock=lock)
+    found = detect(frames, segmenter, classes=classes, progress=progress, lock=lock, appearance=True)
     tracks = track_boxes(found, frames=indices, **options)
     return name_tracks(tracks, segmenter.class_names)
 

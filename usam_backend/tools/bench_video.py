@@ -41,7 +41,8 @@ def moving_clip(frames: int, size: int, objects: int, seed: int = 0) -> tuple[li
     speeds = rng.uniform(-0.4, 0.4, size=(objects, 2)) * (width, height) / max(frames, 1)
     radii = rng.uniform(0.05, 0.1, size=objects) * width
     colors = rng.integers(0, 256, size=(objects, 3))
-    out, detections = [], []
+    out: list[np.ndarray] = []
+    detections: list[Detections] = []
     for t in range(frames):
         image = background.copy()
         boxes = []
