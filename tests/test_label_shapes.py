@@ -176,3 +176,48 @@ def test_a_box_on_a_detection_project_is_answered_with_the_tight_box_of_sams_mas
     drawn = polygons_mask([_pixels(r["value"]["points"], H, W) for r in polygon_answer["result"]], H, W)
     clean = drawable(expected.mask)
     assert polygon_answer["result"] and (drawn & clean).sum() / (drawn | clean).sum() >= 0.95
+
+
+def test_usam_refine_snaps_another_models_loose_boxes_and_polygons_to_the_objects():
+    """Refinement measured with the geometric ORACLE of ``refine_oracle`` (random weights cannot show
+    it): each object of a scene predicted as a box padded by 6 px and a polygon of the mask dilated by
+    4 px; refined, each comes back in its own shape, closer to the object."""
+    import cv2
+    from refine_oracle import GeometricOracle
+    from refine_oracle import scene as oracle_scene
+
+    from usam_backend.core.shapes import mask_polygons
+    from usam_backend.jobs.refine import refine_regions
+
+    image, instances, _ = oracle_scene(1)
+    size = instances.shape[0]
+    regions, truth = [], {}
+    for k in np.unique(instances)[1:]:
+        mask = instances == k
+        x0, y0, x1, y1 = mask_boxes(mask[None])[0]
+        loose = (max(x0 - 6, 0), max(y0 - 6, 0), min(x1 + 6, size), min(y1 + 6, size))
+        grown = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        common = {"to_name": "image", "original_width": size, "original_height": size, "score": 0.5}
+        regions.append({**common, "id": f"r{k}", "from_name": "rect", "type": "rectanglelabels", "value": {
+            "x": 100 * loose[0] / size, "y": 100 * loose[1] / size, "width": 100 * (loose[2] - loose[0]) / size,
+            "height": 100 * (loose[3] - loose[1]) / size, "rotation": 0, "rectanglelabels": ["tomato"]}})  # fmt: skip
+        (polygon,) = mask_polygons(grown)
+        points = (100 * polygon / size).tolist()
+        regions.append({**common, "id": f"p{k}", "from_name": "poly", "type": "polygonlabels",
+                        "value": {"points": points, "closed": True, "polygonlabels": ["tomato"]}})  # fmt: skip
+        truth[f"r{k}"], truth[f"p{k}"] = (x0, y0, x1, y1), mask
+    keep = {"id": "c", "type": "choices", "from_name": "ok", "to_name": "image", "value": {"choices": ["yes"]}}
+    refined = refine_regions(image, [*regions[::2], keep], GeometricOracle(instances), None)  # the boxes
+    assert refined[-1] == keep and len(refined) == len(regions) // 2 + 1
+    for before, after in zip(regions[::2], refined[:-1], strict=True):
+        assert after["type"] == "rectanglelabels" and after["value"]["rectanglelabels"] == ["tomato"]
+        box = [after["value"][key] * size / 100 for key in ("x", "y", "width", "height")]
+        x0, y0, x1, y1 = truth[before["id"]]
+        assert np.allclose([box[0], box[1], box[0] + box[2], box[1] + box[3]], [x0, y0, x1, y1], atol=1.0)
+    refined = refine_regions(image, regions[1::2], GeometricOracle(instances), None)  # the polygons
+    for before, after in zip(regions[1::2], refined, strict=True):
+        mask = truth[before["id"]]
+        drawn = polygons_mask([_pixels(after["value"]["points"], size, size)], size, size)
+        coarse = polygons_mask([_pixels(before["value"]["points"], size, size)], size, size)
+        iou_after = (drawn & mask).sum() / (drawn | mask).sum()
+        assert iou_after > 0.9 > (coarse & mask).sum() / (coarse | mask).sum()

@@ -1,11 +1,12 @@
-"""Refining another model's predictions: a project's brush predictions of one model version, refined
-by SAM (UO-SAM), posted back under a new version.
+"""Refining another model's predictions: a project's brush, polygon, rectangle and ellipse
+predictions of one model version, refined by SAM (UO-SAM), posted back under a new version.
 
 ``usam refine --project ID --from-version V`` lists the project's tasks, keeps those with a
 prediction of version ``V`` and none of ``V+uosam`` yet, and refines them in chunks of
 ``USAM_PREANNOTATE_CHUNK`` tasks: as RQ jobs with ``REDIS_URL``, else in this process. A job
-checks each task again before posting, so re-running resumes where it stopped. Only
-``brushlabels`` regions are refined; other results are carried over as they are.
+checks each task again before posting, so re-running resumes where it stopped. Regions of every
+image shape are refined and posted in their own shape (a box becomes the tight box of its refined
+mask); other results, and frame sequences, are carried over as they are.
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ import numpy as np
 
 from training.progress import Progress
 from usam_backend.core.errors import UsamError
-from usam_backend.core.masks import brush_rle
-from usam_backend.core.rle import decode_brush_rle
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.batches import run_task_jobs
 from usam_backend.jobs.policy import JOBS
 from usam_backend.jobs.runners import JobSpec, Publish
+from usam_backend.labelstudio.annotations import read_region
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
-from usam_backend.labelstudio.config import parse_label_config
+from usam_backend.labelstudio.config import SHAPE_TAGS, ProjectLabel, parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.labelstudio.projects import ProjectRecord, ProjectStore, project_id
-from usam_backend.labelstudio.results import prediction
+from usam_backend.labelstudio.results import mask_results, prediction
 from usam_backend.labelstudio.tasks import TaskPredictor
 from usam_backend.sam.generator import AutomaticMasks
 from usam_backend.sam.predictor import EnginePredictor
@@ -120,31 +120,39 @@ def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish 
 def refine_regions(
     image: np.ndarray, regions: list[dict[str, Any]], predictor: EnginePredictor, generator: AutomaticMasks | None
 ) -> list[dict[str, Any]]:
-    """One image's prediction regions refined: brush regions become one label map (region index
-    + 1, later regions on top), refined, and are cut out again; others are kept as they are."""
+    """One image's prediction regions refined: brush, polygon, rectangle and ellipse regions become
+    one label map (region index + 1, later regions on top), refined, and are cut out again, each in
+    its own shape (a polygon per part, the refined mask's tight box, its ellipse: the shapes of
+    :func:`~usam_backend.labelstudio.results.mask_results`); other results are kept as they are."""
     height, width = image.shape[:2]
-    brushes = [r for r in regions if r.get("type") == "brushlabels"]
-    others = [r for r in regions if r.get("type") != "brushlabels"]
+    shaped = [r for r in regions if str(r.get("type")) in SHAPE_TAGS.values()]
+    others = [r for r in regions if str(r.get("type")) not in SHAPE_TAGS.values()]
     coarse = np.zeros((height, width), dtype=np.int32)
-    for index, region in enumerate(brushes, start=1):
-        value = region.get("value") or {}
-        if (region.get("original_height"), region.get("original_width")) != (height, width):
-            raise UsamError(f"a predicted region is {region.get('original_width')}x{region.get('original_height')}, "
-                            f"the image {width}x{height}")  # fmt: skip
-        try:
-            mask = decode_brush_rle(value["rle"], height, width)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsamError(f"a predicted brush region does not decode: {exc}") from None
-        coarse[mask] = index
+    labels: list[ProjectLabel] = []
+    for index, region in enumerate(shaped, start=1):
+        kind = str(region["type"])
+        names = (region.get("value") or {}).get(kind) if isinstance(region.get("value"), dict) else None
+        if not names:
+            raise UsamError(f"a predicted {kind} region has no label")
+        try:  # a region states its image's size; a polygon, box or ellipse is drawn at it
+            read = read_region(region, str(names[0]), lambda *_: None)
+        except (KeyError, TypeError, ValueError, UsamError) as exc:
+            raise UsamError(f"a predicted {kind} region cannot be read: {exc}") from None
+        if read.mask.shape != (height, width):
+            raise UsamError(
+                f"a predicted region is {read.mask.shape[1]}x{read.mask.shape[0]}, the image {width}x{height}"
+            )
+        coarse[read.mask] = index
+        labels.append(ProjectLabel(str(names[0]), str(region.get("from_name")), str(region.get("to_name")), kind=kind))
     report = RefineReport()
     refined = refine_masks(image, coarse, predictor, generator=generator, report=report, ignore=None)
     out = []
-    for index, region in enumerate(brushes, start=1):
-        mask = refined == index
-        if mask.any():
-            value = {**region["value"], "format": "rle", "rle": brush_rle(mask)}
-            out.append({**region, "id": hashlib.sha1(f"{region.get('id')}+uosam".encode()).hexdigest()[:10],
-                        "value": value})  # fmt: skip
+    for index, (region, label) in enumerate(zip(shaped, labels, strict=True), start=1):
+        rid, score = hashlib.sha1(f"{region.get('id')}+uosam".encode()).hexdigest()[:10], region.get("score")
+        for part in mask_results(refined == index, label, float(score or 0.0), rid):
+            if score is None:
+                del part["score"]
+            out.append(part)
     return out + others
 
 
@@ -163,7 +171,10 @@ def run_refine_project(
         schema = str(api.project(pid).get("label_config") or "")
         config = parse_label_config(schema)  # a config usam cannot read fails here, before any job
         if not config.images:
-            raise UsamError(f"project {pid} has no <Image> with <BrushLabels>: usam refine refines brush masks")
+            raise UsamError(
+                f"project {pid} has no <Image> with brush, polygon, rectangle or ellipse labels: usam refine "
+                "refines those regions"
+            )
         store.put(ProjectRecord(pid, schema, known.hostname if known else api.url,
                                 known.access_token if known else None,
                                 hostname_trusted=known.hostname_trusted if known else False))  # fmt: skip
