@@ -13,11 +13,13 @@ from usam_backend.core.masks import brush_rle
 from usam_backend.core.shapes import polygons_mask
 from usam_backend.labelstudio.annotations import read_results
 from usam_backend.tools.export import (
+    CocoDocument,
     ImageItem,
     SequenceItem,
     Track,
     choose_result,
     link_regions,
+    write_items,
     write_outputs,
 )
 from usam_backend.tools.refine_files import evaluate_folders
@@ -140,6 +142,8 @@ def test_already_written_files_are_kept(tmp_path) -> None:
     assert first == {"coco": 1, "yolo": 3, "masks": 1}
     again = write_outputs(tmp_path, ("masks", "yolo", "coco"), CLASSES, [item], [])
     assert again == {"coco": 1, "yolo": 2}  # the per-image files stay; the lists are rewritten
+    rewritten = write_items(tmp_path, ("masks", "yolo"), CLASSES, [item], [], CocoDocument(CLASSES), overwrite=True)
+    assert rewritten == {"yolo": 1, "masks": 1}
 
 
 # --- sequences and videos -------------------------------------------------------------------------
@@ -357,6 +361,9 @@ def test_a_task_exports_what_it_can_and_names_what_it_cannot(tmp_path) -> None:
             fetched = len(host.requests)
             collect_task(task, results, schema, media, options)  # a second run reads the stored image
             assert len(host.requests) == fetched == 1
+            again = TaskMedia(tmp_path / "out", settings, fetcher, fetcher, overwrite=True)
+            collect_task(task, results, schema, again, options)
+            assert len(host.requests) == 2
             missing = {"id": 4, "data": {"image": f"{host.url}/gone.png"}}
             images, _, errors = collect_task(missing, results, schema, media, options)
             assert images == [] and errors[0].startswith("task 4, image:") and "404" in errors[0]

@@ -25,9 +25,11 @@ else its annotations that were not cancelled, and of several the one ``--annotat
 ``latest`` (updated last, the default), ``first`` (created first) or ``ground-truth`` (the one marked
 ground truth, else the latest). A task without one is left out. A frame sequence's regions are
 linked into tracks frame by frame: same label, mask IoU at least ``--link-iou`` with a track's last
-mask, one to one (Hungarian). Files already written are kept (a stopped export resumes);
+mask, one to one (Hungarian). Files already written are kept (a stopped export resumes; ``--overwrite``
+writes them again);
 ``coco.json``, the YOLO lists and the track files are rewritten each run. A region or task that
-cannot be read is reported and left out; the rest is exported.
+cannot be read is reported and left out; the rest is exported. Each task's files are written as it
+is read, so of a large project only its COCO entries (RLE) are held in memory.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class ExportOptions:
     annotation: str = "latest"
     link_iou: float = LINK_IOU
     progress: bool = True
+    overwrite: bool = False  # fetch and write every file again instead of keeping those on disk
 
 
 @dataclass
@@ -201,31 +204,38 @@ def link_regions(regions: Iterable[Region], min_iou: float = LINK_IOU) -> list[T
 # --- writers ---------------------------------------------------------------------------------
 
 
-def coco_document(items: list[ImageItem], classes: tuple[str, ...], *, description: str = "") -> dict[str, Any]:
-    """COCO instance segmentation: images, categories (ids 1..n in config order) and one
-    annotation per region with a compressed RLE ``segmentation``, ``bbox`` (XYWH) and ``area``."""
-    from pycocotools import mask as coco_mask
+class CocoDocument:
+    """COCO instance segmentation built image by image: images, categories (ids 1..n in config
+    order) and one annotation per region with a compressed RLE ``segmentation``, ``bbox`` (XYWH)
+    and ``area``. Only the RLE is kept, not the masks."""
 
-    category = {name: i + 1 for i, name in enumerate(classes)}
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image_id, item in enumerate(items, start=1):
-        images.append({"id": image_id, "file_name": item.file, "height": item.height, "width": item.width,
-                       "label_studio_task": item.task})  # fmt: skip
+    def __init__(self, classes: tuple[str, ...]):
+        self.category = {name: i + 1 for i, name in enumerate(classes)}
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, item: ImageItem) -> None:
+        from pycocotools import mask as coco_mask
+
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "file_name": item.file, "height": item.height, "width": item.width,
+                            "label_studio_task": item.task})  # fmt: skip
         for region in item.regions:
             rle = coco_mask.encode(np.asfortranarray(region.mask.astype(np.uint8)))
             x0, y0, x1, y1 = (float(v) for v in region.box)
             annotation = {
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category[region.label],
+                "id": len(self.annotations) + 1, "image_id": image_id, "category_id": self.category[region.label],
                 "segmentation": {"size": [item.height, item.width], "counts": rle["counts"].decode("ascii")},
                 "area": float(coco_mask.area(rle)), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
             }  # fmt: skip
             if region.score is not None:
                 annotation["score"] = region.score
-            annotations.append(annotation)
-    categories = [{"id": i, "name": name, "supercategory": ""} for name, i in category.items()]
-    info = {"description": description, "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+            self.annotations.append(annotation)
+
+    def document(self, description: str = "") -> dict[str, Any]:
+        categories = [{"id": i, "name": name, "supercategory": ""} for name, i in self.category.items()]
+        info = {"description": description, "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {"info": info, "images": self.images, "annotations": self.annotations, "categories": categories}
 
 
 def yolo_lines(item: ImageItem, classes: tuple[str, ...]) -> list[str]:
@@ -302,63 +312,92 @@ def mots_lines(sequence: SequenceItem, maps: np.ndarray, classes: tuple[str, ...
 
 def write_outputs(out: Path, formats: tuple[str, ...], classes: tuple[str, ...], images: list[ImageItem],
                   sequences: list[SequenceItem], *, description: str = "") -> dict[str, int]:  # fmt: skip
-    """Every asked format of the collected images and sequences; returns files written per kind.
-    Per-image and per-frame files already on disk are kept."""
+    """Every asked format of the given images and sequences: :func:`write_items` then
+    :func:`write_lists`. Returns the files written per kind."""
+    coco = CocoDocument(classes)
+    written = write_items(out, formats, classes, images, sequences, coco)
+    later = write_lists(out, formats, classes, coco, [s.name for s in sequences], description=description)
+    return {kind: written.get(kind, 0) + later.get(kind, 0) for kind in {**written, **later}}
+
+
+def write_items(
+    out: Path, formats: tuple[str, ...], classes: tuple[str, ...], images: list[ImageItem],
+    sequences: list[SequenceItem], coco: CocoDocument, *, overwrite: bool = False,
+) -> dict[str, int]:  # fmt: skip
+    """The per-image and per-sequence files of some images and sequences (one task's), and their
+    COCO entries added to ``coco``. Per-image and per-frame files already on disk are kept unless
+    ``overwrite``."""
     written: dict[str, int] = {}
-
-    def put(kind: str, path: Path, write: Callable[[Path], None], *, always: bool = False) -> None:
-        if always or not path.exists():
-            with atomic_path(path) as tmp:
-                write(tmp)
-            written[kind] = written.get(kind, 0) + 1
-
-    def text(body: str) -> Callable[[Path], None]:
-        def write(tmp: Path) -> None:
-            tmp.write_text(body)
-
-        return write
-
-    def png(image: Image.Image) -> Callable[[Path], None]:
-        return lambda tmp: image.save(tmp, format="PNG")
-
-    if "coco" in formats:
-        document = coco_document(images, classes, description=description)
-        put("coco", out / "coco.json", text(json.dumps(document)), always=True)
-    if "yolo" in formats:
-        names = "".join(f"  {i}: {json.dumps(name)}\n" for i, name in enumerate(classes))
-        put("yolo", out / "data.yaml", text(f"train: images\nval: images\nnc: {len(classes)}\nnames:\n{names}"),
-            always=True)  # fmt: skip
-        put("yolo", out / "classes.txt", text("".join(f"{name}\n" for name in classes)), always=True)
-        for item in images:
-            lines = yolo_lines(item, classes)
-            put("yolo", out / "labels" / f"{item.stem}.txt", text("".join(f"{line}\n" for line in lines)))
-    if "masks" in formats:
-        for item in images:
-            path = out / "masks" / f"{item.stem}.png"
-            if not path.exists():
-                put("masks", path, png(label_map_image(label_map(item, classes), len(classes))))
-    seqmap = []
+    for item in images:
+        if "coco" in formats:
+            coco.add(item)
+        if "yolo" in formats:
+            lines = "".join(f"{line}\n" for line in yolo_lines(item, classes))
+            _put(written, "yolo", out / "labels" / f"{item.stem}.txt", _text(lines), always=overwrite)
+        path = out / "masks" / f"{item.stem}.png"
+        if "masks" in formats and (overwrite or not path.exists()):
+            _put(written, "masks", path, _png(label_map_image(label_map(item, classes), len(classes))), always=True)
     for sequence in sequences:
-        seqmap.append(sequence.name)
+        folder = out / "mot" / sequence.name
         if "mot" in formats:
-            lines = mot_lines(sequence, classes)
-            put("mot", out / "mot" / sequence.name / "gt" / "gt.txt", text("".join(f"{x}\n" for x in lines)),
-                always=True)  # fmt: skip
+            lines = "".join(f"{x}\n" for x in mot_lines(sequence, classes))
+            _put(written, "mot", folder / "gt" / "gt.txt", _text(lines), always=True)
             info = (f"[Sequence]\nname={sequence.name}\nimDir=img1\nframeRate={DEFAULT_FPS:g}\n"
                     f"seqLength={sequence.frames}\nimWidth={sequence.width}\nimHeight={sequence.height}\n"
                     "imExt=.png\n")  # fmt: skip
-            put("mot", out / "mot" / sequence.name / "seqinfo.ini", text(info), always=True)
+            _put(written, "mot", folder / "seqinfo.ini", _text(info), always=True)
         need_maps = "davis" in formats or ("mots" in formats and sequence.has_masks)
         maps = id_maps(sequence) if need_maps else None
         if "davis" in formats and maps is not None:
             for frame, ids in enumerate(maps):
-                put("davis", out / "davis" / sequence.name / f"{frame:05d}.png", png(indexed_png(ids)))
+                path = out / "davis" / sequence.name / f"{frame:05d}.png"
+                _put(written, "davis", path, _png(indexed_png(ids)), always=overwrite)
         if "mots" in formats and maps is not None and sequence.has_masks:
-            lines = mots_lines(sequence, maps, classes)
-            put("mots", out / "mots" / f"{sequence.name}.txt", text("".join(f"{x}\n" for x in lines)), always=True)
-    if "mot" in formats and sequences:
-        put("mot", out / "mot" / "seqmap.txt", text("name\n" + "".join(f"{n}\n" for n in seqmap)), always=True)
+            lines = "".join(f"{x}\n" for x in mots_lines(sequence, maps, classes))
+            _put(written, "mots", out / "mots" / f"{sequence.name}.txt", _text(lines), always=True)
     return written
+
+
+def write_lists(out: Path, formats: tuple[str, ...], classes: tuple[str, ...], coco: CocoDocument,
+                sequence_names: list[str], *, description: str = "") -> dict[str, int]:  # fmt: skip
+    """The files that list everything, rewritten each run: ``coco.json``, ``data.yaml``,
+    ``classes.txt`` and MOT's ``seqmap.txt``."""
+    written: dict[str, int] = {}
+    if "coco" in formats:
+        _put(written, "coco", out / "coco.json", _text(json.dumps(coco.document(description))), always=True)
+    if "yolo" in formats:
+        names = "".join(f"  {i}: {json.dumps(name)}\n" for i, name in enumerate(classes))
+        data = f"train: images\nval: images\nnc: {len(classes)}\nnames:\n{names}"
+        _put(written, "yolo", out / "data.yaml", _text(data), always=True)
+        _put(written, "yolo", out / "classes.txt", _text("".join(f"{name}\n" for name in classes)), always=True)
+    if "mot" in formats and sequence_names:
+        seqmap = "name\n" + "".join(f"{n}\n" for n in sequence_names)
+        _put(written, "mot", out / "mot" / "seqmap.txt", _text(seqmap), always=True)
+    return written
+
+
+def _put(
+    written: dict[str, int], kind: str, path: Path, write: Callable[[Path], None], *, always: bool = False
+) -> None:
+    """Write ``path`` atomically (unless it exists and not ``always``), counting it under ``kind``."""
+    if always or not path.exists():
+        with atomic_path(path) as tmp:
+            write(tmp)
+        written[kind] = written.get(kind, 0) + 1
+
+
+def _text(body: str) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        tmp.write_text(body)
+
+    return write
+
+
+def _png(image: Image.Image) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        image.save(tmp, format="PNG")
+
+    return write
 
 
 # --- the project -----------------------------------------------------------------------------
@@ -368,7 +407,9 @@ class TaskMedia:
     """A task's images and frames on disk under ``out/images`` (fetched once; kept for resume), and
     its videos' sizes and frame counts (probed once; kept in ``out/videos/<name>.json``)."""
 
-    def __init__(self, out: Path, settings: Settings, images: TaskImageFetcher, videos: TaskImageFetcher):
+    def __init__(self, out: Path, settings: Settings, images: TaskImageFetcher, videos: TaskImageFetcher,
+                 *, overwrite: bool = False):  # fmt: skip
+        self.overwrite = overwrite
         self.out = out
         self.settings = settings
         self.images = images
@@ -379,7 +420,7 @@ class TaskMedia:
         folder = self.out / "images"
         stored = sorted(folder.glob(f"{stem}.*")) if folder.is_dir() else []
         stored = [p for p in stored if not p.name.endswith(".part")]
-        if stored:
+        if stored and not self.overwrite:
             width, height = peek_size(stored[0], max_pixels=self.settings.max_image_pixels)
             return f"images/{stored[0].name}", height, width
         raw = self.images.fetch(str(reference), task)
@@ -394,7 +435,7 @@ class TaskMedia:
     def video(self, name: str, reference: object, task: int) -> tuple[int, int, int]:
         """(frame count, height, width) of a video as displayed."""
         path = self.out / "videos" / f"{name}.json"
-        if path.exists():
+        if path.exists() and not self.overwrite:
             known = json.loads(path.read_text())
             return int(known["frames"]), int(known["height"]), int(known["width"])
         raw = self.videos.fetch(str(reference), task)
@@ -497,8 +538,7 @@ def run_export(settings: Settings, options: ExportOptions) -> ExportReport:
     started = time.perf_counter()
     pid = project_id(options.project)
     report = ExportReport()
-    images: list[ImageItem] = []
-    sequences: list[SequenceItem] = []
+    sequence_names: list[str] = []
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, None, client)
         project = api.project(pid)
@@ -506,7 +546,8 @@ def run_export(settings: Settings, options: ExportOptions) -> ExportReport:
         if not schema.objects:
             raise UsamError(f"project {pid}'s label config has no <Image> or <Video> reading a task field")
         media = TaskMedia(options.out, settings, fetcher_for(settings, None, client),
-                          fetcher_for(settings, None, client, video=True))  # fmt: skip
+                          fetcher_for(settings, None, client, video=True), overwrite=options.overwrite)  # fmt: skip
+        coco = CocoDocument(schema.labels)
         tasks = list(api.tasks_with_results(pid))
         report.tasks = len(tasks)
         for task in tqdm(tasks, desc="exporting", unit="task", disable=not options.progress):
@@ -514,19 +555,26 @@ def run_export(settings: Settings, options: ExportOptions) -> ExportReport:
             if result is None:
                 report.without_result += 1
                 continue
-            found, tracked, errors = collect_task(task, result, schema, media, options)
-            images += found
-            sequences += tracked
+            images, sequences, errors = collect_task(task, result, schema, media, options)
+            written = write_items(options.out, options.formats, schema.labels, images, sequences, coco,
+                                  overwrite=options.overwrite)  # fmt: skip
+            _count(report.written, written)
             report.errors += errors
             report.exported += 1
-    report.regions = sum(len(item.regions) for item in images)
-    report.tracks = sum(len(s.tracks) for s in sequences)
+            report.regions += sum(len(item.regions) for item in images)
+            report.tracks += sum(len(s.tracks) for s in sequences)
+            sequence_names += [s.name for s in sequences]
     source = f"predictions {options.from_version}" if options.from_version else f"annotations ({options.annotation})"
     description = f"Label Studio project {pid}, {source}, exported by usam"
-    report.written = write_outputs(options.out, options.formats, schema.labels, images, sequences,
-                                   description=description)  # fmt: skip
+    lists = write_lists(options.out, options.formats, schema.labels, coco, sequence_names, description=description)
+    _count(report.written, lists)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _count(total: dict[str, int], more: dict[str, int]) -> None:
+    for kind, n in more.items():
+        total[kind] = total.get(kind, 0) + n
 
 
 def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
