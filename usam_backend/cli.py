@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="coco,yolo,masks,mot,davis,mots", metavar="LIST",
                         help="comma-separated formats (default: all)")  # fmt: skip
     export.add_argument("--link-iou", type=float, default=0.3, help="frame-sequence regions join a track at this IoU")
+    export.add_argument("--overwrite", action="store_true", help="fetch and write every file again (no resume)")
     export.set_defaults(command=_export)
 
     worker = commands.add_parser(
@@ -479,7 +480,8 @@ def _export(args: argparse.Namespace) -> int:
     from usam_backend.tools.export import ExportOptions, run_export
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    options = ExportOptions(args.project, args.out, formats, args.from_version, args.annotation, args.link_iou)
+    options = ExportOptions(args.project, args.out, formats, args.from_version, args.annotation, args.link_iou,
+                            overwrite=args.overwrite)  # fmt: skip
     report = run_export(get_settings(), options)
     print(report.summary())
     return 1 if report.errors or not report.exported else 0
