@@ -227,10 +227,12 @@ def expand_keyframes(sequence: list[dict[str, Any]], frames_count: int) -> dict[
 
     Followed from Label Studio's editor (HumanSignal/label-studio ``web/libs/editor/src/regions``:
     ``VideoRegion.js`` ``isInLifespan``/``closestKeypoint``, ``VideoRectangleRegion.js``
-    ``getShape``, ``utils/props.ts`` ``interpolateProp``), which draws a box where
+    ``getShape``, ``utils/props.ts`` ``interpolateProp``; the same code is in Label Studio 1.23.2's
+    bundle, ``web/dist/apps/labelstudio/358.js``), which draws a box where
     ``isInLifespan(frame) && getShape(frame)``:
 
-    - keyframes are taken in frame order; nothing is drawn before the first one;
+    - keyframes are taken in frame order (the editor keeps them sorted; it reads an unsorted
+      sequence in stored order, which is sorted here); nothing is drawn before the first one;
     - between two keyframes every property is linear in the frame, rotation along the shorter way
       round (``normalizeAngle`` to (-180, 180]);
     - a frame is drawn when the last keyframe at or before it is ``enabled``, and on a disabled
