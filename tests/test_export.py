@@ -5,10 +5,13 @@ round trip compares an export with the masks it came from."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from usam_backend.cli import main
 from usam_backend.core.masks import brush_rle
 from usam_backend.core.shapes import polygons_mask
 from usam_backend.labelstudio.annotations import read_results
@@ -22,7 +25,6 @@ from usam_backend.tools.export import (
     write_items,
     write_outputs,
 )
-from usam_backend.tools.refine_files import evaluate_folders
 from usam_backend.tools.video_files import indexed_png
 
 H, W = 48, 64
@@ -132,7 +134,22 @@ def test_label_maps_round_trip_through_usam_eval_masks(tmp_path) -> None:
     Image.fromarray(truth.astype(np.uint8)).save(tmp_path / "gt" / "task-1.png")
     with Image.open(tmp_path / "out" / "masks" / "task-1.png") as written:
         assert written.mode == "P"
-    result = evaluate_folders(tmp_path / "out" / "masks", tmp_path / "gt")
+    assert (
+        main(
+            [
+                "eval",
+                "masks",
+                "--pred",
+                str(tmp_path / "out" / "masks"),
+                "--gt",
+                str(tmp_path / "gt"),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "eval.json").read_text())
     assert result["pred"]["miou"] == 1.0 and result["pred"]["images"] == 1
 
 
@@ -222,16 +239,29 @@ def test_mot_text_parses_with_motmetrics_and_scores_itself_perfectly(tmp_path) -
 
 
 def test_davis_pngs_score_one_with_usam_eval_video(tmp_path) -> None:
-    from usam_backend.tools.eval_video import evaluate_folders as evaluate_video
-
     sequence, truth = _sequence()
     write_outputs(tmp_path / "out", ("davis",), CLASSES, [], [sequence])
     for t, ids in enumerate(truth):
         path = tmp_path / "gt" / "task-5" / f"{t:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         indexed_png(ids).save(path)
-    report = evaluate_video(tmp_path / "out" / "davis", tmp_path / "gt")
-    assert report.summary()["J&F-Mean"] == 1.0 and len(report.sequences[0].objects) == 3
+    assert (
+        main(
+            [
+                "eval",
+                "video",
+                "--pred",
+                str(tmp_path / "out" / "davis"),
+                "--gt",
+                str(tmp_path / "gt"),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["summary"]["J&F-Mean"] == 1.0 and len(report["sequences"][0]["objects"]) == 3
 
 
 def test_mots_text_decodes_with_pycocotools(tmp_path) -> None:
@@ -372,8 +402,6 @@ def test_a_task_exports_what_it_can_and_names_what_it_cannot(tmp_path) -> None:
 
 
 def test_the_command_refuses_bad_input_in_one_line(tmp_path, monkeypatch, isolated_settings, capsys) -> None:
-    from usam_backend.cli import main
-
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
     assert main(["export", "--project", "1", "--out", str(tmp_path), "--format", "coco,shapefile"]) == 2
     assert "unknown export format(s) shapefile" in capsys.readouterr().err
