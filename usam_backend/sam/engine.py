@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from usam_backend.core.settings import Settings
 from usam_backend.sam.cache import EmbeddingCache, ImageEmbedding, image_key
 from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits, reference_decode
 from usam_backend.sam.models import LoadedSam, load_sam
+from usam_backend.sam.runtime import EncoderRuntime
 
 UPSCALE_BATCH = 8
 UPSCALE_PIXELS = 16_000_000
@@ -64,12 +66,30 @@ class PromptResult:
 class SamEngine:
     """Wraps a loaded SAM model with the caching and batching usam's inference needs."""
 
-    def __init__(self, sam: LoadedSam, *, cache: EmbeddingCache | None = None, decode_chunk: int = 0):
+    def __init__(
+        self,
+        sam: LoadedSam,
+        *,
+        cache: EmbeddingCache | None = None,
+        decode_chunk: int = 0,
+        runtime: str = "torch",
+        cache_dir: Path | None = None,
+    ):
+        """
+        Args:
+            runtime: ``USAM_RUNTIME`` for the image encoder (see :mod:`usam_backend.sam.runtime`);
+                exported encoders are kept under ``cache_dir``.
+        """
         self.sam = sam
         self.model = sam.model
         self.cache = cache if cache is not None else EmbeddingCache(capacity=16)
         self.decode_chunk = decode_chunk or (64 if sam.device.type == "cuda" else 8)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        if runtime != "torch" and cache_dir is None:
+            raise ValueError(f"runtime {runtime!r} needs a cache_dir for the exported encoder")
+        self.encoder = EncoderRuntime(
+            self.model.image_encoder, runtime, sam.device, sam.sam_type, cache_dir or Path("."), sam.fingerprint
+        )
         self.encoder_calls = 0
         self._encode_lock = threading.Lock()
 
@@ -80,7 +100,9 @@ class SamEngine:
         )
         disk = settings.cache_dir / "embeddings" / sam.fingerprint if settings.embedding_cache_disk else None
         cache = EmbeddingCache(settings.embedding_cache_size, disk)
-        return cls(sam, cache=cache, decode_chunk=settings.decode_chunk)
+        return cls(
+            sam, cache=cache, decode_chunk=settings.decode_chunk, runtime=settings.runtime, cache_dir=settings.cache_dir
+        )
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +123,7 @@ class SamEngine:
         resized = self.transform.apply_image(image)
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0).float()
         with self._encode_lock:  # one encoder pass at a time: it is the memory peak
-            features = self.model.image_encoder(self.model.preprocess(pixels))
+            features = self.encoder(self.model.preprocess(pixels)).to(self.device)
             self.encoder_calls += 1
         embedding = ImageEmbedding(
             features=features,
@@ -130,17 +152,39 @@ class SamEngine:
             points: (d, 2) XY in original image pixels, each a positive point prompt.
         """
         chunk = chunk or self.decode_chunk
+        decoder = self.point_decoder(embedding)
+        for start in range(0, len(points), chunk):
+            index = slice(start, min(start + chunk, len(points)))
+            sparse = self._sparse_prompts(points[index], embedding.original_size)
+            yield PointChunk(index, points[index], decoder.decode(sparse))
+
+    @torch.inference_mode()
+    def point_decoder(self, embedding: ImageEmbedding) -> PointDecoder:
+        """The decoder for point prompts on ``embedding``, its per-image work done once."""
         prompt_encoder = self.model.prompt_encoder
-        decoder = PointDecoder(
+        return PointDecoder(
             self.model.mask_decoder,
             embedding.features,
             prompt_encoder.get_dense_pe(),
             prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1),
         )
-        for start in range(0, len(points), chunk):
-            index = slice(start, min(start + chunk, len(points)))
-            sparse = self._sparse_prompts(points[index], embedding.original_size)
-            yield PointChunk(index, points[index], decoder.decode(sparse))
+
+    @torch.inference_mode()
+    def point_masks(
+        self,
+        embedding: ImageEmbedding,
+        points: np.ndarray,
+        iou_threshold: float = 0.0,
+        decoder: PointDecoder | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAM's three masks for (B, 2) single positive points (XY pixels of the image), as its
+        decoder's multimask output, made only for the points with a predicted IoU over
+        ``iou_threshold``: their (k,) indices, (k, 3, 256, 256) low-res logits, (k, 3) predicted IoU."""
+        decoder = decoder or self.point_decoder(embedding)
+        decoded = decoder.decode(self._sparse_prompts(np.asarray(points, dtype=np.float32), embedding.original_size))
+        rows = torch.nonzero((decoded.iou_predictions > iou_threshold).any(dim=1)).squeeze(1)
+        size = self.model.prompt_encoder.image_embedding_size
+        return rows, low_res_logits(self.model.mask_decoder, decoded, rows, size), decoded.iou_predictions[rows]
 
     @torch.inference_mode()
     def point_embeddings(self, image: np.ndarray, points: int, *, use_cache: bool = True) -> np.ndarray:

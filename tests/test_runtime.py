@@ -1,0 +1,98 @@
+"""The image encoder in ONNX Runtime and OpenVINO: exported from the real (tiny) SAM, cached by its
+weights, checked against eager PyTorch, and PyTorch again whenever anything fails."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from usam_backend.core.masks import mask_iou
+from usam_backend.sam import runtime
+from usam_backend.sam.engine import SamEngine
+from usam_backend.sam.models import LoadedSam, build_tiny_sam
+from usam_backend.sam.runtime import choose_runtime
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One cache folder for the module: the tiny encoder is exported once (ONNX Runtime and OpenVINO
+    read the same file)."""
+    return tmp_path_factory.mktemp("usam-cache")
+
+
+def _engine(cache_dir, name: str, seed: int = 0) -> SamEngine:
+    sam = LoadedSam(build_tiny_sam(seed), "tiny", f"random (seed {seed})", torch.device("cpu"))
+    return SamEngine(sam, runtime=name, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_the_exported_encoder_reproduces_pytorch_and_is_cached(exported, two_object_image, name):
+    reference = _engine(None, "torch").embed(two_object_image).features
+    engine = _engine(exported, name)
+    features = engine.embed(two_object_image).features
+    info = engine.encoder.info
+    assert info is not None and info.name == name and info.file_bytes > 100_000
+    assert info.max_abs_diff is not None and info.max_abs_diff < 1e-4
+    assert float((features - reference).abs().max()) == pytest.approx(info.max_abs_diff, abs=1e-6)
+    assert info.path is not None and info.path.parent == exported / "runtime" and info.path.is_file()
+
+    again = _engine(exported, name)  # another process of the same weights: no export, no check
+    again.embed(two_object_image[::-1].copy())
+    assert again.encoder.info is not None and again.encoder.info.export_seconds == 0
+    assert again.encoder.info.path == info.path and again.encoder.info.max_abs_diff == info.max_abs_diff
+
+
+def test_other_weights_are_exported_to_their_own_file(exported, two_object_image):
+    first, other = _engine(exported, "onnxruntime"), _engine(exported, "onnxruntime", seed=1)
+    first.embed(two_object_image)
+    other.embed(two_object_image)
+    assert first.encoder.info is not None and other.encoder.info is not None
+    assert other.encoder.info.export_seconds > 0 and other.encoder.info.path != first.encoder.info.path
+    assert other.encoder.info.path is not None and other.encoder.info.path.is_file()
+
+
+def test_final_masks_of_both_runtimes_agree(exported, two_object_image):
+    boxes = np.array([[20, 30, 100, 130], [140, 30, 220, 130], [0, 0, 240, 160]], dtype=np.float32)
+    masks = []
+    for engine in (_engine(None, "torch"), _engine(exported, "onnxruntime")):
+        batch = engine.predict_prompts(engine.embed(two_object_image), boxes=boxes, multimask=True)
+        assert batch.masks is not None
+        masks.append(batch.masks.reshape(-1, *two_object_image.shape[:2]))
+    for a, b in zip(*masks, strict=True):
+        whole = np.array([0, 0, a.shape[1], a.shape[0]])
+        assert a.any() and mask_iou(a, whole, b, whole) > 0.99
+
+
+def test_a_runtime_that_fails_or_disagrees_leaves_the_encoder_in_pytorch(tmp_path, two_object_image, caplog,
+                                                                        monkeypatch):  # fmt: skip
+    reference = _engine(None, "torch").embed(two_object_image).features
+    engine = _engine(tmp_path, "onnxruntime")
+    bad = tmp_path / "runtime"
+    bad.mkdir()
+    monkeypatch.setattr(runtime, "export_onnx", lambda encoder, pixels, path: path.write_bytes(b"not a model"))
+    with caplog.at_level(logging.WARNING, logger="usam_backend.sam.runtime"):
+        features = engine.embed(two_object_image).features
+    assert torch.equal(features, reference) and engine.encoder.name == "torch"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "onnxruntime failed" in line and "runs in PyTorch" in line
+
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "TOLERANCE", 0.0)  # nothing reproduces PyTorch to 0: refused
+    caplog.clear()
+    strict = _engine(tmp_path / "strict", "onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="usam_backend.sam.runtime"):
+        assert torch.equal(strict.embed(two_object_image).features, reference)
+    assert strict.encoder.name == "torch" and "differs from PyTorch's" in caplog.records[0].getMessage()
+
+
+def test_auto_is_onnxruntime_on_cpu_and_the_gpu_stays_in_pytorch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_runtime("auto", cpu, "vit_t")[0] == "onnxruntime"
+    assert choose_runtime("auto", cpu, "tiny")[0] == "torch"
+    assert choose_runtime("openvino", cpu, "vit_h")[0] == "openvino"
+    for setting in ("auto", "torch", "onnxruntime", "openvino"):
+        assert choose_runtime(setting, cuda, "vit_h")[0] == "torch"
+    assert "applies on CPU" in choose_runtime("onnxruntime", cuda, "vit_h")[1]
