@@ -142,6 +142,27 @@ def test_without_a_known_size_the_results_own_size_is_used() -> None:
             "9x9",
         ),
         ({"id": "x7", "type": "videorectangle", "value": {"sequence": [], "labels": ["a"]}}, "non-empty"),
+        # COCO's rasteriser crashes the process on such coordinates: refused before it sees them
+        (
+            {
+                "id": "x8",
+                "type": "polygonlabels",
+                "value": {"points": [[0, 0], [1e300, 0], [1e300, 1e300]], "polygonlabels": ["a"]},
+            },
+            "beyond",
+        ),
+        (
+            {
+                "id": "x9",
+                "type": "videorectangle",
+                "value": {
+                    "labels": ["a"],
+                    "framesCount": 1e12,
+                    "sequence": [{"frame": 1, "x": 0, "y": 0, "width": 1, "height": 1}],
+                },
+            },
+            "framesCount",
+        ),
     ],
 )
 def test_a_malformed_result_is_an_error_naming_task_and_region_and_the_rest_is_kept(result, reason) -> None:
@@ -209,6 +230,11 @@ def test_rotation_is_interpolated_the_short_way_round() -> None:
     assert drawn[2]["rotation"] == pytest.approx(-175)  # Label Studio's own example
     assert drawn[3]["rotation"] == pytest.approx(180)
     assert normalize_angle(-180) == 180 and normalize_angle(190) == -170
+
+
+def test_a_huge_rotation_ends() -> None:
+    drawn = expand_keyframes([_key(1, 0.0, rotation=1e308), _key(3, 0.0, rotation=-1e300)], 3)
+    assert sorted(drawn) == [1, 2, 3] and abs(drawn[2]["rotation"]) <= 540  # no endless loop, a bounded angle
 
 
 def test_a_videorectangle_becomes_a_track_of_pixel_boxes() -> None:

@@ -39,6 +39,12 @@ SHAPES = {
 """Result types that carry a region of an image, and the shape each one is."""
 VIDEO_TRACK = "videorectangle"
 
+MAX_COORDINATE = 1000.0
+"""Percent coordinates and sizes beyond ±1000 % of the image are refused: no editor draws them, and
+COCO's polygon rasteriser is not safe with them."""
+MAX_STATED_FRAMES = 1_000_000
+"""A track's ``framesCount`` believed when the video's own frame count is unknown."""
+
 Size = tuple[int, int]
 """(height, width) in pixels."""
 
@@ -136,7 +142,8 @@ def read_results(
         task: the task's id, named in errors.
         size: (height, width) of the image ``to_name``'s frame ``item_index``, or None to trust the
             result's ``original_height``/``original_width``; for a video, its frame size.
-        frames: a video's frame count, used when a track's ``framesCount`` is missing.
+        frames: a video's frame count (Label Studio's editor draws up to the video's own length);
+            when it is unknown, a track's ``framesCount`` (at most :data:`MAX_STATED_FRAMES`).
     """
     items = [r for r in results] if isinstance(results, list) else []
     labels_by_id = {
@@ -159,7 +166,7 @@ def read_results(
                 out.tracks.append(read_track(result, label, size, frames))
             else:
                 out.regions.append(read_region(result, label, size))
-        except (ValueError, TypeError, KeyError, UsamError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, UsamError) as exc:
             out.errors.append(AnnotationError(f"{where} ({kind}): {_reason(exc)}"))
     return out
 
@@ -185,6 +192,8 @@ def read_region(result: dict[str, Any], label: str, size: Callable[[str, int], S
         points = np.asarray(value["points"], dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
             raise ValueError(f"a polygon needs at least 3 [x, y] points, got shape {points.shape}")
+        if not (np.abs(points) <= MAX_COORDINATE).all():
+            raise ValueError(f"a polygon point lies beyond ±{MAX_COORDINATE:g} % of the image")
         polygons = (_finite(points * [width / 100, height / 100]),)
         mask = polygons_mask(list(polygons), height, width)
         box = _bounds(polygons[0], height, width)
@@ -196,7 +205,7 @@ def read_region(result: dict[str, Any], label: str, size: Callable[[str, int], S
     else:
         cx, cy = _number(value, "x") * width / 100, _number(value, "y") * height / 100
         rx, ry = _number(value, "radiusX") * width / 100, _number(value, "radiusY") * height / 100
-        rotation = float(value.get("rotation") or 0)
+        rotation = _angle(value)
         ellipse = Ellipse(cx, cy, abs(rx), abs(ry), rotation)
         mask = ellipse_mask(ellipse, height, width)
         box = _bounds(_ellipse_outline(ellipse), height, width)
@@ -211,7 +220,7 @@ def rectangle_corners(value: Mapping[str, Any], height: int, width: int) -> np.n
     on screen, the whole turned by ``rotation`` degrees (clockwise on screen) about the top-left."""
     x, y = _number(value, "x") * width / 100, _number(value, "y") * height / 100
     w, h = _number(value, "width") * width / 100, _number(value, "height") * height / 100
-    theta = math.radians(float(value.get("rotation") or 0))
+    theta = math.radians(_angle(value))
     c, s = math.cos(theta), math.sin(theta)
     local = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
     turned = local @ np.array([[c, s], [-s, c]])  # (u, v) -> (u c - v s, u s + v c): clockwise with y down
@@ -271,10 +280,13 @@ def read_track(
     if known is None:
         raise ValueError(f"the size of video {video!r} is unknown")
     height, width = known
-    count = value.get("framesCount")
-    frames_count = int(count) if isinstance(count, int | float) and count > 0 else frames(video)
+    frames_count = frames(video)
     if not frames_count:
-        raise ValueError("value.framesCount is missing and the video's frame count is unknown")
+        count = value.get("framesCount")
+        if not isinstance(count, int | float) or not 0 < count <= MAX_STATED_FRAMES:
+            raise ValueError(f"the video's frame count is unknown and value.framesCount is {count!r}, not 1 to "
+                             f"{MAX_STATED_FRAMES:,}")  # fmt: skip
+        frames_count = int(count)
     boxes = {}
     for frame, props in expand_keyframes(value["sequence"], int(frames_count)).items():
         boxes[frame] = _bounds(rectangle_corners(props, height, width), height, width)
@@ -291,7 +303,7 @@ def _keyframe(item: Any) -> dict[str, Any]:
         raise ValueError(f"a keyframe's frame is {frame!r}, not a whole number")
     return {**item, "frame": int(frame), "enabled": item.get("enabled", True) is not False,
             **{k: _number(item, k) for k in ("x", "y", "width", "height")},
-            "rotation": float(item.get("rotation") or 0)}  # fmt: skip
+            "rotation": _angle(item)}  # fmt: skip
 
 
 def _props(key: Mapping[str, Any]) -> dict[str, float]:
@@ -306,10 +318,9 @@ def _between(start: Mapping[str, Any], end: Mapping[str, Any], frame: int) -> di
 
 
 def normalize_angle(angle: float) -> float:
-    """An angle in (-180, 180], as Label Studio's ``normalizeAngle``."""
-    a = angle
-    while a > 0:
-        a -= 360
+    """An angle in (-180, 180], as Label Studio's ``normalizeAngle`` (which subtracts 360 while the
+    angle is positive, then wraps)."""
+    a = angle - 360 * math.ceil(angle / 360) if angle > 0 else angle
     return math.fmod(a - 180, 360) + 180
 
 
@@ -339,10 +350,19 @@ def _size(result: dict[str, Any], known: Size | None) -> Size:
     return height, width
 
 
+def _angle(value: Mapping[str, Any]) -> float:
+    """``value.rotation`` in degrees (0 when missing), a finite number."""
+    angle = value.get("rotation") or 0
+    if isinstance(angle, bool) or not isinstance(angle, int | float) or not math.isfinite(angle):
+        raise ValueError(f"value.rotation is {angle!r}, not a number of degrees")
+    return float(angle)
+
+
 def _number(value: Mapping[str, Any], key: str) -> float:
+    """A percent coordinate or size, within ±:data:`MAX_COORDINATE`."""
     number = value.get(key)
-    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-        raise ValueError(f"value.{key} is {number!r}, not a number")
+    if isinstance(number, bool) or not isinstance(number, int | float) or not abs(number) <= MAX_COORDINATE:
+        raise ValueError(f"value.{key} is {number!r}, not a number within ±{MAX_COORDINATE:g} %")
     return float(number)
 
 
