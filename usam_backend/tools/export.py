@@ -556,8 +556,12 @@ def run_export(settings: Settings, options: ExportOptions) -> ExportReport:
                 report.without_result += 1
                 continue
             images, sequences, errors = collect_task(task, result, schema, media, options)
-            written = write_items(options.out, options.formats, schema.labels, images, sequences, coco,
-                                  overwrite=options.overwrite)  # fmt: skip
+            try:
+                written = write_items(options.out, options.formats, schema.labels, images, sequences, coco,
+                                      overwrite=options.overwrite)  # fmt: skip
+            except (UsamError, OSError) as exc:  # e.g. a sequence with more tracks than a palette holds
+                report.errors.append(f"task {task.get('id')}: not written: {exc}")
+                continue
             _count(report.written, written)
             report.errors += errors
             report.exported += 1
