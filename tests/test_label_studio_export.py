@@ -7,6 +7,8 @@ The annotations are made through Label Studio's API from known masks (the brush 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
@@ -16,7 +18,6 @@ from usam_backend.cli import main
 from usam_backend.core.settings import Settings, get_settings
 from usam_backend.core.shapes import polygons_mask
 from usam_backend.core.video import write_video
-from usam_backend.tools.eval_video import evaluate_folders as evaluate_video
 from usam_backend.tools.export import ExportOptions, run_export
 from usam_backend.tools.refine_files import evaluate_folders
 from usam_backend.tools.video_files import indexed_png
@@ -174,7 +175,22 @@ def test_image_project_exports_to_coco_yolo_and_label_maps(label_studio, media, 
 
     (tmp_path / "gt").mkdir()
     Image.fromarray(truth).save(tmp_path / "gt" / f"{stem}.png")
-    assert evaluate_folders(out / "masks", tmp_path / "gt")["pred"]["miou"] == 1.0
+    assert (
+        main(
+            [
+                "eval",
+                "masks",
+                "--pred",
+                str(out / "masks"),
+                "--gt",
+                str(tmp_path / "gt"),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "eval.json").read_text())["pred"]["miou"] == 1.0
     earlier = evaluate_folders(tmp_path / "first" / "masks", tmp_path / "gt")["pred"]
     assert earlier["iou"][1] < 1.0 and earlier["iou"][2] == 0.0  # the superseded annotation: all cats
 
@@ -217,7 +233,22 @@ def test_frame_sequence_exports_to_mot_davis_and_mots(label_studio, media, setti
     gt.mkdir(parents=True)
     for t, truth in enumerate(truths):
         indexed_png(truth).save(gt / f"{t:05d}.png")
-    assert evaluate_video(out / "davis", tmp_path / "gt").summary()["J&F-Mean"] == 1.0
+    assert (
+        main(
+            [
+                "eval",
+                "video",
+                "--pred",
+                str(out / "davis"),
+                "--gt",
+                str(tmp_path / "gt"),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "eval.json").read_text())["summary"]["J&F-Mean"] == 1.0
 
     lines = (out / "mots" / f"{name}.txt").read_text().splitlines()
     assert len(lines) == 8
