@@ -112,12 +112,13 @@ class TrackOptions:
         max_speed: see ``gate`` (0.5 object sizes a frame).
         drift: see ``gate`` (0.1 object sizes a frame).
         max_size_change: a detection whose box's longer side differs from the track's by more
-            than this factor does not continue it (2).
+            than this factor does not continue it (3).
         appearance_weight: the weight of the appearance distance (1 - cosine similarity of the
             detections' appearance vectors, when they have them) against the motion cost (0.5).
         absorb: a detection of another class within this share of a track's gate of where it is
-            predicted is that object given the wrong class: it neither continues the track (a cat
-            box never continues a dog track) nor starts one (0.5).
+            predicted is most likely that object, named wrongly: it is no sighting of the track (a
+            cat box never continues a dog track) and starts no track, but it counts towards the
+            track's class, the score-weighted majority of what its object was named (0.5).
     """
 
     start_score: float = 0.2
