@@ -164,7 +164,8 @@ def project_config(template: str, labels: dict[str, str | None]) -> str:
     """A shipped template with its example labels replaced by ours, in every labels control."""
     root = ET.fromstring((ROOT / "label_config" / template).read_text())
     for control in root:
-        if control.tag in ("BrushLabels", "KeyPointLabels", "RectangleLabels", "Labels"):
+        if control.tag in ("BrushLabels", "PolygonLabels", "EllipseLabels", "KeyPointLabels", "RectangleLabels",
+                           "Labels"):  # fmt: skip
             smart = control.tag == "KeyPointLabels"
             for child in list(control):
                 control.remove(child)

@@ -71,6 +71,13 @@ def test_each_part_gets_its_own_polygon_largest_first() -> None:
     assert areas[0] > areas[1]
 
 
+def test_absurd_coordinates_are_refused_before_they_reach_the_rasteriser() -> None:
+    with pytest.raises(ValueError, match="not finite or beyond"):
+        polygons_mask([np.array([[0, 0], [1e300, 0], [5, 5]])], 10, 10)
+    with pytest.raises(ValueError, match="not finite or beyond"):
+        polygons_mask([np.array([[0, 0], [np.nan, 0], [5, 5]])], 10, 10)
+
+
 def test_specks_get_no_polygon() -> None:
     mask = np.zeros((50, 50), dtype=bool)
     mask[10, 10] = True

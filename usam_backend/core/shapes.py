@@ -77,10 +77,18 @@ def _without_specks(mask: np.ndarray) -> np.ndarray:
 
 
 def polygons_mask(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """The (H, W) bool mask of polygons (XY, pixel coordinates), as COCO rasterises them."""
+    """The (H, W) bool mask of polygons (XY, pixel coordinates), as COCO rasterises them.
+
+    Raises:
+        ValueError: a coordinate is not finite or lies beyond ten times the image's size.
+    """
     from pycocotools import mask as coco_mask
 
-    flat = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in polygons if len(p) >= 3]
+    arrays = [np.asarray(p, dtype=np.float64) for p in polygons if len(p) >= 3]
+    limit = 10.0 * max(height, width)  # pycocotools' rasteriser crashes the process on huge coordinates
+    if any(not np.isfinite(a).all() or np.abs(a).max() > limit for a in arrays):
+        raise ValueError(f"a polygon has a coordinate that is not finite or beyond ±{limit:g} pixels")
+    flat = [a.ravel().tolist() for a in arrays]
     if not flat:
         return np.zeros((height, width), dtype=bool)
     rles = coco_mask.frPyObjects(flat, height, width)
