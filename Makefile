@@ -27,12 +27,14 @@ $(LABEL_STUDIO):
 label-studio: $(LABEL_STUDIO)
 
 # Real services for the tests: Redis for the RQ workers, docker-compose to validate the compose file,
-# ffmpeg as the reference for how players show a video; libGL and GLib, which OpenCV loads at import.
+# ffmpeg as the reference for how players show a video; libGL and GLib, which OpenCV loads at import;
+# Chromium, which the browser tests drive through playwright (no browser download).
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	ldconfig -p | grep -q 'libGL.so.1 ' || missing="$$missing libgl1"; \
 	ldconfig -p | grep -q 'libgthread-2.0.so.0 ' || missing="$$missing libglib2.0-0"; \
 	if [ -n "$$missing" ]; then \
@@ -52,7 +54,7 @@ lint: $(DEPS)
 
 unit: $(DEPS) $(LABEL_STUDIO) system-packages
 	USAM_TEST_LABEL_STUDIO=$(LABEL_STUDIO) USAM_REQUIRE_LABEL_STUDIO=1 USAM_REQUIRE_REDIS=1 USAM_REQUIRE_FFMPEG=1 \
-		USAM_REQUIRE_DOCKER_COMPOSE=1 USAM_REQUIRE_S3=1 $(BIN)/python -m pytest
+		USAM_REQUIRE_DOCKER_COMPOSE=1 USAM_REQUIRE_S3=1 USAM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test: lint unit
 
