@@ -162,7 +162,7 @@ def test_tracks_files_mot_and_bad_ones(tmp_path, clip_path, capsys):
 def test_bench_video_prints_stages_and_frames_per_second(capsys):
     assert main(["bench-video", "--frames", "9", "--size", "128", "--stride", "3", "--objects", "2", *TINY]) == 0
     out = capsys.readouterr().out
-    for stage in ("decode (PyAV)", "head on strided frames", "tracking (ByteTrack)", "SAM from track boxes"):
+    for stage in ("decode (PyAV)", "head on strided frames", "tracking (linking)", "SAM from track boxes"):
         assert stage in out
     assert "frames/s of video" in out
     assert int(re.search(r"\((\d+) tracks\)", out).group(1)) >= 1

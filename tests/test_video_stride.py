@@ -175,3 +175,36 @@ def test_one_encoder_pass_per_frame_with_the_tiny_sam(tiny_engine):
     }
     maps = list(segment_frames(scene.frames, tracks, EnginePredictor(engine), follow=3))
     assert len(maps) == 4 and engine.encoder_calls == 4
+
+
+def test_several_objects_followed_together_set_each_frame_once():
+    """``usam video --box`` with K objects: one pass over the frames, all K boxes in one batch."""
+    from usam_backend.systems.uvosam import follow_object, follow_objects
+
+    scene = moving_shapes(30)
+    oracle = VideoOracle(scene)
+    keyframes = {k: (0, scene.boxes(0)[k]) for k in (1, 2, 3)}
+    together = follow_objects(scene.frames, keyframes, oracle)
+    assert oracle.images == 30
+    for k in (1, 2, 3):
+        alone = follow_object(scene.frames, 0, VideoOracle(scene), box=scene.boxes(0)[k])
+        assert sorted(together[k]) == sorted(alone)
+        assert all(np.array_equal(together[k][t], alone[t]) for t in alone)
+    later = follow_objects(scene.frames, {1: (5, scene.boxes(5)[1]), 2: (25, scene.boxes(25)[2])}, VideoOracle(scene))
+    assert min(later[1]) == 0 and max(later[2]) == 29  # followed both ways from each keyframe
+    with pytest.raises(ValueError, match="outside the clip"):
+        follow_objects(scene.frames, {1: (30, [0, 0, 5, 5])}, oracle)
+
+
+def test_a_clip_is_read_in_chunks(tmp_path):
+    from usam_backend.core.video import read_clip, write_video
+    from usam_backend.tools.video_files import ClipReader
+
+    path = write_video(tmp_path / "clip.mp4", moving_shapes(11).frames, 24)
+    reader = ClipReader.open(path, max_frames=100, max_pixels=10**6)
+    reader.chunk = 4
+    whole = read_clip(path)
+    pairs = list(reader.frames())
+    assert [i for i, _ in pairs] == whole.indices == list(range(11))
+    assert all(np.array_equal(f, g) for (_, f), g in zip(pairs, whole.frames, strict=True))
+    assert [i for i, _ in reader.frames(3, keep_last=True)] == [0, 3, 6, 9, 10]

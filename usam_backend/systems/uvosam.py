@@ -811,6 +811,68 @@ def _histogram(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return cv2.normalize(hist, hist).astype(np.float32)
 
 
+def follow_objects(
+    frames: Sequence[np.ndarray], keyframes: Mapping[int, tuple[int, Sequence[float]]], predictor: Predictor, *,
+    progress: Callable[[int], None] | None = None, lock: Lock | None = None, **options: Any,
+) -> dict[int, dict[int, np.ndarray]]:  # fmt: skip
+    """Several objects through a clip, followed together from a box each on a keyframe, as
+    :func:`follow_object` follows one: each frame is set in the predictor once per direction (once
+    in all when the keyframes are one frame) and all objects' boxes prompt SAM in one batch.
+
+    Args:
+        keyframes: object id -> (position of its keyframe in ``frames``, its xyxy box there).
+        progress: called with 1 after each frame.
+        **options: :class:`FollowOptions` fields.
+
+    Returns:
+        object id -> {position: HxW bool mask}, for its keyframe and every frame it was found on.
+    """
+    opts = FollowOptions(**options)
+    for oid, (key, _) in keyframes.items():
+        if not 0 <= key < len(frames):
+            raise ValueError(f"object {oid}: keyframe {key} is outside the clip's {len(frames)} frames")
+    out: dict[int, dict[int, np.ndarray]] = {oid: {} for oid in keyframes}
+    if not keyframes:
+        return out
+    starts: dict[int, _Followed] = {}
+    limit = opts.max_frames or len(frames)
+    first, last = min(k for k, _ in keyframes.values()), max(k for k, _ in keyframes.values())
+    for step, positions in ((1, range(first, len(frames))), (-1, range(last - 1, -1, -1))):
+        state: dict[int, _Followed] = {}
+        for position in positions:
+            prompts: dict[tuple[int, str], np.ndarray] = {}
+            for oid, (key, box) in keyframes.items():
+                if step == 1 and key == position:
+                    clipped = _clip_box(np.asarray(box, dtype=np.float64).reshape(4), frames[key].shape)
+                    if clipped is not None:
+                        prompts[oid, "box"] = clipped
+                elif step == -1 and key == position + 1 and oid in starts:
+                    state[oid] = starts[oid]
+                followed = state.get(oid)
+                if followed is None or (position - key) * step > limit:
+                    continue
+                if abs(position - followed.at) <= opts.lost_frames:
+                    guess = _moved_box(followed, position, frames[position].shape, opts)
+                    if guess is not None:
+                        prompts[oid, "follow"] = guess
+            if prompts:
+                with _held(lock):
+                    predictor.set_image(frames[position])
+                    answers = _box_masks(predictor, prompts)
+                for (oid, kind), mask in answers.items():
+                    if kind == "box" and mask.any():
+                        out[oid][position] = mask
+                        starts[oid] = _Followed(mask, position, np.zeros(4), _histogram(frames[position], mask))
+                        state[oid] = starts[oid]
+                    elif kind == "follow" and _accepted(frames[position], mask, state[oid], opts):
+                        out[oid][position] = mask
+                        moved = (mask_box(mask) - mask_box(state[oid].mask)) / (position - state[oid].at)
+                        state[oid] = _Followed(mask, position, moved, state[oid].look)
+            if progress is not None:
+                progress(1)
+    return {oid: dict(sorted(masks.items())) for oid, masks in out.items()}
+
+
 def tracks_from_masks(masks: Mapping[int, Mapping[int, np.ndarray]], frame_indices: Sequence[int]) -> dict[int, Track]:
     """Tracks (boxes around each mask) from track id -> {position: mask}, keyed by source frame index."""
     tracks = {}

@@ -20,8 +20,9 @@ so a stopped run resumes (the tracks are kept in ``DIR/tracks-boxes.json`` meanw
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ from tqdm.auto import tqdm
 from training.head import Head
 from usam_backend.core.errors import ConfigurationError, DataError
 from usam_backend.core.fileio import atomic_path
-from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.masks import mask_to_rle, rle_to_mask
 from usam_backend.core.settings import Settings
-from usam_backend.core.video import Clip, read_clip, write_video
+from usam_backend.core.video import EmptyRange, VideoError, frame_folder, read_clip, write_video
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.uosam import Predictor
@@ -43,10 +44,14 @@ from usam_backend.systems.usam import SemanticSegmenter
 from usam_backend.systems.uvosam import (
     Track,
     TrackOptions,
-    detect_tracks,
-    follow_object,
+    detect,
+    follow_objects,
+    mask_box,
+    name_tracks,
+    paint,
     sampled_frames,
-    segment_video,
+    segment_frames,
+    track_boxes,
     tracks_from_masks,
 )
 from usam_backend.tools.viz import class_colors
@@ -204,6 +209,67 @@ def check_track_ids(tracks: dict[int, Track], where: str) -> None:
 
 
 @dataclass
+class ClipReader:
+    """A clip read in chunks of ``chunk`` frames, so that a long clip is never held in memory.
+
+    Attributes:
+        source: a video file or a frame folder.
+        fps, frame_count, name, width, height: the clip's (``frame_count`` is updated to the real
+            count once the last chunk is read).
+        names: a frame folder's file names (stems), in frame order; None for a video file.
+    """
+
+    source: Path
+    fps: float
+    frame_count: int
+    name: str
+    width: int
+    height: int
+    names: list[str] | None
+    max_frames: int
+    max_pixels: int
+    folder_fps: float | None = None
+    chunk: int = 64
+
+    @classmethod
+    def open(cls, path: Path, *, max_frames: int, max_pixels: int, fps: float | None = None) -> ClipReader:
+        """Reads the first frame and the clip's length (a container's stated length, checked
+        against ``max_frames``)."""
+        first = read_clip(path, stop=1, max_frames=1, max_pixels=max_pixels, fps=fps)
+        if first.frame_count > max_frames:
+            raise DataError(
+                f"{first.name}: more than {max_frames:,} frames to read (USAM_VIDEO_MAX_FRAMES); cut it or raise it"
+            )
+        names = [f.stem for f in frame_folder(path)] if path.is_dir() else None
+        height, width = first.frames[0].shape[:2]
+        return cls(path, first.fps, first.frame_count, first.name, width, height, names, max_frames, max_pixels, fps)
+
+    def frames(self, stride: int = 1, *, keep_last: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """(frame index, HxWx3 RGB frame) of every ``stride``-th frame (and, with ``keep_last``,
+        the last), decoded chunk by chunk; the last chunk reads to the clip's real end."""
+        start = 0
+        while True:
+            stop = start + self.chunk * stride
+            last = stop >= self.frame_count
+            try:
+                clip = read_clip(self.source, start=start, stop=None if last else stop, stride=stride,
+                                 keep_last=keep_last and last, max_frames=self.max_frames,
+                                 max_pixels=self.max_pixels, fps=self.folder_fps)  # fmt: skip
+            except EmptyRange:
+                return
+            if last:
+                self.frame_count = clip.frame_count or self.frame_count  # the real count, read to the end
+            yield from zip(clip.indices, clip.frames, strict=True)
+            if last:
+                return
+            start = stop
+
+    def file_name(self, index: int) -> str:
+        """The PNG name of frame ``index``: a frame folder's own name, else ``00000``, ``00001``, ..."""
+        return self.names[index] if self.names is not None else f"{index:05d}"
+
+
+@dataclass
 class VideoRun:
     frames_segmented: int = 0
     frames_reused: int = 0
@@ -212,16 +278,21 @@ class VideoRun:
 
 
 def run_video(
-    clip: Clip, tracks_for: Callable[[], dict[int, Track]], predictor: Predictor, out: Path, *,
+    clip: ClipReader, tracks_for: Callable[[], dict[int, Track]], predictor: Predictor, out: Path, *,
     source: dict[str, Any], viz: str | None = None, overwrite: bool = False, progress: bool = True,
+    followed: dict[int, dict[int, np.ndarray]] | None = None,
 ) -> VideoRun:  # fmt: skip
-    """Segment ``clip`` by tracks into ``out`` (see the module docs).
+    """Segment ``clip`` by tracks into ``out`` (see the module docs), frames streaming in and id maps
+    out: memory does not grow with the clip's length.
 
     Args:
         tracks_for: computes the tracks (called only when ``out`` has none for the same ``source``).
         source: what the tracks came from (input, head or tracks file, stride): a resumed run reuses
             the saved tracks only if it matches.
         viz: "mp4" or "gif" to also write the overlay video.
+        followed: frame index -> {track id: mask} that ``tracks_for`` already found (objects
+            followed from keyframes): painted as they are, not segmented again. Frames it lacks are
+            segmented from the tracks' boxes (a resumed run).
     """
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "tracks-boxes.json"
@@ -242,55 +313,84 @@ def run_video(
             tmp.write_text(json.dumps(tracks_document(clip, tracks, None, source)))
     check_track_ids(tracks, "the tracks")
     run = VideoRun(tracks=tracks)
-    maps: list[np.ndarray] = []
-    bar = tqdm(total=len(clip), desc="segmenting", unit="frame", disable=not progress)
-    for position, (frame, index) in enumerate(zip(clip.frames, clip.indices, strict=True)):
-        path = out / f"{clip.names[position] if clip.names else f'{index:05d}'}.png"
+    rles: dict[int, dict[int, dict[str, Any]]] = {tid: {} for tid in tracks}
+    order: list[int] = []
+
+    def stream() -> Iterator[np.ndarray]:
+        for index, frame in clip.frames():
+            order.append(index)
+            yield frame
+
+    def done(position: int) -> np.ndarray | None:
+        path = out / f"{clip.file_name(order[position])}.png"
+        if not path.exists():
+            return None
+        with Image.open(path) as png:
+            return np.asarray(png).astype(np.uint8)
+
+    indices = (order[i] for i in itertools.count())
+    if followed is not None and followed:
+        maps: Iterator[np.ndarray] = (
+            _painted_followed(frame, followed.pop(order[p], {})) for p, frame in enumerate(stream())
+        )
+    else:
+        maps = segment_frames(stream(), tracks, predictor, frame_indices=indices, known=done)
+    bar = tqdm(total=clip.frame_count, desc="segmenting", unit="frame", disable=not progress)
+    for position, ids in enumerate(maps):
+        index = order[position]
+        path = out / f"{clip.file_name(index)}.png"
         if path.exists():
-            with Image.open(path) as done:
-                ids = np.asarray(done).astype(np.int32)
             run.frames_reused += 1
         else:
-            ids = segment_video([frame], tracks, predictor, frame_indices=[index])[0]
             with atomic_path(path) as tmp:
                 indexed_png(ids).save(tmp, format="PNG")
             run.frames_segmented += 1
-        maps.append(ids)
+        for tid in np.unique(ids[ids > 0]):
+            if int(tid) in rles:
+                rles[int(tid)][index] = mask_to_rle(ids == tid)
         bar.update(1)
     bar.close()
-    document = tracks_document(clip, tracks, maps, source)
+    document = tracks_document(clip, tracks, rles, source)
     with atomic_path(out / "tracks.json") as tmp:
         tmp.write_text(json.dumps(document))
     run.outputs.append(out / "tracks.json")
     if viz:
         target = out / f"viz.{viz}"
         with atomic_path(target) as tmp:
-            write_video(tmp, overlay_frames(clip, maps, tracks), clip.fps, kind=viz)
+            write_video(tmp, overlay_frames(clip, out, tracks), clip.fps, kind=viz)
         run.outputs.append(target)
     saved.unlink(missing_ok=True)
     return run
 
 
+def _painted_followed(frame: np.ndarray, masks: dict[int, np.ndarray]) -> np.ndarray:
+    ids = np.zeros(frame.shape[:2], dtype=np.uint8 if max(masks, default=0) < 256 else np.int32)
+    return paint(ids, [(int(m.sum()), tid, m) for tid, m in masks.items()])
+
+
 def tracks_document(
-    clip: Clip, tracks: dict[int, Track], maps: list[np.ndarray] | None, source: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """``tracks.json``: the clip, and each track's per-frame box, score and (with ``maps``) COCO RLE."""
-    position = {index: i for i, index in enumerate(clip.indices)}
-    height, width = clip.frames[0].shape[:2] if clip.frames else (0, 0)
+    clip: ClipReader, tracks: dict[int, Track], rles: dict[int, dict[int, dict[str, Any]]] | None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``tracks.json``: the clip, and each track's per-frame box, score and (with ``rles``: track id
+    -> frame index -> COCO RLE) mask. A frame where SAM followed the object past its boxes gets the
+    box of its mask and no score."""
     document: dict[str, Any] = {
         "format": FORMAT,
-        "video": {"name": clip.name, "fps": clip.fps, "frame_count": clip.frame_count, "width": width,
-                  "height": height},
+        "video": {"name": clip.name, "fps": clip.fps, "frame_count": clip.frame_count, "width": clip.width,
+                  "height": clip.height},
         "source": source,
         "tracks": [],
     }  # fmt: skip
     for tid, track in sorted(tracks.items()):
+        masks = (rles or {}).get(tid, {})
         frames = []
-        for frame, box in sorted(track.boxes.items()):
+        for frame in sorted({*track.boxes, *masks}):
+            box = track.boxes[frame] if frame in track.boxes else mask_box(rle_to_mask(masks[frame]))
             entry: dict[str, Any] = {"frame": frame, "box": [round(float(v), 2) for v in box],
                                      "score": track.scores.get(frame)}  # fmt: skip
-            if maps is not None and frame in position:
-                entry["rle"] = mask_to_rle(maps[position[frame]] == tid)
+            if rles is not None:
+                entry["rle"] = masks.get(frame) or mask_to_rle(np.zeros((clip.height, clip.width), dtype=bool))
             frames.append(entry)
         document["tracks"].append(
             {
@@ -304,10 +404,13 @@ def tracks_document(
     return document
 
 
-def overlay_frames(clip: Clip, maps: list[np.ndarray], tracks: dict[int, Track], alpha: float = 0.5):  # type: ignore[no-untyped-def]
-    """Frames with each track's mask in its colour, its box and ``id label`` written at its top."""
+def overlay_frames(clip: ClipReader, out: Path, tracks: dict[int, Track], alpha: float = 0.5) -> Iterator[np.ndarray]:
+    """Frames with each track's mask (read back from its PNG) in its colour, its box and ``id label``
+    written at its top, one at a time."""
     colors = np.vstack([[0, 0, 0], class_colors(max([*tracks, 1]))]).astype(np.float32)
-    for frame, ids, index in zip(clip.frames, maps, clip.indices, strict=True):
+    for index, frame in clip.frames():
+        with Image.open(out / f"{clip.file_name(index)}.png") as png:
+            ids = np.asarray(png)
         shown = frame.astype(np.float32)
         painted = ids > 0
         shown[painted] = (1 - alpha) * shown[painted] + alpha * colors[np.minimum(ids[painted], len(colors) - 1)]
@@ -346,18 +449,28 @@ class Keyframe:
         return cls(frame, (x0, y0, x1, y1), parts[2] if len(parts) > 2 else "")
 
 
-def followed_tracks(clip: Clip, keyframes: list[Keyframe], predictor: Predictor) -> dict[int, Track]:
-    """One track per keyframe: its object followed through the clip (:func:`follow_object`)."""
-    position = {index: i for i, index in enumerate(clip.indices)}
-    tracks = {}
-    for number, key in enumerate(keyframes, start=1):
+def followed_tracks(
+    clip: ClipReader, keyframes: list[Keyframe], predictor: Predictor, masks: dict[int, dict[int, np.ndarray]]
+) -> dict[int, Track]:
+    """One track per keyframe, the objects followed through the clip together
+    (:func:`~usam_backend.systems.uvosam.follow_objects`: one encoder pass per frame when the
+    keyframes share a frame). Their masks are put in ``masks`` (frame index -> {track id: mask}).
+    This path holds the clip's frames (it follows both ways from the keyframes)."""
+    pairs = list(clip.frames())
+    indices = [index for index, _ in pairs]
+    position = {index: i for i, index in enumerate(indices)}
+    for key in keyframes:
         if key.frame not in position:
             raise DataError(f"--box on frame {key.frame}: the clip has frames 0-{clip.frame_count - 1}")
-        with tqdm(total=len(clip), desc=f"following object {number}", unit="frame") as bar:
-            masks = follow_object(clip.frames, position[key.frame], predictor, box=key.box, progress=bar.update)
-        track = tracks_from_masks({number: masks}, clip.indices)[number]
-        track.label = key.label
-        tracks[number] = track
+    starts = {number: (position[key.frame], key.box) for number, key in enumerate(keyframes, start=1)}
+    with tqdm(total=len(pairs), desc=f"following {len(keyframes)} object(s)", unit="frame") as bar:
+        found = follow_objects([frame for _, frame in pairs], starts, predictor, progress=bar.update)
+    del pairs
+    tracks = tracks_from_masks(found, indices)
+    for number, key in enumerate(keyframes, start=1):
+        tracks[number].label = key.label
+        for at, mask in found[number].items():
+            masks.setdefault(indices[at], {})[number] = mask
     return tracks
 
 
@@ -373,7 +486,11 @@ def video_command(
     keyframes = [Keyframe.parse(b) for b in boxes or []]
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    clip = read_clip(path, max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels, fps=fps)
+    try:
+        clip = ClipReader.open(path, max_frames=settings.video_max_frames, max_pixels=settings.max_image_pixels,
+                               fps=fps)  # fmt: skip
+    except VideoError as exc:
+        raise DataError(str(exc)) from None
     loaded = Head.load(head) if head is not None else None
     if loaded is not None and loaded.sam_type and loaded.sam_type != settings.sam_type:
         settings = settings.replace(sam_type=loaded.sam_type)  # follow the head
@@ -386,18 +503,26 @@ def video_command(
         source.update(tracks=str(tracks.resolve()), modified=tracks.stat().st_mtime if tracks.exists() else None)
     else:
         source.update(boxes=list(boxes or []))
+    followed: dict[int, dict[int, np.ndarray]] = {}
 
     def tracks_for() -> dict[int, Track]:
         if keyframes:
-            return followed_tracks(clip, keyframes, EnginePredictor(engine))
+            return followed_tracks(clip, keyframes, EnginePredictor(engine), followed)
         if loaded is None:
             assert tracks is not None
             return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
         segmenter = SemanticSegmenter.from_settings(engine, loaded, settings)
-        chosen = sampled_frames(0, len(clip), stride)  # a short clip is still seen at both ends
-        with tqdm(total=len(chosen), desc="finding objects", unit="frame") as bar:
-            return detect_tracks([clip.frames[i] for i in chosen], segmenter, progress=bar.update,
-                                 frame_indices=[clip.indices[i] for i in chosen],
-                                 min_hits=min(TrackOptions.min_hits, len(chosen)))  # fmt: skip
+        indices: list[int] = []
 
-    return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite)
+        def sampled() -> Iterator[np.ndarray]:  # every stride-th frame and the last, streamed
+            for index, frame in clip.frames(stride, keep_last=True):
+                indices.append(index)
+                yield frame
+
+        with tqdm(total=len(sampled_frames(0, clip.frame_count, stride)), desc="finding objects", unit="frame") as bar:
+            found = detect(sampled(), segmenter, progress=bar.update, appearance=True)
+        linked = track_boxes(found, frames=indices, min_hits=min(TrackOptions.min_hits, len(indices)))
+        return name_tracks(linked, segmenter.class_names)
+
+    return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite,
+                     followed=followed)  # fmt: skip
