@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_video.add_argument("--size", type=int, default=640, help="frame width in pixels (4:3; default 640)")
     bench_video.add_argument("--stride", type=int, default=5, help="run the head on every N-th frame (default 5)")
     bench_video.add_argument("--objects", type=int, default=4, help="moving objects (default 4)")
+    bench_video.add_argument(
+        "--memory", default="", help="also run usam video on clips of these lengths and print its peak memory, e.g. 300,3000"
+    )
     _model_flags(bench_video)
     bench_video.set_defaults(command=_bench_video)
 
@@ -435,8 +438,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _bench_video(args: argparse.Namespace) -> int:
     from usam_backend.tools.bench_video import run_video_bench
 
+    memory = [int(n) for n in args.memory.split(",") if n.strip()]
     report = run_video_bench(_settings(args), frames=args.frames, size=args.size, stride=args.stride,
-                             objects=args.objects)  # fmt: skip
+                             objects=args.objects, memory_frames=memory)  # fmt: skip
     print(report)
     return 0
 
