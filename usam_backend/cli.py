@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_video.add_argument("--stride", type=int, default=5, help="run the head on every N-th frame (default 5)")
     bench_video.add_argument("--objects", type=int, default=4, help="moving objects (default 4)")
     bench_video.add_argument(
-        "--memory", default="", help="also run usam video on clips of these lengths and print its peak memory, e.g. 300,3000"
+        "--memory", default="", help="also run usam video on clips this long and print its peak memory, e.g. 300,3000"
     )
     _model_flags(bench_video)
     bench_video.set_defaults(command=_bench_video)
