@@ -165,7 +165,8 @@ def test_bench_video_prints_stages_and_frames_per_second(capsys):
     for stage in ("decode (PyAV)", "head on strided frames", "tracking (linking)", "SAM from track boxes"):
         assert stage in out
     assert "frames/s of video" in out
-    assert int(re.search(r"\((\d+) tracks\)", out).group(1)) >= 1
+    assert int(re.search(r"\((\d+) tracks,", out).group(1)) >= 1
+    assert re.search(r"--box with 2 objects followed together: [\d.]+ frames/s; encoder passes per frame 1.00", out)
 
 
 def test_video_from_keyframe_boxes(tmp_path, clip_path, capsys):

@@ -2,22 +2,33 @@
 
 A synthetic clip (``objects`` shapes moving across a ``size``-wide frame) is encoded to H.264 and
 decoded back with PyAV; the head (random weights, real architecture) runs on every ``stride``-th
-frame; ByteTrack links the objects' boxes (the true boxes, jittered: a random head finds no real
-objects, and the tracker's and SAM's cost depend on how many there are); SAM segments every frame
+frame; :func:`~usam_backend.systems.uvosam.track_boxes` links the objects' boxes (the true boxes,
+jittered: a random head finds no real objects, and the linker's and SAM's cost depend on how many
+there are); SAM segments every frame
 from its track boxes. Random SAM weights unless a checkpoint is on disk: the timings are real.
 
-Two throughputs are reported, as the product uses them:
+Three throughputs are reported, as the product uses them:
 
 - **tracks** (Label Studio ``<Video>``: labelled box tracks): decode + head on the strided frames + tracking;
 - **masks** (``usam video``, frame sequences): the above + SAM on every frame (its embedding
-  reused on the strided frames).
+  reused on the strided frames while the embedding cache holds them), each track's object
+  followed past its sampled frames;
+- **--box** (``usam video --box``): ``objects`` objects followed together from one keyframe.
+
+For each, the SAM image encoder's passes per frame and its share of the time (whatever runtime
+runs it). With ``memory_frames``, ``usam video`` itself runs on clips of those lengths (160x120, a
+tracked object on the first 30 frames) and its peak Python and NumPy allocations are reported:
+frames and id maps stream through, so the peak should not grow with the length.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,7 +39,7 @@ from usam_backend.core.video import read_clip, write_video
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.systems.uvosam import Detections, segment_video, track_boxes
+from usam_backend.systems.uvosam import Detections, follow_objects, sampled_frames, segment_video, track_boxes
 from usam_backend.tools.bench import bench_image, random_head
 
 
@@ -56,8 +67,28 @@ def moving_clip(frames: int, size: int, objects: int, seed: int = 0) -> tuple[li
     return out, detections
 
 
-def run_video_bench(settings: Settings, *, frames: int = 24, size: int = 640, stride: int = 5, objects: int = 4) -> str:
+class _EncoderClock:
+    """Wraps an engine's image encoder (whatever its runtime) to add up the seconds it runs."""
+
+    def __init__(self, engine: SamEngine):
+        self.seconds = 0.0
+        self._encoder = engine.encoder
+        engine.encoder = self  # type: ignore[assignment]
+
+    def __call__(self, pixels: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._encoder(pixels)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def run_video_bench(
+    settings: Settings, *, frames: int = 24, size: int = 640, stride: int = 5, objects: int = 4,
+    memory_frames: Sequence[int] = (),
+) -> str:  # fmt: skip
     engine = SamEngine.from_settings(settings.replace(embedding_cache_size=stride + 2), allow_random=True)
+    clock = _EncoderClock(engine)
     segmenter = SemanticSegmenter.from_settings(engine, random_head(engine), settings)
     clip_frames, truth = moving_clip(frames, size, objects)
     seconds: dict[str, float] = {}
@@ -69,8 +100,9 @@ def run_video_bench(settings: Settings, *, frames: int = 24, size: int = 640, st
         started = time.perf_counter()
         clip = read_clip(path)
         seconds["decode"] = time.perf_counter() - started
-    chosen = list(range(0, len(clip), stride))
-    track_boxes([truth[0]])  # imports the tracker: not charged to tracking
+    chosen = sampled_frames(0, len(clip), stride)
+    track_boxes([truth[0]])  # warms up: not charged to tracking
+    calls, encoder = engine.encoder_calls, clock.seconds
     started = time.perf_counter()
     for i in chosen:
         segmenter.segment(clip.frames[i])
@@ -78,27 +110,74 @@ def run_video_bench(settings: Settings, *, frames: int = 24, size: int = 640, st
     started = time.perf_counter()
     tracks = track_boxes([truth[i] for i in chosen], frames=chosen, min_hits=min(3, len(chosen)))
     seconds["tracking"] = time.perf_counter() - started
+    head_calls, head_encoder = engine.encoder_calls - calls, clock.seconds - encoder
     started = time.perf_counter()
     segment_video(clip.frames, tracks, EnginePredictor(engine))
     seconds["sam"] = time.perf_counter() - started
+    mask_calls, mask_encoder = engine.encoder_calls - calls, clock.seconds - encoder
     n = len(clip)
     boxes_path = seconds["decode"] + seconds["head"] + seconds["tracking"]
     masks_path = boxes_path + seconds["sam"]
+    keyframes = {k: (0, box) for k, box in enumerate(truth[0][0], start=1)}
+    calls, encoder = engine.encoder_calls, clock.seconds
+    started = time.perf_counter()
+    follow_objects(clip.frames, keyframes, EnginePredictor(engine))
+    follow = time.perf_counter() - started
+    follow_calls, follow_encoder = engine.encoder_calls - calls, clock.seconds - encoder
     height, width = clip.frames[0].shape[:2]
     lines = [
         f"usam bench-video: SAM {engine.sam.sam_type} ({engine.sam.weights}), {n} frames of {width}x{height}, "
-        f"{objects} moving objects, head on 1 frame in {stride} ({len(chosen)} frames), {settings.points} grid "
-        f"points, device {engine.device}, {torch.get_num_threads()} CPU threads",
+        f"{objects} moving objects, head on 1 frame in {stride} and the last ({len(chosen)} frames), "
+        f"{settings.points} grid points, device {engine.device}, {torch.get_num_threads()} CPU threads",
         f"{'stage':<34}{'seconds':>9}{'per frame':>12}",
         f"{'encode H.264 (writing the clip)':<34}{encode:>9.2f}{encode / n * 1000:>10.1f}ms",
         f"{'decode (PyAV)':<34}{seconds['decode']:>9.2f}{seconds['decode'] / n * 1000:>10.1f}ms",
         f"{'head on strided frames':<34}{seconds['head']:>9.2f}{seconds['head'] / len(chosen):>11.2f}s"
         "  (per strided frame)",
-        f"{'tracking (ByteTrack)':<34}{seconds['tracking']:>9.3f}{seconds['tracking'] / n * 1000:>10.2f}ms",
+        f"{'tracking (linking)':<34}{seconds['tracking']:>9.3f}{seconds['tracking'] / n * 1000:>10.2f}ms",
         f"{'SAM from track boxes, every frame':<34}{seconds['sam']:>9.2f}{seconds['sam'] / n:>11.2f}s"
-        f"  ({len(tracks)} tracks)",
-        f"tracks (Label Studio video):  {n / boxes_path:.2f} frames/s of video",
-        f"masks (usam video, sequences): {n / masks_path:.2f} frames/s of video",
-        f"SAM image encoder passes: {engine.encoder_calls} for {n} frames (the strided frames' embeddings reused)",
+        f"  ({len(tracks)} tracks, objects followed {max(0, stride - 1)} frames past their ends)",
+        f"tracks (Label Studio video):  {n / boxes_path:.2f} frames/s of video; encoder passes per frame "
+        f"{head_calls / n:.2f}, the encoder {_share(head_encoder, boxes_path)} of the time",
+        f"masks (usam video, sequences): {n / masks_path:.2f} frames/s of video; encoder passes per frame "
+        f"{mask_calls / n:.2f}, the encoder {_share(mask_encoder, masks_path)} of the time "
+        f"({mask_encoder / n:.2f} s of {masks_path / n:.2f} s a frame)",
+        f"--box with {objects} objects followed together: {n / follow:.2f} frames/s; encoder passes per frame "
+        f"{follow_calls / n:.2f}, the encoder {_share(follow_encoder, follow)} of the time",
     ]
+    for count in memory_frames:
+        peak, wall = streamed_memory(engine, count)
+        lines.append(
+            f"usam video on {count} frames of 160x120 (a tracked object on the first 30): peak {peak / 2**20:.1f} MiB "
+            f"allocated by Python and NumPy (tracemalloc), {wall:.1f} s"
+        )
     return "\n".join(lines)
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f} %" if whole > 0 else "-"
+
+
+def streamed_memory(engine: SamEngine, count: int) -> tuple[int, float]:
+    """Peak bytes that Python and NumPy allocate while ``usam video`` (from a tracks file: a disc on
+    the first 30 frames) writes a ``count``-frame 160x120 clip's id maps and ``tracks.json``."""
+    from usam_backend.systems.uvosam import Track
+    from usam_backend.tools.video_files import ClipReader, run_video
+
+    frames, truth = moving_clip(min(count, 30), 160, 1)
+    background = frames[-1]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "long.mp4"
+        write_video(path, (frames[t] if t < len(frames) else background for t in range(count)), 24)
+        track = Track(1, boxes={t: truth[t][0][0] for t in range(len(frames))})
+        track.scores = dict.fromkeys(track.boxes, 0.9)
+        started = time.perf_counter()
+        tracemalloc.start()
+        try:
+            reader = ClipReader.open(path, max_frames=count + 1, max_pixels=10**6)
+            run_video(reader, lambda: {1: track}, EnginePredictor(engine), Path(folder) / "out",
+                      source={"bench": count}, progress=False)  # fmt: skip
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return peak, time.perf_counter() - started
