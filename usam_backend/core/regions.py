@@ -115,7 +115,9 @@ def decision_confidence(best_probs: np.ndarray, threshold: float) -> float:
 
 @dataclass
 class Region:
-    """One brush region: its label and mask (COCO RLE, :func:`usam_backend.core.masks.mask_to_rle`)."""
+    """One labelled region: its label and mask (COCO RLE, :func:`usam_backend.core.masks.mask_to_rle`),
+    the shape it was drawn as (``brush``, ``polygon``, ``rectangle``, ``ellipse``), and for a frame
+    sequence the frame it is on (``item_index``; None on a single image)."""
 
     id: str
     label: str
@@ -123,10 +125,13 @@ class Region:
     image: str
     rle: dict[str, list[int]]
     score: float | None = None
+    shape: str = "brush"
+    frame: int | None = None
 
     def mask(self) -> np.ndarray:
         return rle_to_mask(self.rle)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Region:
-        return cls(**{key: raw[key] for key in ("id", "label", "control", "image", "rle", "score") if key in raw})
+        keys = ("id", "label", "control", "image", "rle", "score", "shape", "frame")
+        return cls(**{key: raw[key] for key in keys if key in raw})

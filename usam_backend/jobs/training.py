@@ -24,6 +24,7 @@ from training.recipe import Recipe
 from training.sources.synthetic import release_pipelines
 from usam_backend.core.errors import DataError, UsamError
 from usam_backend.core.images import load_image
+from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.runners import Publish
 from usam_backend.labelstudio.config import parse_label_config
@@ -132,29 +133,46 @@ def annotated_instances(
         for task in tasks:
             try:
                 for image_name, field_ in config.images.items():
-                    if field_.sequence:
-                        continue  # frame sequences are not learnt from (yet): their regions span frames
-                    regions = [r for r in task.regions if r.image == image_name]
                     if field_.key not in task.data:
                         raise DataError(f"task {task.task} has no '{field_.key}' in its data")
-                    raw = fetcher.fetch(task.data[field_.key], task.task)
-                    key = cache.key(hashlib.sha256(raw).hexdigest(), regions)
-                    found = cache.get(key)
-                    if found is None:
-                        image = load_image(raw, max_pixels=settings.max_image_pixels)
-                        with compute_lock:
-                            found = point_labels(engine, image, regions, label_index, points=settings.points,
-                                                 match_iou=settings.feedback_iou)  # fmt: skip
-                        cache.put(key, *found)
-                    x, y = found
-                    keep = y != IGNORE
-                    parts.append(Instances(x[keep], y[keep]))
+                    for ref, regions in _annotated_images(task, image_name, field_.sequence, field_.key,
+                                                          settings.sequence_max_frames):  # fmt: skip
+                        raw = fetcher.fetch(ref, task.task)
+                        key = cache.key(hashlib.sha256(raw).hexdigest(), regions)
+                        found = cache.get(key)
+                        if found is None:
+                            image = load_image(raw, max_pixels=settings.max_image_pixels)
+                            with compute_lock:
+                                found = point_labels(engine, image, regions, label_index, points=settings.points,
+                                                     match_iou=settings.feedback_iou)  # fmt: skip
+                            cache.put(key, *found)
+                        x, y = found
+                        keep = y != IGNORE
+                        parts.append(Instances(x[keep], y[keep]))
                 used += 1
             except UsamError as exc:
                 log.warning("project %s task %s: not learned from: %s", pid, task.task, exc)
                 problems.append({"task": task.task, "reason": str(exc)})
             progress.advance()
     return Instances.concat(parts, engine.embedding_dim), used, problems
+
+
+def _annotated_images(
+    task: TaskFeedback, image_name: str, sequence: bool, key: str, max_frames: int
+) -> list[tuple[Any, list[Region]]]:  # fmt: skip
+    """(image reference, its regions) to learn from: a single image with all its regions (none:
+    every point is background); of a frame sequence, each frame that has regions (regions of
+    every shape, on their ``item_index`` frame), at most ``max_frames`` of them."""
+    regions = [r for r in task.regions if r.image == image_name]
+    if not sequence:
+        return [(task.data[key], regions)]
+    refs = task.data[key]
+    if not isinstance(refs, list):
+        raise DataError(f"task {task.task}: '{key}' is not a list of frames")
+    frames = sorted({r.frame or 0 for r in regions})[:max_frames]
+    if any(frame >= len(refs) for frame in frames):
+        raise DataError(f"task {task.task}: a region is on frame {frames[-1]} of a {len(refs)}-frame sequence")
+    return [(refs[frame], [r for r in regions if (r.frame or 0) == frame]) for frame in frames]
 
 
 def _prepare(settings: Settings, request: dict[str, Any]) -> tuple[Recipe, Settings, SamEngine]:

@@ -34,8 +34,8 @@ import numpy as np
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.masks import mask_boxes, mask_iou, mask_to_rle
 from usam_backend.core.regions import Region
-from usam_backend.core.rle import decode_brush_rle
 from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.annotations import read_results
 from usam_backend.labelstudio.projects import EventLog
 
 log = logging.getLogger("usam.feedback")
@@ -98,6 +98,8 @@ class FeedbackState:
     annotations: int = 0  # annotation events processed in all
     tasks: int = 0  # annotated tasks with a record now
     regions: dict[str, int] = field(default_factory=lambda: Comparison().counts())  # kept/removed/changed/added
+    shapes: dict[str, int] = field(default_factory=dict)  # annotated regions now, by task type and shape
+    unlearnable: int = 0  # annotation events with nothing to learn (video tracks, ...): they queue no training
     error: str | None = None  # why the event at byte_offset could not be processed (retried later)
     rotated_bytes: int = 0  # bytes of the log rotated away: rotated_bytes + byte_offset only ever grows
 
@@ -105,17 +107,19 @@ class FeedbackState:
 class FeedbackStore:
     """Per-project prediction log and annotation feedback (see the module docs for the layout)."""
 
-    def __init__(self, folder: Path, events: EventLog, *, match_iou: float = 0.5):
+    def __init__(self, folder: Path, events: EventLog, *, match_iou: float = 0.5, max_pixels: int = 100_000_000):
         self.folder = folder
         self.events = events
         self.match_iou = match_iou
+        self.max_pixels = max_pixels
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> FeedbackStore:
         model_dir = settings.model_dir
-        return cls(model_dir / "feedback", EventLog(model_dir / "events"), match_iou=settings.feedback_iou)
+        return cls(model_dir / "feedback", EventLog(model_dir / "events"), match_iou=settings.feedback_iou,
+                   max_pixels=settings.max_image_pixels)  # fmt: skip
 
     # -- predictions ---------------------------------------------------------------------------
 
@@ -162,9 +166,11 @@ class FeedbackStore:
             state.error = None
             for event, end in self.events.read_from(pid, state.byte_offset):
                 try:
-                    if self._apply(pid, event, state, state.rotated_bytes + end):
-                        state.since_training += 1
+                    learnable = self._apply(pid, event, state, state.rotated_bytes + end)
+                    if learnable is not None:
                         state.annotations += 1
+                        state.since_training += int(learnable)
+                        state.unlearnable += int(not learnable)
                 except Exception as exc:
                     state.error = f"{type(exc).__name__}: {exc}"[:500]
                     log.exception("project %s: event at byte %d not processed yet", pid, state.byte_offset)
@@ -189,13 +195,16 @@ class FeedbackStore:
         summary = {
             "annotated_tasks": state.tasks,
             "regions": dict(state.regions),
+            "by_shape": dict(sorted(state.shapes.items())),
             "since_training": state.since_training,
+            "not_learnable": state.unlearnable,
         }
         if state.error:
             summary["error"] = f"annotation events wait to be processed: {state.error}"
         return summary
 
-    def _apply(self, pid: str, event: dict[str, Any], state: FeedbackState, end: int) -> bool:
+    def _apply(self, pid: str, event: dict[str, Any], state: FeedbackState, end: int) -> bool | None:
+        """None: not an annotation; else whether the annotation holds something a head learns from."""
         action = event.get("action")
         if action in ANNOTATION_ACTIONS:
             annotation = event.get("annotation") or {}
@@ -203,9 +212,10 @@ class FeedbackStore:
             task_id = task.get("id") if isinstance(task, dict) else task
             task_id = task_id if task_id is not None else annotation.get("task")
             if task_id is None:
-                return False
-            self._record_annotation(pid, int(task_id), annotation, task if isinstance(task, dict) else {}, state, end)
-            return True
+                return None
+            return self._record_annotation(
+                pid, int(task_id), annotation, task if isinstance(task, dict) else {}, state, end
+            )
         if action == "ANNOTATIONS_DELETED":
             deleted = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
             for annotation_id in deleted:
@@ -219,19 +229,25 @@ class FeedbackStore:
                         self._forget(pid, task_id, state, known, end)
                         log.info("project %s: annotation %s of task %s deleted", pid, annotation_id, task_id)
                 owner.unlink(missing_ok=True)
-        return False
+        return None
 
     def _record_annotation(
         self, pid: str, task_id: int, annotation: dict[str, Any], task: dict[str, Any], state: FeedbackState,
         end: int,
-    ) -> None:  # fmt: skip
+    ) -> bool:  # fmt: skip
+        """Record the task's latest annotation; whether it holds something to learn: a region usam
+        reads, or no region at all (every grid point is background); not an annotation made only of
+        results usam does not learn from (video tracks, choices, text, ...)."""
         path = self._dir(pid, "tasks") / f"{task_id}.json"
         known = _read_json(path) or {}
         self._forget(pid, task_id, state, known, end)
         if annotation.get("was_cancelled"):
-            return  # skipped: teaches nothing
-        regions = annotation_regions(annotation.get("result") or [])
+            return False  # skipped: teaches nothing
+        result = annotation.get("result") or []
+        regions = annotation_regions(result, task_id, self.max_pixels)
         version, predicted = self.prediction(pid, task_id)
+        if result and not regions and not predicted:
+            return False  # e.g. a video's tracks: nothing usam learns from
         comparison = compare(predicted, regions, self.match_iou)
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         data = data or dict(known.get("data") or {})  # keep what an earlier event said about the task's image
@@ -240,10 +256,14 @@ class FeedbackStore:
         state.tasks += 1
         for key, n in comparison.counts().items():
             state.regions[key] = state.regions.get(key, 0) + n
+        for region in regions:
+            kind = _task_kind(region)
+            state.shapes[kind] = state.shapes.get(kind, 0) + 1
         if annotation.get("id") is not None:  # one small file per annotation: O(1) per event
             with atomic_path(self._dir(pid, "annotations") / _safe_name(annotation["id"])) as tmp:
                 tmp.write_text(str(task_id))
         log.info("project %s task %s: feedback %s", pid, task_id, comparison.counts())
+        return True
 
     def _forget(self, pid: str, task_id: int, state: FeedbackState, known: dict[str, Any], end: int) -> None:
         """Drop a task's record (``known``, as read) and take its counts out of the totals.
@@ -258,6 +278,9 @@ class FeedbackStore:
         state.tasks = max(0, state.tasks - 1)
         for key, ids in (known.get("comparison") or {}).items():
             state.regions[key] = max(0, state.regions.get(key, 0) - len(ids))
+        for raw in known.get("regions") or []:
+            kind = _task_kind(Region.from_dict(raw))
+            state.shapes[kind] = max(0, state.shapes.get(kind, 0) - 1)
 
     @staticmethod
     def _write_json(path: Path, payload: Any) -> None:
@@ -278,29 +301,38 @@ class FeedbackStore:
             return self._locks.setdefault(pid, threading.Lock())
 
 
-def annotation_regions(result: list[Any]) -> list[Region]:
-    """The brush regions of an annotation's result (other result types are not usam's)."""
+def annotation_regions(result: list[Any], task: object = None, max_pixels: int = 100_000_000) -> list[Region]:
+    """The image regions of an annotation's result, in every shape (brush, polygon, rectangle,
+    ellipse; :func:`~usam_backend.labelstudio.annotations.read_results`), each as the mask it covers
+    at the size Label Studio states, with its frame on a frame sequence. A rectangle's mask is its
+    interior: training matches SAM's mask of each grid point to it by IoU, so the object inside a
+    tight box matches and the background in its corners is ignored. Video tracks and other result
+    types are not learned from; unreadable regions, and regions stating an image of more than
+    ``max_pixels``, are skipped with a warning."""
+    items = []
+    for item in result if isinstance(result, list) else []:
+        height, width = (item.get("original_height"), item.get("original_width")) if isinstance(item, dict) else (0, 0)
+        if isinstance(height, int) and isinstance(width, int) and height * width > max_pixels:
+            log.warning("task %s: skipping a region drawn on a %sx%s image (over USAM_MAX_IMAGE_PIXELS)",
+                        task, width, height)  # fmt: skip
+            continue
+        items.append(item)
+    read = read_results(items, task=task, size=lambda *_: None)
+    for error in read.errors:
+        log.warning("skipping a region usam cannot learn from: %s", error)
+    frames = {str(item.get("id")): item.get("item_index") for item in items if isinstance(item, dict)}
     regions: list[Region] = []
-    for item in result:
-        if not isinstance(item, dict) or item.get("type") != "brushlabels":
-            continue
-        value = item.get("value") or {}
-        labels = value.get("brushlabels") or []
-        height, width = item.get("original_height"), item.get("original_width")
-        if not labels or value.get("format", "rle") != "rle" or not value.get("rle") or not height or not width:
-            continue
-        try:
-            mask = decode_brush_rle(value["rle"], int(height), int(width))
-        except (ValueError, TypeError) as exc:  # BrushRLEError is a ValueError
-            log.warning("skipping a brush region whose RLE does not decode: %s", exc)
-            continue
+    for found in read.regions:
+        frame = frames.get(str(found.id)) if found.id is not None else None
         regions.append(
             Region(
-                id=str(item.get("id") or len(regions)),
-                label=str(labels[0]),
-                control=str(item.get("from_name")),
-                image=str(item.get("to_name")),
-                rle=mask_to_rle(mask),
+                id=str(found.id if found.id is not None else len(regions)),
+                label=found.label,
+                control=found.control,
+                image=found.image,
+                rle=mask_to_rle(found.mask),
+                shape=found.shape,
+                frame=int(frame) if isinstance(frame, int) and not isinstance(frame, bool) else None,
             )
         )
     return regions
@@ -318,7 +350,11 @@ def compare(predicted: list[Region], annotated: list[Region], match_iou: float) 
     for rid in list(left_p):
         if rid in left_a:
             pairs.append((left_p.pop(rid), left_a.pop(rid), _iou(masks_p[rid], masks_a[rid])))
-    candidates = sorted(((_iou(masks_p[p], masks_a[a]), p, a) for p in left_p for a in left_a), key=lambda c: -c[0])
+    place = {r.id: (r.image, r.frame) for r in (*predicted, *annotated)}  # only regions on one frame can match
+    candidates = sorted(
+        ((_iou(masks_p[p], masks_a[a]) if place[p] == place[a] else 0.0, p, a) for p in left_p for a in left_a),
+        key=lambda c: -c[0],
+    )
     for iou, p, a in candidates:
         if iou >= match_iou and p in left_p and a in left_a:
             pairs.append((left_p.pop(p), left_a.pop(a), iou))
@@ -332,6 +368,11 @@ def compare(predicted: list[Region], annotated: list[Region], match_iou: float) 
     result.removed = list(left_p)
     result.added = list(left_a)
     return result
+
+
+def _task_kind(region: Region) -> str:
+    """``image/<shape>`` or ``sequence/<shape>``: the key of /health's per-shape counts."""
+    return f"{'sequence' if region.frame is not None else 'image'}/{region.shape}"
 
 
 def _with_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
