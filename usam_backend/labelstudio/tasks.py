@@ -24,6 +24,7 @@ from usam_backend.core.images import load_image
 from usam_backend.core.masks import mask_to_rle
 from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
+from usam_backend.labelstudio.annotations import SHAPES
 from usam_backend.labelstudio.config import LabelConfig
 from usam_backend.labelstudio.feedback import FeedbackStore
 from usam_backend.labelstudio.interactive import BrushStroke, PromptError, parse_brush_strokes, parse_prompt
@@ -112,7 +113,8 @@ class TaskPredictor:
                         for label in by_class[int(survivors.class_ids[i])]:
                             rid = region_id(choice.version, task_id, image_name, found, *shape_part(label))
                             results += mask_results(mask, label, score, rid)
-                            logged.append(Region(rid, label.value, label.control, label.image, rle, score))
+                            logged.append(Region(rid, label.value, label.control, label.image, rle, score,
+                                                 shape=SHAPES[label.kind]))  # fmt: skip
                 del image
         except UsamError as exc:
             self._failed(task_id, str(exc))
