@@ -25,6 +25,9 @@ import numpy as np
 
 from usam_backend.core.errors import UsamError
 from usam_backend.core.images import load_image, peek_size
+from usam_backend.core.masks import mask_to_rle
+from usam_backend.core.regions import Region
+from usam_backend.labelstudio.annotations import SHAPES
 from usam_backend.labelstudio.config import ProjectLabel
 from usam_backend.labelstudio.media import TaskImageFetcher
 from usam_backend.labelstudio.results import mask_results, region_id, shape_part
@@ -112,8 +115,10 @@ def predict_sequence(
     frames: list[np.ndarray], segmenter: SemanticSegmenter, by_class: dict[int, tuple[ProjectLabel, ...]],
     choice: HeadChoice,
     *, task_id: object, image_name: str, stride: int, lock: Lock, deadline: float | None = None,
+    logged: list[Region] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Regions of a frame sequence: per track per frame, in each label's shape, with ``item_index``."""
+    """Regions of a frame sequence: per track per frame, in each label's shape, with ``item_index``
+    (and appended to ``logged`` with their frame, for comparing with the annotation)."""
     chosen = sampled_frames(0, len(frames), stride)
     check = deadline_check(deadline)
     tracks = detect_tracks(
@@ -128,6 +133,9 @@ def predict_sequence(
             for label in by_class[track.class_id]:
                 rid = region_id(choice.version, task_id, image_name, index, int(tid), *shape_part(label))
                 results += mask_results(ids == tid, label, track.score, rid, item_index=index)
+                if logged is not None:
+                    logged.append(Region(rid, label.value, label.control, label.image, mask_to_rle(ids == tid),
+                                         track.score, shape=SHAPES[label.kind], frame=index))  # fmt: skip
     return results
 
 

@@ -99,7 +99,7 @@ class TaskPredictor:
                     frames = fetch_frames(task, refs, fetcher, basic, self.limits)
                     results += predict_sequence(
                         frames, self.segmenter(choice), by_class, choice, task_id=task_id, image_name=image_name,
-                        stride=self.settings.video_stride, lock=self.lock, deadline=deadline,
+                        stride=self.settings.video_stride, lock=self.lock, deadline=deadline, logged=logged,
                     )  # fmt: skip
                     continue
                 image = self.task_image(task, field_.key, fetcher, basic)
