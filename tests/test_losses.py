@@ -3,12 +3,18 @@ import math
 import pytest
 import torch
 
-from training.losses import bad_points, mil_loss, mil_scores, top_k, uncertainty_loss
+from training.losses import bad_points, mil_loss, mil_scores, pooled_k, top_k, uncertainty_loss
 
 
 @pytest.mark.parametrize(("points", "a", "k"), [(100, 8, 13), (100, 100, 1), (10, 3, 4), (5, 1000, 1)])
 def test_top_k(points, a, k):
     assert top_k(points, a) == k
+
+
+def test_pooling_warm_up_narrows_from_every_point_to_top_k():
+    assert [pooled_k(16, 2, epoch, 10) for epoch in range(12)] == [16, 15, 13, 12, 10, 9, 8, 6, 5, 3, 2, 2]
+    assert [pooled_k(100, 13, epoch, 0) for epoch in range(3)] == [13, 13, 13]  # no warm-up: the paper's top-k
+    assert pooled_k(100, 13, 0, 2.5) == 100 and pooled_k(100, 13, 2, 2.5) == 30 and pooled_k(100, 13, 3, 2.5) == 13
 
 
 def test_mil_scores_average_the_top_k_points():

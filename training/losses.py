@@ -17,6 +17,16 @@ def top_k(points: int, a: float) -> int:
     return max(1, math.ceil(points / a))
 
 
+def pooled_k(points: int, k: int, epoch: int, warmup_epochs: float) -> int:
+    """How many points pool into a class score at ``epoch`` (from 0) of a pooling warm-up: all
+    ``points`` at the start (the mean), narrowing linearly to ``k`` at ``warmup_epochs``, and ``k``
+    from then on. The mean teaches every point of a labelled image from the first step, so each
+    class's own points rise before the pooling narrows to the few highest."""
+    if epoch >= warmup_epochs:
+        return k
+    return max(k, round(points - (points - k) * epoch / warmup_epochs))
+
+
 def mil_scores(logits: Tensor, k: int) -> Tensor:
     """Class scores per image: the mean of each column's k largest point logits, (B, K)."""
     return logits.topk(min(k, logits.shape[1]), dim=1).values.mean(dim=1)
