@@ -109,3 +109,34 @@ def test_a_sequence_teaches_on_each_annotated_frame():
     with pytest.raises(DataError, match="frame 2 of a 2-frame"):
         _annotated_images(TaskFeedback(7, 1, {"frames": ["f0.png", "f1.png"]}, regions, compare([], [], 0.5), None),
                           "frames", True, "frames", max_frames=10)  # fmt: skip
+
+
+def test_a_video_job_keeps_the_head_it_started_under(trained_head, tmp_path):
+    """Retraining publishes a new head while a video's chunks are in flight: the jobs of that video
+    finish with the head of the version they were submitted under while its file is on disk, and
+    only when it is gone do they take the serving head (and the chunk set restarts under it)."""
+    import copy
+    import time
+
+    import torch
+
+    from usam_backend.core.settings import Settings
+    from usam_backend.jobs.preannotate import serving
+    from usam_backend.labelstudio.projects import ProjectRecord, ProjectStore
+
+    xml = """<View><Video name="video" value="$video"/><VideoRectangle name="box" toName="video"/>
+<Labels name="labels" toName="video"><Label value="tomato"/><Label value="sky"/></Labels></View>"""
+    settings = Settings(model_dir=tmp_path, cache_dir=tmp_path / "cache", sam_type="tiny", device="cpu")
+    ProjectStore(tmp_path / "projects").put(ProjectRecord("4", xml))
+    trained_head.save(tmp_path / "heads" / "old.pt")
+    old = serving(settings, "4")[2].version
+    newer = copy.deepcopy(trained_head)
+    with torch.no_grad():
+        next(newer.net.parameters()).add_(0.01)  # retrained: other weights, another version
+    time.sleep(0.01)
+    newer.save(tmp_path / "heads" / "new.pt")
+    current = serving(settings, "4")[2].version
+    assert current != old
+    assert serving(settings, "4", old)[2].version == old  # the jobs started under the old head keep it
+    (tmp_path / "heads" / "old.pt").unlink()
+    assert serving(settings, "4", old)[2].version == current  # gone: the serving head (the set restarts)

@@ -130,6 +130,29 @@ class HeadRegistry:
                 self._choices[key] = self._choose(labels, project)
             return self._choices[key]
 
+    def choose_version(
+        self, labels: Sequence[NamedLabel], version: str, project: str | None = None
+    ) -> HeadChoice | None:  # fmt: skip
+        """The head of model version ``version`` for these labels, while its file is on disk and
+        serves at least one of them (a job started under it finishes with it)."""
+        with self._lock:
+            self._refresh()
+            usable = [info for info in self._usable if info.version == version]
+        for info in usable:
+            if info.project is not None and info.project != project:
+                continue
+            served = _match(info.classes, labels)
+            if not served:
+                continue
+            try:
+                head = self.load(info)
+            except HeadError as exc:
+                log.warning("could not load %s: %s", info.path, exc)
+                return None
+            values = tuple(dict.fromkeys(label.value for label in labels))
+            return HeadChoice(head, info.path, info.version, served, tuple(v for v in values if v not in served))
+        return None
+
     def versions(self) -> list[str]:
         return [info.version for info in self.infos()]
 

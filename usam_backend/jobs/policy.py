@@ -151,7 +151,13 @@ def video_task_jobs(
         JobSpec(
             id=f"usam-video-{project}-{task_id}-{digest}",
             function=JOBS["video"],
-            request={"project": project, "trigger": trigger, "tasks": [task_id], "shape": shape.to_dict()},
+            request={
+                "project": project,
+                "trigger": trigger,
+                "tasks": [task_id],
+                "shape": shape.to_dict(),
+                "version": version,
+            },
             kind="video",
             description=f"find and track objects in video task {task_id} of project {project}",
             rerun_after=RETRY_FAILED_AFTER,

@@ -36,8 +36,11 @@ from usam_backend.sam.shared import compute_lock, shared_engine
 log = logging.getLogger("usam.preannotate")
 
 
-def serving(settings: Settings, project: str) -> tuple[ProjectRecord, LabelConfig, HeadChoice]:
-    """A project's record (read fresh: it follows PROJECT_UPDATED), label config and serving head.
+def serving(
+    settings: Settings, project: str, version: str | None = None
+) -> tuple[ProjectRecord, LabelConfig, HeadChoice]:  # fmt: skip
+    """A project's record (read fresh: it follows PROJECT_UPDATED), label config and serving head;
+    with ``version``, the head of that model version while it is on disk (else the serving one).
 
     Raises:
         UsamError: the project is unknown here, or no head serves its labels yet.
@@ -46,7 +49,9 @@ def serving(settings: Settings, project: str) -> tuple[ProjectRecord, LabelConfi
     if record is None:
         raise UsamError(f"project {project} is unknown here: run /setup or usam preannotate first")
     config = parse_label_config(record.label_config)
-    choice = HeadRegistry(settings.model_dir / "heads", settings.sam_type).choose(config.labels, project)
+    registry = HeadRegistry(settings.model_dir / "heads", settings.sam_type)
+    choice = registry.choose_version(config.labels, version, project) if version else None
+    choice = choice or registry.choose(config.labels, project)
     if choice is None:
         raise UsamError(f"no head serves the labels of project {project} yet")
     return record, config, choice

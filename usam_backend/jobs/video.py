@@ -45,7 +45,7 @@ from usam_backend.core.errors import UsamError
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.settings import Settings
 from usam_backend.core.video import DEFAULT_FPS, EmptyRange, VideoError, probe_video, read_clip
-from usam_backend.jobs.policy import VideoShape, video_chunk_jobs
+from usam_backend.jobs.policy import VideoShape, video_chunk_jobs, video_task_jobs
 from usam_backend.jobs.preannotate import serving
 from usam_backend.jobs.runners import Publish, make_runner
 from usam_backend.labelstudio.client import LabelStudioApi
@@ -199,8 +199,11 @@ class VideoJob:
 
     @classmethod
     def from_request(cls, settings: Settings, request: dict[str, Any]) -> VideoJob:
+        """The job's context, with the head of the version it was submitted under while that head
+        is on disk: a new head published meanwhile does not change a video half done."""
         project = str(request["project"])
-        record, config, choice = serving(settings, project)
+        version = request.get("version")
+        record, config, choice = serving(settings, project, str(version) if version not in (None, "current") else None)
         shape = VideoShape.from_request(request, settings)
         return cls(settings, project, int(request["tasks"][0]), record, config, choice, shape)
 
@@ -295,10 +298,8 @@ def video_chunk_job(settings: Settings, request: dict[str, Any], *, publish: Pub
     start, stop = int(request["start"]), int(request["stop"])
     chunks = [(int(a), int(b)) for a, b in request["chunks"]]
     counts = job.counts()
-    if request.get("version") not in (None, job.choice.version):  # a new head since the video was split
-        counts["skipped"] = 1
-        counts["error"] = f"the project's head changed from {request['version']} to {job.choice.version}: run it again"
-        return counts
+    if request.get("version") not in (None, job.choice.version):  # its head was removed since the video was split
+        return _restart(settings, job, str(request["version"]), counts)
     store = job.store()
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, job.record, client)
@@ -311,6 +312,21 @@ def video_chunk_job(settings: Settings, request: dict[str, Any], *, publish: Pub
             progress.close()
         if store.load(chunks) is not None:
             counts.update(_link_and_post(job, api, store, chunks))
+    return counts
+
+
+def _restart(settings: Settings, job: VideoJob, old: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """The one place a video's chunk set restarts: the head of version ``old`` that the set was
+    split under is no longer on disk, so the whole video is submitted again under the serving head
+    (its chunks already computed under ``old`` are not mixed in: the chunk store is per version)."""
+    log.warning("video task %s of project %s: the head %s its chunks were started under is gone; restarting the "
+                "video under %s", job.task_id, job.project, old, job.choice.version)  # fmt: skip
+    (spec,) = video_task_jobs(
+        job.project, [job.task_id], trigger="restart", version=job.choice.version, shape=job.shape
+    )
+    make_runner(settings).submit(spec)
+    counts["skipped"] = 1
+    counts["restarted"] = {"from": old, "to": job.choice.version, "job": spec.id}
     return counts
 
 
