@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from refine_oracle import (
     CORRUPTIONS,
+    FIGURES,
     SIZE,
     GeometricOracle,
     OracleGenerator,
@@ -24,13 +25,6 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from usam_backend import EnginePredictor, refine_masks
 from usam_backend.systems.uosam import RefineReport
 from usam_backend.tools.evaluate import miou
-
-FIGURES = {  # mean mIoU over 4 scenes: coarse, local, local + global (the README's table)
-    "dilated": (0.678, 1.000, 1.000),
-    "eroded": (0.613, 0.721, 0.956),
-    "shifted": (0.624, 0.809, 0.961),
-    "noisy edges": (0.794, 0.996, 1.000),
-}
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -302,7 +296,7 @@ def test_the_automatic_masks_answer_none_where_no_mask_passes(tiny_engine):
     strict = {**GENERATOR_OPTIONS, "points_per_side": 4, "pred_iou_thresh": 1.1}  # nothing can pass
     with pytest.raises(IndexError):  # what segment_anything itself does
         SamAutomaticMaskGenerator(tiny_engine.model, **strict).generate(image)
-    assert AutomaticMasks(tiny_engine.model, **strict).generate(image) == []
+    assert AutomaticMasks(tiny_engine, **strict).generate(image) == []
 
 
 @pytest.fixture
@@ -377,10 +371,9 @@ def test_a_smart_brush_stroke_comes_back_refined_with_its_label(served):
 @pytest.mark.parametrize("mode", ["local", "both"])
 def test_usam_refine_post_processes_predictions(served, mode, monkeypatch):
     from usam_backend.server.service import PredictRequest
-    from usam_backend.systems.uosam import GENERATOR_OPTIONS
+    from usam_backend.systems import uosam
 
-    monkeypatch.setitem(GENERATOR_OPTIONS, "points_per_side", 4)  # the paper's 64 x 64 and crops: minutes on CPU
-    monkeypatch.setitem(GENERATOR_OPTIONS, "crop_n_layers", 0)
+    monkeypatch.setattr(uosam, "CPU_GLOBAL_POINTS", 4)  # the plumbing, in seconds
 
     host, tmp_path = served
     request = PredictRequest(tasks=[{"id": 1, "data": {"image": f"{host.url}/a.png"}}], label_config=BRUSH_CONFIG)
@@ -396,7 +389,8 @@ def test_bench_refine_prints_the_cost_per_image_and_region(capsys):
 
     assert main(["bench-refine", "--sam", "tiny", "--size", "256", "--objects", "4", "--global-points", "4"]) == 0
     out = capsys.readouterr().out
-    assert "local, embedding cached" in out and "s per region" in out and "local + global (4x4 points)" in out
+    assert "local, embedding cached" in out and "s per region" in out
+    assert "local + global (4x4 points, 0 crop layers)" in out and "x the cached local step" in out
 
 
 def test_thousands_of_specks_cost_their_statistics_not_a_mask_each():

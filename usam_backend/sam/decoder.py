@@ -131,7 +131,7 @@ def low_res_logits(decoder: MaskDecoder, decoded: DecodedPoints, index: Tensor, 
         [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
     )  # k, 4, E/8
     _, channels, height, width_up = upscaled.shape
-    masks = (hyper @ upscaled.view(k, channels, height * width_up)).view(k, -1, height, width_up)
+    masks = (hyper @ upscaled.view(k, channels, height * width_up)).view(k, hyper.shape[1], height, width_up)
     return masks[:, MULTIMASK]
 
 

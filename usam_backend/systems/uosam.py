@@ -6,7 +6,7 @@
    best of three masks; a cascade pass refines it (the same points, that mask's box, its low-res
    logits as ``mask_input``). The SAM mask replaces the region only if it agrees with it
    (IoU >= ``accept_iou``); else the coarse region stays. Decided per region.
-2. **Global region optimizer** (with a mask generator): SAM's automatic masks, largest first (so
+2. **Global region optimizer** (with a mask generator): automatic masks, largest first (so
    smaller ones are painted last and win), each painted with the majority class of the locally
    refined map beneath it (background may win). If that collapses the map to one class, the
    local result is kept.
@@ -39,7 +39,30 @@ GENERATOR_OPTIONS: dict[str, Any] = {
     "crop_n_points_downscale_factor": 2,
     "min_mask_region_area": 100,
 }
-"""``SamAutomaticMaskGenerator``'s settings for the global step, as UO-SAM's paper and script use them."""
+"""The automatic mask generator's settings for the global step, as UO-SAM's paper and script use them
+(the default on CUDA)."""
+
+CPU_GLOBAL_POINTS = 16
+CPU_CROP_LAYERS = 0
+"""The global step's defaults on CPU: the fewest points per side and crop layers for which the
+refinement oracle (``tests/refine_oracle.py``) scores local + global as high as the paper's 64 x 64
+points with a crop layer (see the README's *Refining masks*)."""
+
+
+def generator_options(
+    device_type: str, *, points_per_side: int | None = None, crop_layers: int | None = None
+) -> dict[str, Any]:
+    """The automatic mask generator's settings on ``device_type`` ("cpu" or "cuda"): the paper's
+    on CUDA, fewer points and no crops on CPU; ``points_per_side`` and ``crop_layers`` override."""
+    options = dict(GENERATOR_OPTIONS)
+    if device_type == "cpu":
+        options.update(points_per_side=CPU_GLOBAL_POINTS, crop_n_layers=CPU_CROP_LAYERS)
+    if points_per_side is not None:
+        options["points_per_side"] = points_per_side
+    if crop_layers is not None:
+        options["crop_n_layers"] = crop_layers
+    return options
+
 
 IGNORE = 255
 """A coarse-map value left alone: neither refined nor painted over (VOC's "void")."""
@@ -61,8 +84,9 @@ class Predictor(Protocol):
 
 
 class MaskGenerator(Protocol):
-    """``segment_anything.SamAutomaticMaskGenerator``'s interface: records with ``segmentation``
-    (H, W bool) and ``area`` (and ``bbox``, ``predicted_iou``, ``stability_score``)."""
+    """``segment_anything.SamAutomaticMaskGenerator``'s interface (usam's ``AutomaticMasks`` has it
+    too): records with ``segmentation`` (H, W bool) and ``area`` (and ``bbox``, ``predicted_iou``,
+    ``stability_score``)."""
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
 
@@ -121,7 +145,8 @@ def refine_masks(
         coarse: (H, W) integer label map; ``background`` (0) is background, ``ignore`` (255) is
             left alone.
         predictor: ``SamPredictor``'s interface; ``set_image`` is called once.
-        generator: ``SamAutomaticMaskGenerator``'s interface; None runs the local step only.
+        generator: ``SamAutomaticMaskGenerator``'s interface (e.g. ``AutomaticMasks(engine,
+            **generator_options(...))``); None runs the local step only.
         local: run the local step (False with a generator: the global step alone).
         report: filled with the per-region decisions, if given.
         options: :class:`RefineOptions` fields.
