@@ -121,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refine.add_argument("--no-wait", action="store_true", help="with --project and REDIS_URL: queue and return")
     refine.add_argument("--no-global", action="store_true", help="local optimizer only (much faster on CPU)")
-    refine.add_argument("--global-points", type=int, default=64, help="automatic-mask points per side (paper: 64)")
+    refine.add_argument(
+        "--global-points", type=int, metavar="N",
+        help="automatic-mask points per side for the global step (default: 16 on CPU, the paper's 64 on CUDA)",
+    )  # fmt: skip
+    refine.add_argument(
+        "--crop-layers", type=int, metavar="N",
+        help="automatic-mask crop layers for the global step (default: 0 on CPU, the paper's 1 on CUDA)",
+    )  # fmt: skip
     refine.add_argument("--accept-iou", type=float, default=0.4, help="replace a region if SAM agrees this much")
     refine.add_argument("--viz", action="store_true", help="also write OUTDIR/viz/<stem>.png: image | coarse | refined")
     refine.add_argument("--overwrite", action="store_true", help="refine maps already in OUTDIR again")
@@ -195,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_refine.add_argument("--size", type=int, default=1024, help="image width in pixels (4:3; default 1024)")
     bench_refine.add_argument("--objects", type=int, default=8, help="objects in the scene (default 8)")
-    bench_refine.add_argument("--global-points", type=int, default=16, help="automatic-mask points per side")
+    bench_refine.add_argument(
+        "--global-points", type=int, metavar="N", help="automatic-mask points per side (default: usam refine's)"
+    )
+    bench_refine.add_argument(
+        "--crop-layers", type=int, metavar="N", help="automatic-mask crop layers (default: usam refine's)"
+    )
     _model_flags(bench_refine)
     bench_refine.set_defaults(command=_bench_refine)
 
@@ -392,14 +404,17 @@ def _refine(args: argparse.Namespace) -> int:
     from usam_backend.sam.engine import SamEngine
     from usam_backend.sam.generator import AutomaticMasks
     from usam_backend.sam.predictor import EnginePredictor
-    from usam_backend.systems.uosam import GENERATOR_OPTIONS
+    from usam_backend.systems.uosam import generator_options
     from usam_backend.tools.refine_files import refine_folder
 
     settings = _settings(args)
     engine = SamEngine.from_settings(settings)
     generator = None
     if not args.no_global:
-        generator = AutomaticMasks(engine.model, **{**GENERATOR_OPTIONS, "points_per_side": args.global_points})
+        options = generator_options(
+            engine.device.type, points_per_side=args.global_points, crop_layers=args.crop_layers
+        )
+        generator = AutomaticMasks(engine, **options)
     run = refine_folder(
         args.data, args.mask, args.outdir, EnginePredictor(engine), generator=generator,
         max_pixels=settings.max_image_pixels, viz=args.viz, overwrite=args.overwrite, accept_iou=args.accept_iou,
@@ -460,7 +475,8 @@ def _bench_video(args: argparse.Namespace) -> int:
 def _bench_refine(args: argparse.Namespace) -> int:
     from usam_backend.tools.bench_refine import run_refine_bench
 
-    print(run_refine_bench(_settings(args), size=args.size, objects=args.objects, global_points=args.global_points))
+    print(run_refine_bench(_settings(args), size=args.size, objects=args.objects, global_points=args.global_points,
+                           crop_layers=args.crop_layers))  # fmt: skip
     return 0
 
 
