@@ -6,7 +6,7 @@ prediction of version ``V`` and none of ``V+uosam`` yet, and refines them in chu
 ``USAM_PREANNOTATE_CHUNK`` tasks: as RQ jobs with ``REDIS_URL``, else in this process. A job
 checks each task again before posting, so re-running resumes where it stopped. Regions of every
 image shape are refined and posted in their own shape (a box becomes the tight box of its refined
-mask); other results, and frame sequences, are carried over as they are.
+mask), on single images and on each frame of a frame sequence; other results are carried over.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from training.progress import Progress
 from usam_backend.core.errors import UsamError
+from usam_backend.core.images import load_image
 from usam_backend.core.settings import Settings
 from usam_backend.jobs.batches import run_task_jobs
 from usam_backend.jobs.policy import JOBS
@@ -28,14 +29,16 @@ from usam_backend.labelstudio.annotations import read_region
 from usam_backend.labelstudio.client import LabelStudioApi, LabelStudioApiError
 from usam_backend.labelstudio.config import SHAPE_TAGS, ProjectLabel, parse_label_config
 from usam_backend.labelstudio.feedback import FeedbackStore
-from usam_backend.labelstudio.media import fetcher_for
+from usam_backend.labelstudio.media import TaskImageFetcher, fetcher_for
 from usam_backend.labelstudio.projects import ProjectRecord, ProjectStore, project_id
 from usam_backend.labelstudio.results import mask_results, prediction
+from usam_backend.labelstudio.sequences import sequence_refs
 from usam_backend.labelstudio.tasks import TaskPredictor
+from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.generator import AutomaticMasks
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.sam.shared import compute_lock, shared_engine
-from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
+from usam_backend.systems.uosam import RefineReport, generator_options, refine_masks
 
 log = logging.getLogger("usam.refine")
 
@@ -81,7 +84,7 @@ def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish 
     config = parse_label_config(record.label_config)
     engine = shared_engine(settings)
     tasks = TaskPredictor(settings, lambda: engine, FeedbackStore.for_settings(settings), compute_lock)
-    generator = AutomaticMasks(engine.model, **GENERATOR_OPTIONS) if request.get("global") else None
+    generator = AutomaticMasks(engine, **generator_options(engine.device.type)) if request.get("global") else None
     counts: dict[str, Any] = {"refined": 0, "skipped": 0, "failed": 0, "model_version": target}
     with httpx.Client(follow_redirects=False) as client:
         api = LabelStudioApi.for_project(settings, record, client)
@@ -96,8 +99,8 @@ def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish 
                     result = []
                     for image_name, field in config.images.items():
                         regions = [r for r in found[source].get("result") or [] if r.get("to_name") == image_name]
-                        if field.sequence:  # frame sequences: carried over as they are
-                            result += regions
+                        if field.sequence:
+                            result += _refine_sequence(task, field.key, regions, tasks, fetcher, engine, generator)
                             continue
                         if not regions:
                             continue
@@ -117,9 +120,32 @@ def refine_job(settings: Settings, request: dict[str, Any], *, publish: Publish 
     return counts
 
 
+def _refine_sequence(
+    task: dict[str, Any], key: str, regions: list[dict[str, Any]], tasks: TaskPredictor, fetcher: TaskImageFetcher,
+    engine: SamEngine, generator: AutomaticMasks | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """A frame sequence's regions refined frame by frame (each frame fetched, checked and decoded
+    only when it has regions), each keeping its ``item_index``."""
+    refs = sequence_refs(task, key, tasks.limits)
+    by_frame: dict[int, list[dict[str, Any]]] = {}
+    for region in regions:
+        frame = region.get("item_index", 0)
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < len(refs):
+            raise UsamError(f"a predicted region is on frame {str(frame)[:20]} of a {len(refs)}-frame sequence")
+        by_frame.setdefault(frame, []).append(region)
+    out: list[dict[str, Any]] = []
+    task_id = task.get("id") if isinstance(task.get("id"), int) else None
+    for frame, on_frame in sorted(by_frame.items()):
+        image = load_image(fetcher.fetch(refs[frame], task_id, None), max_pixels=tasks.settings.max_image_pixels)
+        with compute_lock:
+            out += refine_regions(image, on_frame, EnginePredictor(engine), generator, item_index=frame)
+    return out
+
+
 def refine_regions(
-    image: np.ndarray, regions: list[dict[str, Any]], predictor: EnginePredictor, generator: AutomaticMasks | None
-) -> list[dict[str, Any]]:
+    image: np.ndarray, regions: list[dict[str, Any]], predictor: EnginePredictor, generator: AutomaticMasks | None,
+    item_index: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """One image's prediction regions refined: brush, polygon, rectangle and ellipse regions become
     one label map (region index + 1, later regions on top), refined, and are cut out again, each in
     its own shape (a polygon per part, the refined mask's tight box, its ellipse: the shapes of
@@ -149,7 +175,7 @@ def refine_regions(
     out = []
     for index, (region, label) in enumerate(zip(shaped, labels, strict=True), start=1):
         rid, score = hashlib.sha1(f"{region.get('id')}+uosam".encode()).hexdigest()[:10], region.get("score")
-        for part in mask_results(refined == index, label, float(score or 0.0), rid):
+        for part in mask_results(refined == index, label, float(score or 0.0), rid, item_index):
             if score is None:
                 del part["score"]
             out.append(part)
