@@ -43,7 +43,7 @@ from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.generator import AutomaticMasks
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.prompts import segment_prompt
-from usam_backend.systems.uosam import GENERATOR_OPTIONS, RefineReport, refine_masks
+from usam_backend.systems.uosam import RefineReport, generator_options, refine_masks
 from usam_backend.systems.usam import SemanticSegmenter, Survivors
 from usam_backend.systems.uvosam import Lock, follow_object
 
@@ -139,7 +139,8 @@ class TaskPredictor:
         regions = np.zeros(image.shape[:2], dtype=np.int32)  # survivor index + 1, the best painted last
         for i in np.argsort(survivors.scores, kind="stable"):
             regions[survivors.mask(int(i))] = int(i) + 1
-        generator = AutomaticMasks(survivors.segmenter.engine.model, **GENERATOR_OPTIONS) if mode != "local" else None
+        engine = survivors.segmenter.engine
+        generator = AutomaticMasks(engine, **generator_options(engine.device.type)) if mode != "local" else None
         refined = refine_masks(
             image, regions, EnginePredictor(survivors.segmenter.engine), generator=generator, local=mode != "global",
             ignore=None, min_region_area=max(100, regions.size // 1000), max_regions=2 * len(survivors),
