@@ -186,8 +186,6 @@ class _Live:
         if look is not None:
             merged = look if self.look is None else 0.5 * self.look + 0.5 * look
             self.look = merged / max(float(np.linalg.norm(merged)), 1e-12)
-        elif self.unconfirmed is not None and self.misses == 0:
-            self.unconfirmed = None
         self.seen[frame] = sighting
         self.last = frame
         self.misses = 0
