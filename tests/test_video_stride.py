@@ -208,3 +208,16 @@ def test_a_clip_is_read_in_chunks(tmp_path):
     assert [i for i, _ in pairs] == whole.indices == list(range(11))
     assert all(np.array_equal(f, g) for (_, f), g in zip(pairs, whole.frames, strict=True))
     assert [i for i, _ in reader.frames(3, keep_last=True)] == [0, 3, 6, 9, 10]
+
+
+def test_a_resumed_run_follows_on_from_the_frames_already_written():
+    """``known`` frames (read back from a stopped run's PNGs) are not shown to SAM, and the objects
+    are followed on from their masks: the same maps as an uninterrupted run."""
+    scene = moving_shapes(30)
+    boxes = {t: scene.boxes(t)[2] for t in range(5, 21)}
+    tracks = {2: Track(2, boxes=boxes, scores={5: 0.9, 10: 0.9, 15: 0.9, 20: 0.9})}
+    whole = segment_video(scene.frames, tracks, VideoOracle(scene))
+    oracle = VideoOracle(scene)
+    resumed = list(segment_frames(scene.frames, tracks, oracle, known=lambda p: whole[p] if p <= 20 else None))
+    assert all(np.array_equal(a, b) for a, b in zip(whole, resumed, strict=True))
+    assert oracle.images == 4  # frames 21-24: the square followed past its last sighting
