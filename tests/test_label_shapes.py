@@ -221,3 +221,40 @@ def test_usam_refine_snaps_another_models_loose_boxes_and_polygons_to_the_object
         coarse = polygons_mask([_pixels(before["value"]["points"], size, size)], size, size)
         iou_after = (drawn & mask).sum() / (drawn | mask).sum()
         assert iou_after > 0.9 > (coarse & mask).sum() / (coarse | mask).sum()
+
+
+def test_usam_refine_refines_a_frame_sequences_regions_on_their_frames(host, tiny_engine):
+    """Plumbing with the tiny SAM: each frame with predicted regions is fetched and refined, and the
+    regions come back in their shape on their own frame; a region beyond the sequence is an error."""
+    import threading
+
+    import httpx
+
+    from usam_backend.core.errors import UsamError
+    from usam_backend.core.settings import Settings
+    from usam_backend.jobs.refine import _refine_sequence
+    from usam_backend.labelstudio.media import fetcher_for
+    from usam_backend.labelstudio.tasks import TaskPredictor
+
+    served, tmp_path = host
+    settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path / "cache",
+                        model_dir=tmp_path / "models", allowed_hosts=("127.0.0.1",))  # fmt: skip
+    task = {"id": 8, "data": {"frames": [f"{served.url}/{t}.png" for t in range(4)]}}
+    common = {"from_name": "poly", "to_name": "frames", "original_width": 128, "original_height": 96}
+    square = [[10, 20], [50, 20], [50, 70], [10, 70]]
+    regions = [
+        {**common, "id": "a", "type": "polygonlabels", "item_index": 1,
+         "value": {"points": square, "closed": True, "polygonlabels": ["tomato"]}},
+        {**common, "id": "b", "type": "rectanglelabels", "from_name": "rect", "item_index": 3,
+         "value": {"x": 20, "y": 20, "width": 30, "height": 50, "rotation": 0, "rectanglelabels": ["tomato"]}},
+    ]  # fmt: skip
+    tasks = TaskPredictor(settings, lambda: tiny_engine, None, threading.Lock())  # type: ignore[arg-type]
+    with httpx.Client() as client:
+        fetcher = fetcher_for(settings, None, client)
+        refined = _refine_sequence(task, "frames", regions, tasks, fetcher, tiny_engine, None)
+        assert {(r["type"], r["item_index"]) for r in refined} <= {("polygonlabels", 1), ("rectanglelabels", 3)}
+        assert any(r["item_index"] == 3 for r in refined) and all(r["original_width"] == 128 for r in refined)
+        fetched = [path for path, _ in served.requests]
+        assert "/1.png" in fetched and "/3.png" in fetched and "/0.png" not in fetched  # only frames with regions
+        with pytest.raises(UsamError, match="frame 9 of a 4-frame"):
+            _refine_sequence(task, "frames", [{**regions[0], "item_index": 9}], tasks, fetcher, tiny_engine, None)
