@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a Label Studio project to COCO, YOLO-seg, label maps, MOT, DAVIS and MOTS",
         description="Read a Label Studio project's annotations (or with --from-version its predictions of that "
         "model version) through its API (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), fetch its images and videos, "
-        "and write OUT/images/, coco.json (RLE masks), the YOLO segmentation layout (data.yaml, classes.txt, "
+        "and write DIR/images/, coco.json (RLE masks), the YOLO segmentation layout (data.yaml, classes.txt, "
         "labels/), masks/ (label-map PNGs), and for frame sequences and videos mot/, davis/ and mots/. Files "
         "already written are kept, so a stopped export resumes. See README, Export.",
     )
