@@ -96,3 +96,13 @@ def test_auto_is_onnxruntime_on_cpu_and_the_gpu_stays_in_pytorch():
     for setting in ("auto", "torch", "onnxruntime", "openvino"):
         assert choose_runtime(setting, cuda, "vit_h")[0] == "torch"
     assert "applies on CPU" in choose_runtime("onnxruntime", cuda, "vit_h")[1]
+
+
+def test_unseeded_random_weights_leave_no_file_in_the_cache(tmp_path, two_object_image):
+    """A benchmark's random vit_t differs in every process: its export is used once and removed."""
+    sam = LoadedSam(build_tiny_sam(2), "tiny", "random (no checkpoint on disk)", torch.device("cpu"))
+    engine = SamEngine(sam, runtime="onnxruntime", cache_dir=tmp_path)
+    engine.embed(two_object_image)
+    info = engine.encoder.info
+    assert info is not None and info.name == "onnxruntime" and info.path is None and info.file_bytes > 100_000
+    assert info.max_abs_diff is not None and info.max_abs_diff < 1e-4 and not list(tmp_path.rglob("*"))

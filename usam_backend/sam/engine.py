@@ -88,8 +88,9 @@ class SamEngine:
         if runtime != "torch" and cache_dir is None:
             raise ValueError(f"runtime {runtime!r} needs a cache_dir for the exported encoder")
         self.encoder = EncoderRuntime(
-            self.model.image_encoder, runtime, sam.device, sam.sam_type, cache_dir or Path("."), sam.fingerprint
-        )
+            self.model.image_encoder, runtime, sam.device, sam.sam_type, cache_dir or Path("."), sam.fingerprint,
+            keep=not sam.weights.startswith("random (no checkpoint"),  # unseeded: no later process has them
+        )  # fmt: skip
         self.encoder_calls = 0
         self._encode_lock = threading.Lock()
 

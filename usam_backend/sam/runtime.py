@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -102,14 +103,19 @@ class EncoderRuntime:
         sam_type: str,
         cache_dir: Path,
         fingerprint: str = "",
+        *,
+        keep: bool = True,
     ):
         """
         Args:
             encoder: SAM's ``image_encoder``, in eval mode.
             setting: ``USAM_RUNTIME``.
             fingerprint: the weights' name (``LoadedSam.fingerprint``), kept in the file name.
+            keep: cache the exported file; False for weights no later process has (unseeded random
+                weights of a benchmark): exported to a temporary folder, removed once loaded.
         """
         self.encoder = encoder
+        self.keep = keep
         self.fingerprint = fingerprint or sam_type
         self.device = device
         self.cache_dir = cache_dir
@@ -133,9 +139,11 @@ class EncoderRuntime:
     def _start(self, pixels: torch.Tensor) -> torch.Tensor:
         """Set up the runtime on its first image; returns that image's embedding."""
         started = time.perf_counter()
+        scratch = None if self.keep else tempfile.TemporaryDirectory(prefix="usam-encoder-")
         try:
-            path, exported = self._exported_file(pixels)
+            path, exported = self._exported_file(pixels, Path(scratch.name) if scratch else self.cache_dir)
             run = _session(self.wanted, path, torch.get_num_threads())
+            size = path.stat().st_size
             features = run(pixels)
             checked = _read_check(path, self.wanted)
             if checked is None:
@@ -152,18 +160,23 @@ class EncoderRuntime:
             self.info = RuntimeInfo("torch", f"{self.wanted} failed: {type(exc).__name__}")
             self._run = self.encoder
             return self.encoder(pixels)
-        self.info = RuntimeInfo(self.wanted, f"{self.wanted} on CPU", path, exported, path.stat().st_size, checked)
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
+        kept = path if scratch is None else None
+        self.info = RuntimeInfo(self.wanted, f"{self.wanted} on CPU", kept, exported, size, checked)
         log.info(
             "image encoder: %s, %s (%.1f MB%s), max abs difference to PyTorch %.1e, ready in %.1f s",
-            self.wanted, path, self.info.file_bytes / 1e6, f", exported in {exported:.1f} s" if exported else "",
+            self.wanted, kept or "not cached (unseeded random weights)",
+            self.info.file_bytes / 1e6, f", exported in {exported:.1f} s" if exported else "",
             checked, time.perf_counter() - started,
         )  # fmt: skip
         self._run = run
         return features
 
-    def _exported_file(self, pixels: torch.Tensor) -> tuple[Path, float]:
+    def _exported_file(self, pixels: torch.Tensor, cache_dir: Path) -> tuple[Path, float]:
         """The cached ONNX file of this encoder, exported now if missing; and the export's seconds."""
-        folder = self.cache_dir / "runtime"
+        folder = cache_dir / "runtime"
         side = int(pixels.shape[-1])
         path = folder / f"{self.fingerprint}-encoder-{encoder_fingerprint(self.encoder)}-{side}-opset{OPSET}.onnx"
         if path.is_file():
