@@ -1,0 +1,204 @@
+"""What annotators see: Label Studio 1.23.2's editor in Debian's Chromium, driven by playwright, with
+usam (the tiny random SAM and a head trained on the test classes) as the project's ML backend.
+
+One browser and one logged-in page serve every test; each test leaves its screenshots under
+``tests/artifacts/browser/<test>/``. The tiny SAM's masks are noise (random weights), so the brush
+check is pixel by pixel: the editor must draw exactly the pixels of the prediction's mask."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+from scipy import ndimage
+
+from usam_backend.core.shapes import polygons_mask
+
+from browser_helpers import ARTIFACTS, CHROMIUM, Editor
+from conftest import scene
+from helpers import UsamServer, project_config, wait_until
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.browser]
+
+LABELS = {"Sky": "sky", "tomato": None}
+H, W = 160, 240
+TOMATO = (20, 30, 100, 130)  # XYXY in the test image
+IMAGE_ISSUE = "There was an issue loading URL from $image value"  # Label Studio's own message
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium (``make system-packages``) through playwright: no browser is downloaded."""
+    required = os.environ.get("USAM_REQUIRE_BROWSER")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        if required:
+            pytest.fail(f"playwright cannot be imported ({exc}): run `make test` (it installs the dev extras)")
+        pytest.skip("playwright is not installed here; `make test` installs it")
+    if not CHROMIUM.exists():
+        if required:
+            pytest.fail(f"{CHROMIUM} is missing: run `make test` (it installs Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} is missing; `make test` installs it")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--headless=new"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="session")
+def editor(browser, label_studio) -> Editor:
+    """One page, logged in as Label Studio's admin, reused by every browser test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    opened = Editor(page, label_studio.url, ARTIFACTS)
+    opened.login()
+    yield opened
+    context.close()
+
+
+@pytest.fixture(autouse=True)
+def screenshots(request):
+    """Each browser test's screenshots go to a folder named after it; the last one is taken whatever
+    the outcome, so that a failing run can be looked at."""
+    if "editor" not in request.fixturenames:
+        yield
+        return
+    editor: Editor = request.getfixturevalue("editor")
+    editor.folder = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.name)
+    editor.shots.clear()
+    yield
+    editor.shot("end")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("browser-images") / "two.png"
+    Image.fromarray(scene((H, W), [("tomato", TOMATO), ("sky", (140, 30, 220, 130))], seed=31)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def usam(label_studio, trained_head, tmp_path_factory):
+    models = tmp_path_factory.mktemp("browser-models")
+    trained_head.save(models / "heads" / "head.pt")
+    env = {
+        "USAM_SAM_TYPE": "tiny", "USAM_DEVICE": "cpu", "USAM_POINTS": "64", "USAM_MODEL_DIR": str(models),
+        "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("browser-cache")), "USAM_AUTO_TRAIN": "false",
+        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.personal_token(),
+    }  # fmt: skip
+    server = UsamServer(env, models / "serve.log")
+    yield server
+    server.stop()
+
+
+def make_project(label_studio, usam, template: str, image: Path, *, missing: bool = False) -> dict:
+    """A project from a shipped template with the image uploaded (and a task whose image is not there),
+    usam connected, and *Retrieve predictions* run on every task."""
+    sdk = label_studio.sdk
+    pid = sdk.projects.create(title=f"browser {template}", label_config=project_config(template, LABELS)).id
+    label_studio.upload(pid, image)
+    if missing:
+        sdk.projects.import_tasks(id=pid, request=[{"image": f"{label_studio.url}/data/upload/{pid}/missing.png"}])
+    count = 2 if missing else 1
+    wait_until(lambda: len(list(sdk.tasks.list(project=pid))) == count, 60, f"{count} task(s)")
+    sdk.ml.create(url=usam.url, project=pid, title="usam", is_interactive=template.startswith("interactive"))
+    sdk.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True, "excluded": []})
+    tasks = {("missing" if "missing" in t.data["image"] else "image"): t for t in sdk.tasks.list(project=pid)}
+    predictions = {kind: sdk.predictions.list(task=task.id) for kind, task in tasks.items()}
+    return {"id": pid, "tasks": tasks, "predictions": predictions}
+
+
+def brush_mask(region: dict) -> np.ndarray:
+    return np.asarray(decode_rle(region["value"]["rle"]).reshape(H, W, 4)[:, :, 3] > 0)
+
+
+def shape_mask(region: dict) -> np.ndarray:
+    """A rectangle's or polygon's pixels as pycocotools draws them (percent coordinates to pixels)."""
+    value = region["value"]
+    if region["type"] == "rectanglelabels":
+        x0, y0 = value["x"] * W / 100, value["y"] * H / 100
+        x1, y1 = x0 + value["width"] * W / 100, y0 + value["height"] * H / 100
+        polygon = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    else:
+        polygon = np.asarray(value["points"], dtype=float) * [W / 100, H / 100]
+    return polygons_mask([polygon], H, W)
+
+
+@pytest.fixture(scope="module")
+def brush_project(label_studio, usam, image) -> dict:
+    return make_project(label_studio, usam, "semantic_brush.xml", image, missing=True)
+
+
+def test_brush_preannotation_is_listed_drawn_and_saved_as_predicted(label_studio, editor, brush_project):
+    """The Regions panel lists each predicted region with its label; the editor draws exactly the
+    prediction's pixels over the image; submitted, the annotation Label Studio saves is the prediction."""
+    task = brush_project["tasks"]["image"]
+    (prediction,) = brush_project["predictions"]["image"]
+    assert prediction.result, "usam predicted no region for the image"
+    editor.open_task(brush_project["id"], task.id)
+    listed = editor.region_labels(len(prediction.result))
+    assert sorted(listed) == sorted(region["value"]["brushlabels"][0] for region in prediction.result)
+
+    predicted = np.logical_or.reduce([brush_mask(region) for region in prediction.result])
+    drawn = editor.drawn(H, W)
+    editor.shot("predicted")
+    assert drawn.seen.mean() > 0.8, "the editor shows too little of the image to judge"
+    assert drawn.mask.any() and (~predicted & drawn.seen).any()  # something drawn, something left clear
+    assert np.array_equal(drawn.mask, predicted & drawn.seen), "the editor draws other pixels than predicted"
+
+    editor.page.get_by_role("button", name="Submit").click()
+    sdk = label_studio.sdk
+    wait_until(lambda: len(sdk.annotations.list(id=task.id)) == 1, 60, "the submitted annotation")
+    editor.shot("submitted")
+    (annotation,) = sdk.annotations.list(id=task.id)
+    saved = sorted(annotation.result, key=lambda region: region["id"])
+    want = sorted(prediction.result, key=lambda region: region["id"])
+    assert [r["value"]["brushlabels"] for r in saved] == [r["value"]["brushlabels"] for r in want]
+    for got, expected in zip(saved, want, strict=True):
+        assert np.array_equal(brush_mask(got), brush_mask(expected)), "the saved mask differs from the prediction"
+
+
+def test_an_image_that_cannot_be_fetched_shows_label_studios_message(editor, brush_project):
+    """Label Studio's own message, no stage, no regions; the console's errors are the image's own
+    failed loads only (usam's empty prediction adds none)."""
+    task = brush_project["tasks"]["missing"]
+    (prediction,) = brush_project["predictions"]["missing"]
+    assert prediction.result == [] and prediction.score == 0.0
+    editor.open_task(brush_project["id"], task.id)
+    editor.page.get_by_text(IMAGE_ISSUE).wait_for()
+    editor.shot("message")
+    assert editor.page.locator(".konvajs-content").count() == 0
+    assert editor.region_labels(0, timeout=5) == []
+    image_url = task.data["image"]
+    assert editor.failed and {url for _, url in editor.failed} == {image_url}, editor.failed
+    assert all(text.startswith("Failed to load resource") for text in editor.errors()), editor.errors()
+
+
+@pytest.mark.parametrize(
+    ("template", "kind"), [("rectangles.xml", "rectanglelabels"), ("polygons.xml", "polygonlabels")]
+)
+def test_shape_predictions_are_drawn_over_the_object(label_studio, usam, editor, image, template, kind):
+    """A rectangle or polygon project: each predicted shape is listed with its label and filled where
+    its coordinates say (1 px of outline aside), covering the tomato it was predicted for."""
+    project = make_project(label_studio, usam, template, image)
+    (prediction,) = project["predictions"]["image"]
+    assert prediction.result and {region["type"] for region in prediction.result} == {kind}
+    editor.open_task(project["id"], project["tasks"]["image"].id)
+    listed = editor.region_labels(len(prediction.result))
+    assert sorted(listed) == sorted(region["value"][kind][0] for region in prediction.result)
+    drawn = editor.drawn(H, W, level=1)  # shapes are filled faintly
+    editor.shot("predicted")
+    shapes = np.logical_or.reduce([shape_mask(region) for region in prediction.result])
+    inside = ndimage.binary_erosion(shapes, iterations=2) & drawn.seen
+    outside = ~ndimage.binary_dilation(shapes, iterations=2) & drawn.seen
+    assert inside.any() and drawn.mask[inside].all(), "part of a predicted shape is not drawn"
+    assert not drawn.mask[outside].any(), "the editor draws outside the predicted shapes"
+    x0, y0, x1, y1 = TOMATO
+    assert drawn.mask[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].mean() > 0.5, "the shapes miss the tomato"
