@@ -213,6 +213,7 @@ def _session(name: str, path: Path, threads: int) -> Encode:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the CPU to torch
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_ort(pixels: torch.Tensor) -> torch.Tensor:
