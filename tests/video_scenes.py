@@ -242,6 +242,16 @@ class VideoOracle:
         self.current = self._index[np.ascontiguousarray(image).tobytes()]
         self.images += 1
 
+    @property
+    def embedding(self) -> int:
+        """The frame set, as EnginePredictor's ``embedding``: kept and set back without a new
+        ``set_image`` (no encoder pass)."""
+        return self.current
+
+    @embedding.setter
+    def embedding(self, frame: int) -> None:
+        self.current = frame
+
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True):
         self.prompts += 1
         whole = prompt_answer(self.scene.objects[self.current], point_coords, point_labels, box)

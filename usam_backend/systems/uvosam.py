@@ -579,19 +579,24 @@ def _follow_back(
     sightings: dict[int, set[int]], state: dict[int, _Followed], predictor: Predictor, reach: int,
     lock: Lock | None, opts: FollowOptions,
 ) -> None:  # fmt: skip
-    """Objects detected on ``item`` and not on the frames just before it, followed back into the
-    frames still held (up to ``reach`` of them)."""
+    """Objects detected on ``item``, followed back into the frames still held (up to ``reach`` of
+    them): before a track's first sighting, and between two sightings, where a followed mask over
+    10 % larger than the interpolated box's replaces it (the object turned in the gap)."""
     for tid, mask in item.masks.items():
-        if item.index not in sightings[tid] or tid in by_frame.get(item.index - 1, {}):
+        if item.index not in sightings[tid]:
             continue
+        starts = tid not in by_frame.get(item.index - 1, {})
         nxt = by_frame.get(item.index + 1, {}).get(tid)
         velocity = np.asarray(nxt - by_frame[item.index][tid]) if nxt is not None else np.zeros(4)
         back = _Followed(mask, item.index, velocity, _histogram(item.frame, mask))
         for earlier in reversed(list(pending)[-reach:]):
-            if earlier.final or tid in earlier.masks or tid in by_frame.get(earlier.index, {}):
+            boxed = tid in by_frame.get(earlier.index, {})
+            if earlier.final or earlier.index in sightings[tid] or boxed == starts or (starts and tid in earlier.masks):
                 break
             if back.at - earlier.index > opts.lost_frames:
                 break
+            if not starts and (earlier.embedding is None or not hasattr(predictor, "embedding")):
+                break  # only where it costs no encoder pass
             guess = _moved_box(back, earlier.index, earlier.frame.shape, opts)
             if guess is None:
                 continue
@@ -602,7 +607,8 @@ def _follow_back(
                     predictor.set_image(earlier.frame)
                 found = _box_mask(predictor, guess)
             if found is not None and _accepted(earlier.frame, found, back, opts):
-                earlier.masks[tid], earlier.boxes[tid] = found, guess
+                if tid not in earlier.masks or found.sum() > 1.1 * earlier.masks[tid].sum():
+                    earlier.masks[tid], earlier.boxes[tid] = found, guess
                 velocity = (mask_box(back.mask) - mask_box(found)) / (back.at - earlier.index)
                 back = _Followed(found, earlier.index, velocity, back.look)
 
