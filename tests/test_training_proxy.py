@@ -6,6 +6,7 @@ import pytest
 from training.metrics import average_precision
 from training.proxy import digit_proxy, load_digits_features
 from training.train import TrainOptions, train_heads
+from usam_backend.cli import main
 
 
 def test_digit_bags_hold_one_to_three_classes_of_one_to_three_scans_among_background():
@@ -55,3 +56,12 @@ def test_pooling_warm_up_rescues_the_class_that_top_k_pooling_leaves_at_chance()
 def test_pool_warmup_is_a_share_of_the_epochs():
     with pytest.raises(ValueError, match="pool_warmup"):
         TrainOptions(pool_warmup=1.5)
+
+
+def test_bench_training_prints_both_recipes_and_refuses_a_single_seed(capsys):
+    assert main(["bench-training", "--seeds", "2", "--epochs", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "top-k pooling from the start (before)" in table and "pooling warm-up (usam default)" in table
+    assert table.count("student ") == 2 and "training time, warm-up against before" in table
+    assert main(["bench-training", "--seeds", "1"]) == 2
+    assert "--seeds of at least 2" in capsys.readouterr().err
