@@ -51,7 +51,7 @@ class TrainOptions:
             With top-k from the first step only the points a fresh network happens to rank
             highest are taught; a class whose own points start low is never taught on them,
             and becomes the "none of the others" class: on real-data bags (``usam
-            bench-training``) one class in three of the seeds stayed at chance. 0 is the paper's
+            bench-training``) one class stayed near chance in 3 of 8 seeds. 0 is the paper's
             recipe.
         progress: show progress bars.
     """
