@@ -115,6 +115,25 @@ class Editor:
         drawn = alpha[np.ix_(rows.clip(0, h - 1), cols.clip(0, w - 1))] >= level
         return Drawn(np.asarray(drawn & seen), np.asarray(seen))
 
+    def screen_point(self, x: float, y: float, height: int, width: int) -> tuple[float, float]:
+        """Where the image's pixel (x, y) lies on the screen (the image's canvas sits outside Konva)."""
+        box = self.page.evaluate(
+            "() => { const c = [...document.querySelectorAll('canvas')].find(c => !c.closest('.konvajs-content'));"
+            " const r = c.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }"
+        )
+        return box[0] + (x + 0.5) * box[2] / width, box[1] + (y + 0.5) * box[3] / height
+
+    def auto_annotation(self) -> None:
+        """Auto-Annotation on (its switch stays as the last task left it)."""
+        if not self.page.evaluate("() => Boolean(window.Htx && window.Htx.autoAnnotation)"):
+            self.page.get_by_text("Auto-Annotation", exact=True).click()
+        self.page.wait_for_function("() => window.Htx.autoAnnotation === true")
+
+    def smart_tool(self, name: str) -> None:
+        """A smart tool (``key-point-tool``, ``rectangle-tool``, ...) from the toolbar's smart group."""
+        self.page.locator(".lsf-tool_smart:visible").first.hover()
+        self.page.locator(f".lsf-tool_smart[aria-label={name}]").click()
+
     def errors(self) -> list[str]:
         """Console errors since the task was opened, less Label Studio's own static 404s."""
         return [text for kind, text in self.console if kind == "error" and KNOWN_404 not in text]

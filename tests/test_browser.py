@@ -202,3 +202,70 @@ def test_shape_predictions_are_drawn_over_the_object(label_studio, usam, editor,
     assert not drawn.mask[outside].any(), "the editor draws outside the predicted shapes"
     x0, y0, x1, y1 = TOMATO
     assert drawn.mask[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].mean() > 0.5, "the shapes miss the tomato"
+
+
+@pytest.fixture(scope="module")
+def smart_project(label_studio, usam, image) -> dict:
+    return make_project(label_studio, usam, "interactive_brush.xml", image)
+
+
+def smart_click(editor: Editor, project: dict) -> dict:
+    """A blank annotation, Auto-Annotation on, the smart key point with the tomato label, one click on the
+    tomato: usam's answer (the suggestion Label Studio received)."""
+    editor.open_task(project["id"], project["tasks"]["image"].id)
+    editor.page.get_by_role("button", name="Create an annotation").click()
+    editor.auto_annotation()
+    editor.page.locator(".lsf-labels").nth(1).locator(".lsf-label", has_text="tomato").click()  # KeyPointLabels
+    editor.smart_tool("key-point-tool")
+    x0, y0, x1, y1 = TOMATO
+    with editor.page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=90_000) as answered:
+        editor.page.mouse.click(*editor.screen_point((x0 + x1) / 2, (y0 + y1) / 2, H, W))
+    response = answered.value
+    assert response.status == 200, response.text()
+    editor.page.get_by_text("1 suggestions").wait_for()
+    editor.shot("suggested")
+    (region,) = response.json()["data"]["result"]
+    return region
+
+
+def near_click(radius: int = 4) -> np.ndarray:
+    """The pixels the key point itself is drawn on, around the tomato's centre."""
+    x0, y0, x1, y1 = TOMATO
+    yy, xx = np.mgrid[:H, :W]
+    return np.asarray((abs(xx - (x0 + x1) / 2) <= radius) & (abs(yy - (y0 + y1) / 2) <= radius))
+
+
+def test_a_smart_click_suggestion_is_drawn_accepted_and_saved(label_studio, editor, smart_project):
+    """Smart key point with Auto-Annotation on: usam's mask is drawn as the suggestion (pixel for pixel,
+    the key point aside); accepted, it is the one region left, and submitted, Label Studio saves that mask
+    under the clicked label."""
+    region = smart_click(editor, smart_project)
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["tomato"]
+    suggested = brush_mask(region)
+    drawn = editor.drawn(H, W)
+    away = drawn.seen & ~near_click()
+    assert np.array_equal(drawn.mask[away], suggested[away]), "the suggestion is drawn on other pixels than usam's"
+
+    editor.page.locator("[data-testid=bottombar-accept-suggestions-button]").click()
+    assert editor.region_labels(1) == ["tomato"]  # the accepted mask; the key point that asked for it is gone
+    editor.shot("accepted")
+    sdk = label_studio.sdk
+    task = smart_project["tasks"]["image"]
+    before = len(sdk.annotations.list(id=task.id))
+    editor.page.get_by_role("button", name="Submit").click()
+    wait_until(lambda: len(sdk.annotations.list(id=task.id)) == before + 1, 60, "the submitted annotation")
+    saved = max(sdk.annotations.list(id=task.id), key=lambda annotation: annotation.id)
+    (brush,) = saved.result
+    assert brush["type"] == "brushlabels" and brush["value"]["brushlabels"] == ["tomato"]
+    assert np.array_equal(brush_mask(brush), suggested), "the saved mask differs from usam's answer"
+
+
+def test_a_rejected_suggestion_leaves_nothing_drawn(editor, smart_project):
+    """Rejected, the suggestion goes, and with it the smart key point that asked for it."""
+    smart_click(editor, smart_project)
+    assert editor.drawn(H, W).mask.any()
+    editor.page.locator("[data-testid=bottombar-reject-suggestions-button]").click()
+    editor.page.get_by_text("1 suggestions").wait_for(state="detached")
+    editor.shot("rejected")
+    assert editor.region_labels(0) == []
+    assert not editor.drawn(H, W).mask.any(), "something is still drawn after the rejection"
