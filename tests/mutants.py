@@ -69,7 +69,7 @@ MUTANTS: list[Mutant] = [
            "return [*chosen, stop - 1] if chosen and chosen[-1] != stop - 1 else chosen", "return chosen",
            ("tests/test_sequences.py", "-k", "both_ends or short_sequence")),
     Mutant("one-sighting-tracks-dropped", "usam_backend/systems/uvosam.py",
-           "for seen in [*raw.values(), *singletons]", "for seen in raw.values()",
+           "if len(linked.seen) >= opts.min_hits", "if len(linked.seen) > opts.min_hits",
            ("tests/test_sequences.py", "-k", "one_frame")),
     # -- frame sequences and liveness ----------------------------------------------------------------
     Mutant("sequence-sizes-unchecked", "usam_backend/labelstudio/sequences.py",
@@ -156,11 +156,11 @@ MUTANTS: list[Mutant] = [
            ("tests/test_refine_setting.py",)),
     # -- video oracle, following and interactive prompts ----------------------------------------------
     Mutant("video-boxes-one-frame-late", "usam_backend/systems/uvosam.py",
-           "        boxes = by_frame.get(index, {})", "        boxes = by_frame.get(index - 1, {})",
+           "    boxes = by_frame.get(index, {})", "    boxes = by_frame.get(index - 1, {})",
            ("tests/test_video.py", "-k", "true_boxes")),
     Mutant("video-boxes-halved", "usam_backend/systems/uvosam.py",
-           "(tid, _clip_box(box, frame.shape))",
-           "(tid, _clip_box(np.r_[(3 * box[:2] + box[2:]) / 4, (box[:2] + 3 * box[2:]) / 4], frame.shape))",
+           "clipped = _clip_box(box, frame.shape)",
+           "clipped = _clip_box(np.r_[(3 * box[:2] + box[2:]) / 4, (box[:2] + 3 * box[2:]) / 4], frame.shape)",
            ("tests/test_video.py", "-k", "true_boxes")),
     Mutant("video-duplicates-kept", "usam_backend/systems/uvosam.py",
            "    kept = dict(masks)\n", "    return masks\n", ("tests/test_video.py", "-k", "behind_another")),

@@ -27,6 +27,7 @@ import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
 from usam_backend.core.errors import UsamError
+from usam_backend.core.masks import mask_boxes
 from usam_backend.core.rle import decode_brush_rle
 from usam_backend.core.shapes import Ellipse, ellipse_mask, polygons_mask
 
@@ -379,8 +380,6 @@ def _bounds(points: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
-    from usam_backend.core.masks import mask_boxes
-
     return mask_boxes(mask[None])[0].astype(np.float64)
 
 

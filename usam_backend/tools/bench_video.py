@@ -39,8 +39,16 @@ from usam_backend.core.video import read_clip, write_video
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.systems.uvosam import Detections, follow_objects, sampled_frames, segment_video, track_boxes
+from usam_backend.systems.uvosam import (
+    Detections,
+    Track,
+    follow_objects,
+    sampled_frames,
+    segment_video,
+    track_boxes,
+)
 from usam_backend.tools.bench import bench_image, random_head
+from usam_backend.tools.video_files import ClipReader, run_video
 
 
 def moving_clip(frames: int, size: int, objects: int, seed: int = 0) -> tuple[list[np.ndarray], list[Detections]]:
@@ -161,9 +169,6 @@ def _share(part: float, whole: float) -> str:
 def streamed_memory(engine: SamEngine, count: int) -> tuple[int, float]:
     """Peak bytes that Python and NumPy allocate while ``usam video`` (from a tracks file: a disc on
     the first 30 frames) writes a ``count``-frame 160x120 clip's id maps and ``tracks.json``."""
-    from usam_backend.systems.uvosam import Track
-    from usam_backend.tools.video_files import ClipReader, run_video
-
     frames, truth = moving_clip(min(count, 30), 160, 1)
     background = frames[-1]
     with tempfile.TemporaryDirectory() as folder:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from usam_backend.core.errors import UsamError
 from usam_backend.core.fileio import atomic_path
 from usam_backend.core.images import peek_size
-from usam_backend.core.masks import mask_iou
+from usam_backend.core.masks import mask_boxes, mask_iou
 from usam_backend.core.settings import Settings
 from usam_backend.core.shapes import mask_polygons
 from usam_backend.core.video import DEFAULT_FPS, probe_video
@@ -590,8 +590,6 @@ def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _int_box(mask: np.ndarray) -> np.ndarray:
-    from usam_backend.core.masks import mask_boxes
-
     return mask_boxes(mask[None])[0]
 
 
