@@ -31,9 +31,12 @@ TOMATO = (20, 30, 100, 130)  # XYXY in the test image
 IMAGE_ISSUE = "There was an issue loading URL from $image value"  # Label Studio's own message
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium (``make system-packages``) through playwright: no browser is downloaded."""
+    """Debian's Chromium (``make system-packages``) through playwright: no browser is downloaded.
+    One for this file, which holds every browser test (so one per session); it is closed when the
+    file ends, because playwright's sync API keeps an asyncio loop running in the main thread while
+    it is open, which later tests' own event loops cannot share."""
     required = os.environ.get("USAM_REQUIRE_BROWSER")
     try:
         from playwright.sync_api import sync_playwright
@@ -51,7 +54,7 @@ def browser():
         launched.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def editor(browser, label_studio) -> Editor:
     """One page, logged in as Label Studio's admin, reused by every browser test."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})

@@ -53,6 +53,10 @@ def test_each_shape_control_is_predicted_and_prompt_rectangles_are_not():
     assert {label.kind for label in polygons.labels} == {"polygonlabels"} and set(polygons.prompt_tools) == {"rect"}
     example = parse_label_config(SAM_EXAMPLE)
     assert {label.kind for label in example.labels} == {"brushlabels"}
+    other_labels = POLYGONS.replace('"tomato"/></RectangleLabels>', '"dog"/></RectangleLabels>')
+    assert {label.kind for label in parse_label_config(other_labels).labels} == {"polygonlabels"}  # smart: a prompt
+    plain = other_labels.replace('name="rect" toName="image" smart="true"', 'name="rect" toName="image"')
+    assert {label.kind for label in parse_label_config(plain).labels} == {"polygonlabels", "rectanglelabels"}
     with pytest.raises(LabelConfigError, match="PolygonLabels"):
         parse_label_config('<View><Image name="i" value="$i"/><KeyPointLabels name="k" toName="i">'
                            '<Label value="cat"/></KeyPointLabels></View>')  # fmt: skip

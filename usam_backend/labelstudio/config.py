@@ -3,9 +3,10 @@ in the shape of each control, labelled box tracks on videos, and smart prompt to
 
 - Every ``<BrushLabels>``, ``<PolygonLabels>``, ``<RectangleLabels>`` and ``<EllipseLabels>`` bound to
   an ``<Image>`` is served, each in its own shape (:data:`SHAPE_TAGS`); one config may hold several.
-  A ``<RectangleLabels>`` whose labels all belong to a brush, polygon or ellipse control of the same
-  image is a prompt tool only (as in the interactive brush template and Label Studio's SAM example):
-  its boxes prompt SAM for that shape and are not predicted (on a frame sequence, which has no smart
+  A ``<RectangleLabels>`` on an image that a brush, polygon or ellipse control labels is a prompt
+  tool only when it is marked ``smart`` or all its labels belong to that control (as in the
+  interactive brush template and Label Studio's SAM example): its boxes prompt SAM for that shape
+  and are not predicted (on a frame sequence, which has no smart
   tools, every shape control is predicted).
   An ``<Image valueList="$frames">`` is a frame sequence (one task, a list of frames): its regions
   carry each frame's ``item_index``.
@@ -247,10 +248,14 @@ def _parse(xml: str) -> LabelConfig:
 
 
 def _prompt_only(control: object, masked_labels: set[str]) -> bool:
-    """A ``<RectangleLabels>`` all of whose labels a brush, polygon or ellipse control of its image
-    carries: a prompt tool for that shape, not a shape to predict."""
+    """A ``<RectangleLabels>`` on an image that a brush, polygon or ellipse control labels, and
+    either marked ``smart`` or carrying only labels of that control: a prompt tool for that shape,
+    not a shape to predict."""
+    if getattr(control, "tag", "") != "RectangleLabels" or not masked_labels:
+        return False
+    attrs = {str(k).lower(): str(v).lower() for k, v in (getattr(control, "attr", None) or {}).items()}
     labels = {value for value in (getattr(control, "labels_attrs", None) or {}) if value}
-    return getattr(control, "tag", "") == "RectangleLabels" and bool(labels) and labels <= masked_labels
+    return "true" in (attrs.get("smart"), attrs.get("smartonly")) or labels <= masked_labels
 
 
 def _frame_rate(raw: object, name: str) -> float:
