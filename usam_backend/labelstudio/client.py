@@ -54,18 +54,15 @@ class LabelStudioApi:
 
     def tasks(self, pid: str) -> Iterator[dict[str, Any]]:
         """Every task of the project, with its predictions (the SDK's pager walks the pages)."""
-        pages = self._call("GET /api/tasks/", lambda: self.sdk.tasks.list(project=int(pid), page_size=PAGE_SIZE))
-        iterator = iter(pages)
-        while True:
-            item = self._call("GET /api/tasks/", lambda: next(iterator, None))
-            if item is None:
-                return
-            yield _plain(item)
+        return self._task_pages(pid)
 
     def tasks_with_results(self, pid: str) -> Iterator[dict[str, Any]]:
         """Every task of the project with its annotations and predictions in full (``fields=all``)."""
+        return self._task_pages(pid, fields="all")
+
+    def _task_pages(self, pid: str, **params: Any) -> Iterator[dict[str, Any]]:
         pages = self._call(
-            "GET /api/tasks/", lambda: self.sdk.tasks.list(project=int(pid), page_size=PAGE_SIZE, fields="all")
+            "GET /api/tasks/", lambda: self.sdk.tasks.list(project=int(pid), page_size=PAGE_SIZE, **params)
         )
         iterator = iter(pages)
         while True:
