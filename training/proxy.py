@@ -20,17 +20,9 @@ from typing import Any
 import numpy as np
 
 from training.metrics import instance_map
+from training.synthetic import SyntheticBags as Bags  # the same bags, of real features (D = 64)
 from training.train import train_heads
 from usam_backend.core.errors import ConfigurationError
-
-
-@dataclass(frozen=True)
-class Bags:
-    """bags (N, d, 64) float32; targets (N, C) float32 multi-hot; labels (N, d) int, -1 background."""
-
-    bags: np.ndarray
-    targets: np.ndarray
-    labels: np.ndarray
 
 
 @dataclass(frozen=True)
