@@ -36,9 +36,11 @@ if TYPE_CHECKING:
     from usam_backend.core.images import load_image
     from usam_backend.core.regions import Region, Regions
     from usam_backend.core.settings import Settings, get_settings
+    from usam_backend.core.shapes import mask_ellipse, mask_polygons, polygons_mask
     from usam_backend.core.video import Clip, VideoError, read_clip, write_video
     from usam_backend.registry import HeadRegistry, model_version
     from usam_backend.sam.engine import PromptBatch, PromptResult, SamEngine
+    from usam_backend.sam.generator import AutomaticMasks
     from usam_backend.sam.models import LoadedSam, load_sam
     from usam_backend.sam.predictor import EnginePredictor
     from usam_backend.sam.shared import shared_engine
@@ -57,6 +59,10 @@ _EXPORTS = {
     "HeadError": "usam_backend.core.errors",
     "DataError": "usam_backend.core.errors",
     "load_image": "usam_backend.core.images",
+    "mask_polygons": "usam_backend.core.shapes",
+    "polygons_mask": "usam_backend.core.shapes",
+    "mask_ellipse": "usam_backend.core.shapes",
+    "AutomaticMasks": "usam_backend.sam.generator",
     "read_clip": "usam_backend.core.video",
     "write_video": "usam_backend.core.video",
     "Clip": "usam_backend.core.video",
@@ -85,6 +91,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AutomaticMasks",
     "CheckpointError",
     "Clip",
     "ConfigurationError",
@@ -111,7 +118,10 @@ __all__ = [
     "get_settings",
     "load_image",
     "load_sam",
+    "mask_ellipse",
+    "mask_polygons",
     "model_version",
+    "polygons_mask",
     "read_clip",
     "refine_masks",
     "segment_prompt",
