@@ -19,7 +19,8 @@ its top-level ``item_index`` (0-based; missing means 0). A result that cannot be
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +136,7 @@ class ReadResults:
 
 def read_results(
     results: Iterable[Any], *, task: object, size: Callable[[str, int], Size | None],
-    frames: Callable[[str], int | None] = lambda name: None,
+    frames: Callable[[str], int | None] = lambda name: None, track_frames: Iterable[int] | None = None,
 ) -> ReadResults:  # fmt: skip
     """Every region and video track of one annotation's (or prediction's) ``result`` list.
 
@@ -145,6 +146,7 @@ def read_results(
             result's ``original_height``/``original_width``; for a video, its frame size.
         frames: a video's frame count (Label Studio's editor draws up to the video's own length);
             when it is unknown, a track's ``framesCount`` (at most :data:`MAX_STATED_FRAMES`).
+        track_frames: the only frames a track's boxes are computed on (default: every frame drawn).
     """
     items = [r for r in results] if isinstance(results, list) else []
     labels_by_id = {
@@ -164,7 +166,7 @@ def read_results(
             if not label:
                 raise ValueError(f"no label (value.{kind} and value.labels are empty)")
             if kind == VIDEO_TRACK:
-                out.tracks.append(read_track(result, label, size, frames))
+                out.tracks.append(read_track(result, label, size, frames, track_frames))
             else:
                 out.regions.append(read_region(result, label, size))
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, UsamError) as exc:
@@ -231,9 +233,12 @@ def rectangle_corners(value: Mapping[str, Any], height: int, width: int) -> np.n
 # --- video tracks ----------------------------------------------------------------------------
 
 
-def expand_keyframes(sequence: list[dict[str, Any]], frames_count: int) -> dict[int, dict[str, float]]:
+def expand_keyframes(
+    sequence: list[dict[str, Any]], frames_count: int, at: Iterable[int] | None = None
+) -> dict[int, dict[str, float]]:
     """The box Label Studio draws on each frame (1-based) of a ``videorectangle``, in percent:
-    ``{frame: {x, y, width, height, rotation}}``.
+    ``{frame: {x, y, width, height, rotation}}``; with ``at``, only on those of the frames (the
+    other frames cost nothing).
 
     Followed from Label Studio's editor (HumanSignal/label-studio ``web/libs/editor/src/regions``:
     ``VideoRegion.js`` ``isInLifespan``/``closestKeypoint``, ``VideoRectangleRegion.js``
@@ -254,25 +259,47 @@ def expand_keyframes(sequence: list[dict[str, Any]], frames_count: int) -> dict[
     The SDK's server-side ``extract_key_frames`` agrees on which frames are drawn; it interpolates
     rotation linearly, not the short way round.
     """
-    keys = sorted((_keyframe(k) for k in sequence), key=lambda k: k["frame"])
+    wanted = None if at is None else sorted(set(at))
     drawn: dict[int, dict[str, float]] = {}
+    for key, nxt, frames in _segments(sequence, frames_count):
+        chosen = (
+            frames if wanted is None else wanted[bisect_left(wanted, frames.start) : bisect_left(wanted, frames.stop)]
+        )
+        for frame in chosen:
+            drawn[frame] = _props(key) if nxt is None or frame == key["frame"] else _between(key, nxt, frame)
+    return dict(sorted(drawn.items()))
+
+
+def drawn_frames(sequence: list[dict[str, Any]], frames_count: int) -> list[range]:
+    """The frames (1-based) :func:`expand_keyframes` draws a box on, as ranges in frame order,
+    without computing any box (cheap however long the video)."""
+    return [frames for _, _, frames in _segments(sequence, frames_count) if frames]
+
+
+def _segments(
+    sequence: list[dict[str, Any]], frames_count: int
+) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None, range]]:
+    """Per keyframe in frame order: it, the keyframe it interpolates towards (None: it holds or is
+    disabled) and the frames within 1..``frames_count`` it decides; the ranges do not overlap."""
+    keys = sorted((_keyframe(k) for k in sequence), key=lambda k: k["frame"])
     for i, key in enumerate(keys):
         start = int(key["frame"])
-        if i + 1 < len(keys) and int(keys[i + 1]["frame"]) == start:
-            continue  # a repeated frame: the later keyframe decides, as closestKeypoint takes the last
-        drawn[start] = _props(key)
-        if not key["enabled"]:
-            continue
         nxt = keys[i + 1] if i + 1 < len(keys) else None
-        stop = int(nxt["frame"]) if nxt is not None else frames_count + 1
-        for frame in range(max(start + 1, 1), min(stop, frames_count + 1)):
-            drawn[frame] = _props(key) if nxt is None else _between(key, nxt, frame)
-    return {f: drawn[f] for f in sorted(drawn) if 1 <= f <= frames_count}
+        if nxt is not None and int(nxt["frame"]) == start:
+            continue  # a repeated frame: the later keyframe decides, as closestKeypoint takes the last
+        if not key["enabled"]:
+            stop, nxt = start + 1, None
+        else:
+            stop = int(nxt["frame"]) if nxt is not None else frames_count + 1
+        yield key, nxt, range(max(start, 1), min(stop, frames_count + 1))
 
 
 def read_track(
-    result: dict[str, Any], label: str, size: Callable[[str, int], Size | None], frames: Callable[[str], int | None]
-) -> VideoTrack:
+    result: dict[str, Any], label: str, size: Callable[[str, int], Size | None], frames: Callable[[str], int | None],
+    at: Iterable[int] | None = None,
+) -> VideoTrack:  # fmt: skip
+    """A ``videorectangle`` result's boxes, on every frame it is drawn on (``at``: only on those of
+    these frames; ``at=()`` checks the track and computes no box)."""
     value = result.get("value")
     if not isinstance(value, dict) or not isinstance(value.get("sequence"), list) or not value["sequence"]:
         raise ValueError("a videorectangle needs a non-empty value.sequence")
@@ -289,7 +316,7 @@ def read_track(
                              f"{MAX_STATED_FRAMES:,}")  # fmt: skip
         frames_count = int(count)
     boxes = {}
-    for frame, props in expand_keyframes(value["sequence"], int(frames_count)).items():
+    for frame, props in expand_keyframes(value["sequence"], int(frames_count), at).items():
         boxes[frame] = _bounds(rectangle_corners(props, height, width), height, width)
     score = result.get("score")
     return VideoTrack(str(result.get("id") or ""), label, str(result.get("from_name") or ""), video, boxes,
