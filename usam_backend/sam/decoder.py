@@ -62,18 +62,25 @@ class PointDecoder:
         """
         self.decoder = decoder
         self.size = tuple(image_embedding.shape[-2:])
-        first = decoder.transformer.layers[0]
+        transformer = decoder.transformer
+        first = transformer.layers[0]
         if not first.skip_first_layer_pe:
             raise ValueError("expected SAM's TwoWayTransformer (first block skips the query PE)")
         keys = (image_embedding + no_mask).flatten(2).transpose(1, 2)[0].contiguous()  # N, E
-        self.pe = image_pe.flatten(2).transpose(1, 2)[0].contiguous()  # N, E
+        pe = image_pe.flatten(2).transpose(1, 2)[0].contiguous()  # N, E
         self.keys = keys
-        keys_pe = keys + self.pe
+        keys_pe = keys + pe
         cross = first.cross_attn_token_to_image
         self.first_k = _split_heads(cross.k_proj(keys_pe), cross.num_heads)  # H, N, c
         self.first_v = _split_heads(cross.v_proj(keys), cross.num_heads)
         back = first.cross_attn_image_to_token
         self.first_q = _split_heads(back.q_proj(keys_pe), back.num_heads)
+        # Later blocks add the same positional encoding to every prompt's image tokens before
+        # projecting them: its projections (with the projections' biases) are made once per image,
+        # so no per-prompt copy of the image tokens with PE is ever made.
+        self.pe_keys = [_pe_heads(block.cross_attn_token_to_image, "k_proj", pe) for block in transformer.layers[1:]]
+        self.pe_queries = [_pe_heads(block.cross_attn_image_to_token, "q_proj", pe) for block in transformer.layers[1:]]
+        self.pe_final = _pe_heads(transformer.final_attn_token_to_image, "k_proj", pe)
 
     def decode(self, sparse: Tensor) -> DecodedPoints:
         """Run the transformer for B prompts.
@@ -87,10 +94,10 @@ class PointDecoder:
         prompt = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         layers = decoder.transformer.layers
         queries, keys = self._first_block(layers[0], prompt)
-        for block in layers[1:]:
-            queries, keys = _block(block, queries, keys, prompt, self.pe)
+        for block, pe_keys, pe_queries in zip(layers[1:], self.pe_keys, self.pe_queries, strict=True):
+            queries, keys = _block(block, queries, keys, prompt, pe_keys, pe_queries)
         transformer = decoder.transformer
-        attn = _tokens_to_image(transformer.final_attn_token_to_image, queries + prompt, keys + self.pe, keys)
+        attn = _tokens_to_image(transformer.final_attn_token_to_image, queries + prompt, keys, self.pe_final)
         queries = transformer.norm_final_attn(queries + attn)
         mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens, :]
         iou = decoder.iou_prediction_head(queries[:, 0, :])
@@ -108,7 +115,7 @@ class PointDecoder:
         queries = block.norm2(queries + attn)
         queries = block.norm3(queries + block.mlp(queries))
         back = block.cross_attn_image_to_token
-        keys = _image_to_tokens(back, self.keys.unsqueeze(0), queries + prompt, queries, shared_queries=self.first_q)
+        keys = _image_to_tokens(back, self.keys.unsqueeze(0), queries + prompt, queries, self.first_q)
         return queries, block.norm4(keys)
 
 
@@ -158,18 +165,26 @@ def reference_decode(
 
 
 def _block(
-    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, prompt: Tensor, pe: Tensor
+    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, prompt: Tensor, pe_keys: Tensor, pe_queries: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One later two-way block (per-prompt image tokens), as ``TwoWayAttentionBlock.forward``."""
+    """One later two-way block (per-prompt image tokens), as ``TwoWayAttentionBlock.forward``.
+
+    ``pe_keys``, ``pe_queries``: (H, N, c) the block's projections of the image PE (see
+    :func:`_pe_heads`). ``keys`` is updated in place."""
     q = queries + prompt
     queries = block.norm1(queries + block.self_attn(q=q, k=q, v=queries))
-    keys_pe = keys + pe
-    attn = _tokens_to_image(block.cross_attn_token_to_image, queries + prompt, keys_pe, keys)
+    attn = _tokens_to_image(block.cross_attn_token_to_image, queries + prompt, keys, pe_keys)
     queries = block.norm2(queries + attn)
     queries = block.norm3(queries + block.mlp(queries))
     back = block.cross_attn_image_to_token
-    keys = _image_to_tokens(back, keys, queries + prompt, queries, keys_pe=keys_pe)
+    keys = _image_to_tokens(back, keys, queries + prompt, queries, pe_queries, per_prompt=True)
     return queries, block.norm4(keys)
+
+
+def _pe_heads(attn: Attention, name: str, pe: Tensor) -> Tensor:
+    """``attn.<name>(pe)`` (projection and bias) split into heads: (H, N, c)."""
+    projection: torch.nn.Linear = getattr(attn, name)
+    return _split_heads(projection(pe), attn.num_heads).contiguous()
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -197,30 +212,37 @@ def _merge_heads(attn: Attention, x: Tensor) -> Tensor:
     return attn.out_proj(x.transpose(1, 2).reshape(b, t, h * c))
 
 
+def _per_head(x: Tensor, shared: Tensor) -> Tensor:
+    """x (B, H, T, c) against per-image (H, N, c): (H, B, T, N), one GEMM per head."""
+    b, h, t, c = x.shape
+    return torch.bmm(x.transpose(0, 1).reshape(h, b * t, c), shared.transpose(1, 2)).view(h, b, t, -1)
+
+
 def _tokens_to_shared_image(attn: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Prompt tokens attend to image tokens shared by all prompts; k, v: (H, N, c) projected once."""
     q = _project_heads(attn.q_proj, attn.num_heads, q_in)  # B, H, T, c
     b, h, t, c = q.shape
-    q = (q / math.sqrt(c)).transpose(0, 1).reshape(h, b * t, c)  # one GEMM per head, no broadcast copies
-    weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)  # H, BT, N
+    weights = torch.softmax(_per_head(q / math.sqrt(c), k), dim=-1).view(h, b * t, -1)  # H, BT, N
     out = torch.bmm(weights, v).view(h, b, t, c).transpose(0, 1)  # B, H, T, c
     return _merge_heads(attn, out)
 
 
-def _tokens_to_image(attn: Attention, q_in: Tensor, keys_pe: Tensor, keys: Tensor) -> Tensor:
-    """Prompt tokens (B, T, E) attend to per-prompt image tokens (B, N, E), folded.
+def _tokens_to_image(attn: Attention, q_in: Tensor, keys: Tensor, pe_keys: Tensor) -> Tensor:
+    """Prompt tokens (B, T, E) attend to per-prompt image tokens (B, N, E) plus the image PE, folded.
 
-    logits = (W_k x + b_k) . q  is computed as  x . (W_k^T q) + b_k . q, and the values as
-    W_v (sum_n a_n x_n) + b_v, so the N image tokens are never projected.
+    logits = (W_k (x + pe) + b_k) . q  is computed as  x . (W_k^T q) + (W_k pe + b_k) . q, the
+    second term from the per-image ``pe_keys``; the values are W_v (sum_n a_n x_n) + b_v, so the N
+    image tokens are never projected per prompt.
     """
     heads = attn.num_heads
     q = _project_heads(attn.q_proj, heads, q_in)
     b, _, t, c = q.shape
     q = q / math.sqrt(c)
-    w_k, b_k = _head_weights(attn.k_proj, heads)
+    w_k, _ = _head_weights(attn.k_proj, heads)
     q_back = torch.einsum("bhtc,hce->bhte", q, w_k).reshape(b, heads * t, -1)  # B, HT, E
-    q_bias = torch.einsum("bhtc,hc->bht", q, b_k).reshape(b, heads * t, 1)
-    weights = torch.softmax(torch.baddbmm(q_bias, q_back, keys_pe.transpose(1, 2)), dim=-1)  # B, HT, N
+    logits = torch.bmm(q_back, keys.transpose(1, 2))  # B, HT, N
+    logits.view(b, heads, t, -1).add_(_per_head(q, pe_keys).transpose(0, 1))
+    weights = torch.softmax(logits, dim=-1)
     pooled = torch.bmm(weights, keys).view(b, heads, t, -1)  # B, H, T, E
     w_v, b_v = _head_weights(attn.v_proj, heads)
     values = torch.einsum("bhte,hce->bhtc", pooled, w_v) + b_v[None, :, None, :]
@@ -228,47 +250,39 @@ def _tokens_to_image(attn: Attention, q_in: Tensor, keys_pe: Tensor, keys: Tenso
 
 
 def _image_to_tokens(
-    attn: Attention,
-    residual: Tensor,
-    k_in: Tensor,
-    v_in: Tensor,
-    *,
-    shared_queries: Tensor | None = None,
-    keys_pe: Tensor | None = None,
+    attn: Attention, residual: Tensor, k_in: Tensor, v_in: Tensor, image_queries: Tensor, *, per_prompt: bool = False
 ) -> Tensor:
     """``residual + attention(image tokens -> prompt tokens)``, (B, N, E), folded.
 
     Args:
-        residual: (1 or B, N, E) image tokens the update is added to.
+        residual: (1 or B, N, E) image tokens the update is added to (in place when per-prompt).
         k_in, v_in: (B, T, E) prompt tokens for keys (with PE) and values.
-        shared_queries: (H, N, c) image queries projected once per image (first block), or
-        keys_pe: (B, N, E) per-prompt image tokens with PE, whose projection is folded into the
-            token keys: logits = x . (W_q^T k) + b_q . k.
+        image_queries: (H, N, c) the image queries projected once per image (first block: the
+            shared image tokens with PE), or, with ``per_prompt``, the projection of the image PE
+            alone; the per-prompt ``residual``'s projection is then folded into the token keys:
+            logits = x . (W_q^T k) + (W_q pe + b_q) . k.
 
     The out-projection is applied to the T token values before they are mixed into the N image
-    positions: sum_t a_t (W_o v_t) + b_o.
+    positions, sum_t a_t (W_o v_t), and its bias is spread over the heads' tokens: the weights of
+    each head sum to 1 over the tokens, so sum_(t,h) a_th (b_o / H) = b_o.
     """
     heads = attn.num_heads
     k = _project_heads(attn.k_proj, heads, k_in)  # B, H, T, c
     b, _, t, c = k.shape
-    k = (k / math.sqrt(c)).transpose(1, 2)  # B, T, H, c
+    k = k / math.sqrt(c)
     values = _project_heads(attn.v_proj, heads, v_in)  # B, H, T, c
     width = attn.out_proj.weight.shape[0]
     spread = torch.einsum("bhtc,ehc->bthe", values, attn.out_proj.weight.view(width, heads, c))
-    spread = spread.reshape(b, t * heads, width)  # B, TH, E
+    spread = (spread + attn.out_proj.bias / heads).reshape(b, t * heads, width)  # B, TH, E
     # Logits laid out (B, T, H, N): the softmax runs over T (7 tokens) with a long contiguous
     # inner dimension, several times faster on CPU than a softmax over a last dimension of 7.
-    if shared_queries is not None:
-        n = shared_queries.shape[1]
-        per_head = torch.bmm(k.permute(2, 0, 1, 3).reshape(heads, b * t, c), shared_queries.transpose(1, 2))
-        logits = per_head.view(heads, b, t, n).permute(1, 2, 0, 3)  # B, T, H, N
-    else:
-        assert keys_pe is not None
-        n = keys_pe.shape[1]
-        w_q, b_q = _head_weights(attn.q_proj, heads)
-        k_back = torch.einsum("bthc,hce->bthe", k, w_q).reshape(b, t * heads, -1)  # B, TH, E
-        k_bias = torch.einsum("bthc,hc->bth", k, b_q).reshape(b, t * heads, 1)
-        logits = torch.baddbmm(k_bias, k_back, keys_pe.transpose(1, 2)).view(b, t, heads, n)
-    weights = torch.softmax(logits, dim=1).reshape(b, t * heads, n)
-    base = (residual + attn.out_proj.bias).expand(b, n, width)
-    return torch.baddbmm(base, weights.transpose(1, 2), spread)
+    from_pe = _per_head(k, image_queries).permute(1, 2, 0, 3)  # B, T, H, N
+    if per_prompt:
+        w_q, _ = _head_weights(attn.q_proj, heads)
+        k_back = torch.einsum("bhtc,hce->bthe", k, w_q).reshape(b, t * heads, -1)  # B, TH, E
+        logits = torch.bmm(k_back, residual.transpose(1, 2)).view(b, t, heads, -1)
+        logits += from_pe
+        weights = torch.softmax(logits, dim=1).view(b, t * heads, -1)
+        return residual.baddbmm_(weights.transpose(1, 2), spread)
+    weights = torch.softmax(from_pe, dim=1).reshape(b, t * heads, -1)
+    return torch.baddbmm(residual.expand(b, -1, -1), weights.transpose(1, 2), spread)
