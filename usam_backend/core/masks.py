@@ -27,6 +27,20 @@ def mask_iou(a: np.ndarray, box_a: np.ndarray, b: np.ndarray, box_b: np.ndarray)
     return intersection / union if union else 0.0
 
 
+def box_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) IoU of each XYXY box of ``a`` (n, 4) with the box of ``b`` at the same row; 0 where
+    both are empty."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    low, high = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=1)
+    union = (
+        np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+        + np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+        - inter
+    )
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy non-maximum suppression over masks.
 
