@@ -613,6 +613,77 @@ def _follow_back(
                 back = _Followed(found, earlier.index, velocity, back.look)
 
 
+def _follow_batch(
+    predictor: Predictor, frame: np.ndarray, index: int, states: Mapping[int, _Followed], opts: FollowOptions,
+    rounds: int = 2,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:  # fmt: skip
+    """Objects followed onto frame ``index`` (set in ``predictor``) in one decoder batch a round:
+    each one's box moved on at its velocity and grown by ``margin``; where SAM's mask runs into a
+    side of that box (the object moved further or turned: the box cuts it), that side is pushed out
+    by half the box and SAM asked again, up to ``rounds`` times. Returns the accepted masks and the
+    boxes that gave them."""
+    asked: dict[int, np.ndarray] = {}
+    for key, state in states.items():
+        guess = _moved_box(state, index, frame.shape, opts)
+        if guess is not None:
+            asked[key] = guess
+    masks = _box_masks(predictor, asked) if asked else {}
+    for _ in range(rounds):
+        wider = {}
+        for key, mask in masks.items():
+            grown = _uncut(mask, asked[key], frame.shape)
+            if grown is not None:
+                wider[key] = grown
+        if not wider:
+            break
+        for key, mask in _box_masks(predictor, wider).items():
+            if mask.sum() > masks[key].sum():
+                masks[key], asked[key] = mask, wider[key]
+    found = {key: mask for key, mask in masks.items() if _accepted(frame, mask, states[key], opts)}
+    return found, {key: asked[key] for key in found}
+
+
+def _one_object(a: np.ndarray, b: np.ndarray, share: float = 0.7) -> bool:
+    """Whether two masks are one object: over ``share`` of the smaller one is in the other."""
+    inter = np.count_nonzero(a & b)
+    return bool(inter and inter > share * min(np.count_nonzero(a), np.count_nonzero(b)))
+
+
+def box_pixels_mask(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) bool: the pixels inside an xyxy box (pixel edges, rounded)."""
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
+    inside = np.zeros(shape[:2], dtype=bool)
+    inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    return inside
+
+
+def _inside_point(mask: np.ndarray) -> tuple[float, float]:
+    """The (x, y) pixel centre of a mask's pixel farthest from its edge: a point surely on it."""
+    x0, y0, x1, y1 = (int(v) for v in mask_box(mask))
+    crop = np.pad(mask[y0:y1, x0:x1].astype(np.uint8), 1)
+    distance = cv2.distanceTransform(crop, cv2.DIST_L2, 3)
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return x0 + col - 1 + 0.5, y0 + row - 1 + 0.5
+
+
+def _uncut(mask: np.ndarray, box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The box with each side that the mask runs into (within a pixel, away from the image's edge)
+    pushed out by half the box's extent; None when the mask touches no side (or is empty)."""
+    if not mask.any():
+        return None
+    h, w = shape[:2]
+    x0, y0, x1, y1 = mask_box(mask)
+    bx0, by0, bx1, by1 = box
+    dx, dy = (bx1 - bx0) / 2, (by1 - by0) / 2
+    grown = np.array([
+        bx0 - dx if x0 <= bx0 + 1 and bx0 > 0 else bx0,
+        by0 - dy if y0 <= by0 + 1 and by0 > 0 else by0,
+        bx1 + dx if x1 >= bx1 - 1 and bx1 < w else bx1,
+        by1 + dy if y1 >= by1 - 1 and by1 < h else by1,
+    ])  # fmt: skip
+    return _clip_box(grown, shape) if (grown != box).any() else None
+
+
 def _moved_box(followed: _Followed, index: int, shape: tuple[int, ...], opts: FollowOptions) -> np.ndarray | None:
     """Where a followed object is looked for on frame ``index``: its last mask's box moved on at
     its velocity, grown by ``margin`` on every side."""
@@ -919,11 +990,14 @@ def detect(
 
 
 def _low_res_detections(
-    frame: np.ndarray, segmenter: SemanticSegmenter, classes: set[str] | None, appearance: bool
-) -> Detections:
-    """Boxes of the head's regions from their low-res masks, and SAM's embedding pooled in them."""
+    frame: np.ndarray, segmenter: SemanticSegmenter, classes: set[str] | None, appearance: bool,
+    embedding: Any = None,
+) -> Detections:  # fmt: skip
+    """Boxes of the head's regions from their low-res masks, and SAM's embedding pooled in them
+    (``embedding``: the frame's, when SAM already holds it)."""
     engine = segmenter.engine
-    embedding = engine.embed(frame)
+    if embedding is None or getattr(embedding, "original_size", None) != tuple(frame.shape[:2]):
+        embedding = engine.embed(frame)
     survivors = segmenter.survivors(embedding, classes=classes)
     side = engine.model.image_encoder.img_size
     logits = survivors.candidates.logits
@@ -987,3 +1061,458 @@ def name_tracks(tracks: dict[int, Track], class_names: Sequence[str]) -> dict[in
     for track in tracks.values():
         track.label = class_names[track.class_id] if 0 <= track.class_id < len(class_names) else ""
     return tracks
+
+
+# --- masks on every frame: objects followed by SAM, the head's detections linked to them ---------
+
+
+Detector = Callable[[np.ndarray, Any], "Detections | None"]
+"""A frame's detections, given the frame and the predictor's embedding of it (None: no embedding
+to share, e.g. a predictor that is not an :class:`~usam_backend.sam.predictor.EnginePredictor`)."""
+
+
+def head_detector(segmenter: Any, *, classes: set[str] | None = None) -> Detector:
+    """The head's regions as detections (:func:`detect`'s, with appearance vectors), computed from
+    the embedding SAM already holds for the frame when there is one: no second encoder pass."""
+
+    def found(frame: np.ndarray, embedding: Any) -> Detections | None:
+        if hasattr(segmenter, "survivors") and hasattr(segmenter, "engine"):
+            out = _low_res_detections(frame, segmenter, classes, True, embedding)
+        else:
+            regions = segmenter.segment(frame, classes=classes)
+            out = (regions.boxes, regions.scores, regions.class_ids)
+            if len(regions):
+                out = (*out, np.stack([_box_colours(frame, box) for box in regions.boxes]))
+        return out if len(out[0]) else None
+
+    return found
+
+
+@dataclass
+class _Object:
+    """An object while a clip is segmented: where SAM last found it (mask, frame, its box's velocity
+    in pixels a frame, its colours where last detected), its sightings by the head, its class votes
+    and its appearance vector."""
+
+    key: int
+    mask: np.ndarray
+    at: int
+    velocity: np.ndarray
+    look: np.ndarray
+    sightings: dict[int, Sighting] = field(default_factory=dict)
+    votes: dict[int, float] = field(default_factory=dict)
+    appearance: np.ndarray | None = None
+    sampled_misses: int = 0
+
+    @property
+    def class_id(self) -> int:
+        if not self.votes:
+            return -1
+        best = max(self.votes.values())
+        return min(c for c, v in self.votes.items() if v == best)
+
+    @property
+    def box(self) -> np.ndarray:
+        return mask_box(self.mask)
+
+    @property
+    def size(self) -> float:
+        """Its size: the median over its last 5 sightings (a mask shrinks behind another object)."""
+        return float(np.median([_size(self.sightings[f][0]) for f in sorted(self.sightings)[-5:]]))
+
+    def predicted(self, index: int) -> np.ndarray:
+        return self.box + self.velocity * (index - self.at)
+
+    def sighted(self, index: int, sighting: Sighting, look: np.ndarray | None) -> None:
+        self.sightings[index] = sighting
+        self.votes[sighting[2]] = self.votes.get(sighting[2], 0.0) + sighting[1]
+        if look is not None:
+            merged = look if self.appearance is None else 0.5 * self.appearance + 0.5 * look
+            self.appearance = merged / max(float(np.linalg.norm(merged)), 1e-12)
+        self.sampled_misses = 0
+
+
+@dataclass
+class _Held:
+    """A frame segmented but not yet painted: its masks per object, and (while objects may still be
+    followed back into it) its pixels and SAM's embedding of it."""
+
+    index: int
+    shape: tuple[int, ...]
+    masks: dict[int, np.ndarray]
+    boxes: dict[int, np.ndarray]
+    frame: np.ndarray | None = None
+    embedding: Any = None
+
+
+def video_objects(
+    frames: Iterable[np.ndarray], detector: Detector, predictor: Predictor, *, stride: int,
+    frame_indices: Iterable[int] | None = None, min_hits: int | None = None, tracks: dict[int, Track] | None = None,
+    window: int | None = None, progress: Callable[[int], None] | None = None, lock: Lock | None = None,
+    **options: Any,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """Objects through a clip, masks on every frame, in one pass: each frame is shown to SAM once,
+    and on every ``stride``-th frame (and the last) the head runs on that same embedding.
+
+    Frame by frame, every object is *followed*: the box where SAM last found it, moved on at its
+    velocity and grown by ``margin``, prompts SAM (all objects in one decoder batch), and the mask is
+    the object while its area and colours stay the object's (:func:`follow_object`'s checks). When
+    two objects' masks are one (the box of an object behind another gives SAM the one in front), the
+    object whose predicted box fits the mask better keeps it; the other is not found there and moves
+    on at its velocity. On a sampled frame the head's detections are linked to the objects
+    (Hungarian): where SAM found an object this frame, a detection continues it when its centre is
+    within ``gate`` + ``drift`` of the object's sizes of the mask's box (the object's own position,
+    however it turned or bounced since the last sampled frame); where SAM lost it, within the motion
+    gate of :func:`track_boxes`. Class is a hard rule (a box of another class right where an object
+    is counts as a vote for its class), and appearance vectors add to the cost. A sighting's box
+    prompts SAM; the followed mask is kept when over 10 % larger. A confident detection no object
+    takes starts one, followed back into the ``stride - 1`` frames before it (their embeddings are
+    held: no encoder pass).
+
+    An object is painted once it has ``min_hits`` sightings, on the frames from ``stride - 1``
+    before its first sighting to ``stride - 1`` after its last, and through the gaps between its
+    sightings where SAM found it: a head's miss on a sampled frame costs nothing while SAM follows
+    the object. Id maps leave ``window`` frames after they are segmented (default ``4 * stride``:
+    an object confirmed that late is still painted from its start); ids are 1, 2, ... in the order
+    objects are first painted.
+
+    Args:
+        frames: HxWx3 uint8 RGB.
+        detector: a frame's detections (:func:`head_detector`); called only on the sampled frames.
+        predictor: ``SamPredictor``'s interface.
+        stride: the head runs on every ``stride``-th frame (from the first) and on the last.
+        frame_indices: each frame's index (default 0, 1, 2, ...).
+        min_hits: sightings an object needs to be painted (default :class:`TrackOptions`'s 3).
+        tracks: if given, filled with each painted object's :class:`Track` (its mask's box on each
+            painted frame, its detection scores on its sightings, its class).
+        window: see above.
+        progress: called with 1 after each frame.
+        lock: held around each frame's model work.
+        **options: :class:`TrackOptions` and :class:`FollowOptions` fields.
+
+    Yields:
+        per frame, an HxW map of object ids (0: none), uint8 while the ids are under 256.
+    """
+    linking = {k: v for k, v in options.items() if k in TrackOptions.__dataclass_fields__}
+    following = {k: v for k, v in options.items() if k in FollowOptions.__dataclass_fields__}
+    unknown = set(options) - set(linking) - set(following)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    run = _ObjectsRun(detector, predictor, max(1, stride), TrackOptions(**linking), FollowOptions(**following),
+                      min_hits, tracks if tracks is not None else {}, window, lock)  # fmt: skip
+    indices = iter(frame_indices) if frame_indices is not None else itertools.count()
+    first: int | None = None
+    for frame, last in _with_last(frames):
+        index = int(next(indices))
+        first = index if first is None else first
+        run.frame(frame, index, (index - first) % run.stride == 0 or last)
+        if progress is not None:
+            progress(1)
+        yield from run.painted(index)
+    yield from run.painted(None)
+
+
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """(item, whether it is the last)."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+class _ObjectsRun:
+    """:func:`video_objects`' state."""
+
+    def __init__(
+        self, detector: Detector, predictor: Predictor, stride: int, link: TrackOptions, follow: FollowOptions,
+        min_hits: int | None, tracks: dict[int, Track], window: int | None, lock: Lock | None,
+    ) -> None:  # fmt: skip
+        self.detector, self.predictor, self.stride, self.link, self.follow = detector, predictor, stride, link, follow
+        self.min_hits = link.min_hits if min_hits is None else min_hits
+        self.tracks, self.lock = tracks, lock
+        self.window = 4 * stride if window is None else max(window, stride)
+        self.reach = stride - 1
+        self.live: list[_Object] = []
+        self.objects: dict[int, _Object] = {}
+        self.held: collections.deque[_Held] = collections.deque()
+        self.ids: dict[int, int] = {}
+        self.keys = itertools.count(1)
+        self.dtype: Any = np.uint8
+        self.current: Any = None
+
+    # -- one frame ---------------------------------------------------------------------------
+
+    def frame(self, frame: np.ndarray, index: int, sampled: bool) -> None:
+        item = _Held(index, frame.shape, {}, {})
+        chasing = [o for o in self.live if index - o.at <= self.follow.lost_frames]
+        if not chasing and not sampled:
+            self._hold(item, frame, None)
+            return
+        with _held(self.lock):
+            self.predictor.set_image(frame)
+            embedding = self.current = getattr(self.predictor, "embedding", None)
+            found = self.detector(frame, embedding) if sampled else None
+            boxes, scores, classes, looks = _clean(found, self.link)
+            prompts: dict[tuple[int, str], np.ndarray] = {}
+            for d, box in enumerate(boxes):
+                clipped = _clip_box(np.asarray(box, np.float64), frame.shape)
+                if clipped is not None:
+                    prompts[d, "box"] = clipped
+            answers = _box_masks(self.predictor, prompts) if prompts else {}
+            states = {o.key: self._as_followed(o.key) for o in chasing}
+            followed, asked = _follow_batch(self.predictor, frame, index, states, self.follow)
+            followed = self._one_object_each(followed, index)
+            followed.update(self._behind(frame, index, states, followed, asked))
+        for key, box in asked.items():
+            prompts[key, "follow"] = box
+        if sampled:
+            self._link(item, frame, index, boxes, scores, classes, looks, answers, followed, prompts)
+        for key, mask in followed.items():
+            if key not in item.masks:
+                item.masks[key], item.boxes[key] = mask, prompts[key, "follow"]
+        for key, mask in item.masks.items():
+            obj = self.objects[key]
+            if obj.at != index:
+                obj.velocity = (mask_box(mask) - obj.box) / max(1, index - obj.at)
+                obj.mask, obj.at = mask, index
+        self._hold(item, frame, embedding)
+
+    def _behind(
+        self, frame: np.ndarray, index: int, states: Mapping[int, _Followed], found: Mapping[int, np.ndarray],
+        asked: dict[int, np.ndarray],
+    ) -> dict[int, np.ndarray]:  # fmt: skip
+        """Objects not found where their box holds other objects found on this frame (one passing in
+        front of it): SAM asked again with the box and a negative point on each of those objects."""
+        out: dict[int, np.ndarray] = {}
+        for key, state in states.items():
+            if key in found:
+                continue
+            guess = _moved_box(state, index, frame.shape, self.follow)
+            if guess is None:
+                continue
+            mask = self._without(frame, guess, found.values())
+            if mask is not None and _accepted(frame, mask, state, self.follow):
+                out[key], asked[key] = mask, guess
+        return out
+
+    def _without(self, frame: np.ndarray, box: np.ndarray, others: Iterable[np.ndarray]) -> np.ndarray | None:
+        """SAM's mask for a box with a negative point on each of ``others`` in it (objects in front
+        of the one wanted), if it is clear of them; None when no other object is in the box."""
+        inside = box_pixels_mask(box, frame.shape)
+        there = [m for m in others if (m & inside).any()]
+        if not there:
+            return None
+        masks, _, _ = self.predictor.predict(
+            point_coords=np.array([_inside_point(m) for m in there], dtype=np.float64),
+            point_labels=np.zeros(len(there), dtype=int), box=box, multimask_output=False,
+        )  # fmt: skip
+        mask = np.asarray(masks[0]).astype(bool)
+        area = max(1, np.count_nonzero(mask))
+        return mask if mask.any() and all(np.count_nonzero(mask & m) <= 0.3 * area for m in there) else None
+
+    def _show(self, frame: np.ndarray, embedding: Any) -> None:
+        """Sets a held frame in the predictor: its embedding when the predictor keeps one (no encoder pass)."""
+        if embedding is not None and hasattr(self.predictor, "embedding"):
+            setattr(self.predictor, "embedding", embedding)  # noqa: B010 (EnginePredictor's)
+        else:
+            self.predictor.set_image(frame)
+
+    def _as_followed(self, key: int) -> _Followed:
+        obj = self.objects[key]
+        return _Followed(obj.mask, obj.at, obj.velocity, obj.look)
+
+    def _one_object_each(self, followed: dict[int, np.ndarray], index: int) -> dict[int, np.ndarray]:
+        """Where two objects' followed masks are one object, the one whose predicted box fits it
+        better keeps it."""
+        boxes = {key: mask_box(mask) for key, mask in followed.items()}
+        fit = {key: _box_iou(boxes[key], self.objects[key].predicted(index)) for key in followed}
+        kept = dict(followed)
+        for a in sorted(followed, key=lambda k: -fit[k]):
+            for b in [k for k in kept if k != a and a in kept and fit[k] <= fit[a]]:
+                if _one_object(kept[a], kept[b]):
+                    del kept[b]
+        return kept
+
+    def _link(
+        self, item: _Held, frame: np.ndarray, index: int, boxes: np.ndarray, scores: np.ndarray,
+        classes: np.ndarray, looks: np.ndarray | None, answers: dict[tuple[int, str], np.ndarray],
+        followed: dict[int, np.ndarray], prompts: dict[tuple[int, str], np.ndarray],
+    ) -> None:  # fmt: skip
+        """The head's detections on a sampled frame: linked to the objects, or new objects."""
+        free = list(self.live)
+        high = np.flatnonzero(scores >= self.link.start_score)
+        low = np.flatnonzero((scores >= self.link.keep_score) & (scores < self.link.start_score))
+        taken: set[int] = set()
+        for rows, starts in ((high, True), (low, False)):
+            left = [int(d) for d in rows]
+            picked = None if looks is None else looks[left]
+            costs = self._costs(free, boxes[left], classes[left], picked, index, followed)
+            pairs = _assign(costs)
+            for i, j in pairs:
+                obj, d = free[i], left[j]
+                sighting = (boxes[d], float(scores[d]), int(classes[d]))
+                if obj.class_id >= 0 and sighting[2] >= 0 and sighting[2] != obj.class_id:
+                    obj.votes[sighting[2]] = obj.votes.get(sighting[2], 0.0) + sighting[1]  # misnamed: a vote
+                    taken.add(d)
+                    continue
+                obj.sighted(index, sighting, None if looks is None else looks[d])
+                boxed = answers.get((d, "box"))
+                mine = followed.get(obj.key)
+                if boxed is not None and not self._is_object(frame, boxed, obj, followed):
+                    # the box gives SAM another object (one in front of this one): asked again without it
+                    with _held(self.lock):
+                        self._show(frame, self.current)
+                        boxed = self._without(frame, prompts[d, "box"], [*followed.values(), boxed])
+                    if boxed is not None and not self._is_object(frame, boxed, obj, followed):
+                        boxed = None
+                if mine is not None and (boxed is None or mine.sum() > 1.1 * boxed.sum()):
+                    item.masks[obj.key], item.boxes[obj.key] = mine, prompts[obj.key, "follow"]
+                elif boxed is not None and boxed.any():
+                    item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d, "box"]
+                    obj.look = _histogram(frame, boxed)
+                if obj.key in item.masks:
+                    self._follow_back(obj, item.masks[obj.key], index, obj.velocity)
+                taken.add(d)
+            matched = {free[i].key for i, _ in pairs}
+            free = [o for o in free if o.key not in matched]
+            if starts:
+                for d in left:
+                    boxed = answers.get((d, "box"))
+                    if d in taken or boxed is None or not boxed.any() or self._covered(item, followed, boxed):
+                        continue
+                    obj = _Object(next(self.keys), boxed, index, np.zeros(4), _histogram(frame, boxed))
+                    look = None if looks is None else looks[d]
+                    obj.sighted(index, (boxes[d], float(scores[d]), int(classes[d])), look)
+                    self.objects[obj.key] = obj
+                    self.live.append(obj)
+                    item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d, "box"]
+                    self._follow_back(obj, boxed, index, np.zeros(4))
+        for obj in free:
+            obj.sampled_misses += 1
+        # an object seen once and not on the next two sampled frames was a false positive; others end
+        # after lost_frames sampled frames without a sighting
+        self.live = [
+            o for o in self.live if o.sampled_misses <= (2 if len(o.sightings) == 1 else self.link.lost_frames)
+        ]
+
+    def _is_object(self, frame: np.ndarray, mask: np.ndarray, obj: _Object, found: Mapping[int, np.ndarray]) -> bool:
+        """Whether a sighting box's mask is the object: close to it in area and colours, and not
+        another object found on this frame."""
+        if any(key != obj.key and _one_object(other, mask) for key, other in found.items()):
+            return False
+        return _accepted(frame, mask, _Followed(obj.mask, obj.at, obj.velocity, obj.look), self.follow)
+
+    def _covered(self, item: _Held, followed: dict[int, np.ndarray], mask: np.ndarray) -> bool:
+        """Whether a new detection's mask is an object already there (a second box on one object)."""
+        return any(_one_object(other, mask) for other in [*item.masks.values(), *followed.values()])
+
+    def _costs(
+        self, objects: Sequence[_Object], boxes: np.ndarray, classes: np.ndarray, looks: np.ndarray | None,
+        index: int, followed: dict[int, np.ndarray],
+    ) -> np.ndarray:  # fmt: skip
+        """(objects, detections) costs: distance to where SAM found the object this frame (or, lost,
+        to where its motion puts it) in gate widths, change of size, appearance; inf outside the
+        gate or for another class (unless right where the object is: then it is the object, misnamed)."""
+        opts = self.link
+        costs = np.full((len(objects), len(boxes)), np.inf)
+        for i, obj in enumerate(objects):
+            mine = followed.get(obj.key)
+            size = _size(mask_box(mine)) if mine is not None else obj.size
+            if mine is not None:
+                centre, radius = _centre(mask_box(mine)), size * (opts.gate + opts.drift)
+            else:
+                dt = index - obj.at
+                speed = min(float(np.linalg.norm(obj.velocity[:2] + obj.velocity[2:]) / 2), opts.max_speed * size)
+                centre = _centre(obj.predicted(index))
+                radius = size * (opts.gate + opts.drift * dt) + 2 * speed * dt
+            for j, box in enumerate(boxes):
+                change = abs(math.log(_size(box) / size))
+                distance = float(np.linalg.norm(_centre(box) - centre))
+                if distance > radius or change > math.log(opts.max_size_change):
+                    continue
+                cost = distance / radius + 0.5 * change / math.log(opts.max_size_change)
+                if obj.class_id >= 0 and classes[j] >= 0 and classes[j] != obj.class_id:
+                    if distance > opts.absorb * radius:
+                        continue
+                    cost += 0.3
+                if looks is not None and obj.appearance is not None:
+                    cost += opts.appearance_weight * (1 - float(obj.appearance @ looks[j]))
+                costs[i, j] = cost + (0.0 if mine is not None else 0.3)
+        return costs
+
+    def _follow_back(self, obj: _Object, mask: np.ndarray, index: int, velocity: np.ndarray) -> None:
+        """An object found on frame ``index`` (a new object, or a sighting), followed back into the
+        held frames that still have their embeddings: where it has no mask there, or one over 10 %
+        smaller (a box that cut it), the followed mask is taken; it stops where the object is not
+        found, is another object's, or is found as it already was."""
+        back = _Followed(mask, index, velocity, obj.look)
+        for earlier in reversed(self.held):
+            if earlier.frame is None:
+                break
+            with _held(self.lock):
+                self._show(earlier.frame, earlier.embedding)
+                found = _follow_batch(self.predictor, earlier.frame, earlier.index, {0: back}, self.follow)[0].get(0)
+            if found is None:
+                break
+            others = [m for key, m in earlier.masks.items() if key != obj.key]
+            if any(_one_object(m, found) for m in others):
+                break  # another object's
+            mine = earlier.masks.get(obj.key)
+            if mine is not None:
+                if np.count_nonzero(mine & found) > 0.9 * np.count_nonzero(mine | found):
+                    break  # as it was found going forward
+                if found.sum() <= 1.1 * mine.sum():
+                    break
+            earlier.masks[obj.key], earlier.boxes[obj.key] = found, mask_box(found)
+            step = max(1, back.at - earlier.index)
+            back = _Followed(found, earlier.index, (mask_box(back.mask) - mask_box(found)) / step, back.look)
+
+    def _hold(self, item: _Held, frame: np.ndarray, embedding: Any) -> None:
+        item.frame, item.embedding = frame, embedding
+        self.held.append(item)
+        for older in list(self.held)[: max(0, len(self.held) - self.reach - 1)]:
+            older.frame = older.embedding = None  # past following back: only its masks are kept
+
+    # -- painting ----------------------------------------------------------------------------
+
+    def painted(self, now: int | None) -> Iterator[np.ndarray]:
+        """The id maps of the frames that leave the window (all of them at the clip's end)."""
+        while self.held and (now is None or now - self.held[0].index >= self.window):
+            item = self.held.popleft()
+            masks = {key: m for key, m in item.masks.items() if self._shown(self.objects[key], item.index)}
+            kept = drop_duplicates(masks, item.boxes)
+            for key in sorted(kept, key=lambda k: min(self.objects[k].sightings)):
+                if key not in self.ids:
+                    self.ids[key] = len(self.ids) + 1
+                    if self.ids[key] >= 256:
+                        self.dtype = np.int32
+            ids = np.zeros(item.shape[:2], dtype=self.dtype)
+            yield paint(ids, [(int(m.sum()), self.ids[key], m) for key, m in kept.items()])
+            for key, mask in kept.items():
+                self._record(self.objects[key], self.ids[key], item.index, mask)
+
+    def _shown(self, obj: _Object, index: int) -> bool:
+        """Whether an object's mask on frame ``index`` is painted: it has ``min_hits`` sightings,
+        and the frame is within ``stride - 1`` of one or between two."""
+        seen = sorted(obj.sightings)
+        if len(seen) < self.min_hits:
+            return False
+        before = [f for f in seen if f <= index]
+        after = [f for f in seen if f >= index]
+        return bool(
+            (before and index - before[-1] <= self.stride)
+            or (after and after[0] - index <= self.stride)
+            or (before and after and after[0] - before[-1] <= (self.link.lost_frames + 1) * self.stride)
+        )
+
+    def _record(self, obj: _Object, tid: int, index: int, mask: np.ndarray) -> None:
+        track = self.tracks.setdefault(tid, Track(tid))
+        track.class_id = obj.class_id
+        track.boxes[index] = mask_box(mask)
+        for frame, (_, score, _) in obj.sightings.items():
+            track.scores.setdefault(frame, score)

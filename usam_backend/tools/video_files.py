@@ -20,6 +20,7 @@ so a stopped run resumes (the tracks are kept in ``DIR/tracks-boxes.json`` meanw
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -44,15 +45,15 @@ from usam_backend.systems.usam import SemanticSegmenter
 from usam_backend.systems.uvosam import (
     Track,
     TrackOptions,
-    detect,
     follow_objects,
+    head_detector,
     mask_box,
     name_tracks,
     paint,
     sampled_frames,
     segment_frames,
-    track_boxes,
     tracks_from_masks,
+    video_objects,
 )
 from usam_backend.tools.viz import class_colors
 
@@ -277,10 +278,15 @@ class VideoRun:
     outputs: list[Path] = field(default_factory=list)
 
 
+ObjectMaps = Callable[[Iterator[np.ndarray], dict[int, Track]], Iterator[np.ndarray]]
+"""Frames in, id maps out in one pass, the tracks filled in as they are painted (the head's path:
+:func:`~usam_backend.systems.uvosam.video_objects`)."""
+
+
 def run_video(
-    clip: ClipReader, tracks_for: Callable[[], dict[int, Track]], predictor: Predictor, out: Path, *,
+    clip: ClipReader, tracks_for: Callable[[], dict[int, Track]] | None, predictor: Predictor, out: Path, *,
     source: dict[str, Any], viz: str | None = None, overwrite: bool = False, progress: bool = True,
-    followed: dict[int, dict[int, np.ndarray]] | None = None,
+    followed: dict[int, dict[int, np.ndarray]] | None = None, objects: ObjectMaps | None = None,
 ) -> VideoRun:  # fmt: skip
     """Segment ``clip`` by tracks into ``out`` (see the module docs), frames streaming in and id maps
     out: memory does not grow with the clip's length.
@@ -293,6 +299,8 @@ def run_video(
         followed: frame index -> {track id: mask} that ``tracks_for`` already found (objects
             followed from keyframes): painted as they are, not segmented again. Frames it lacks are
             segmented from the tracks' boxes (a resumed run).
+        objects: instead of ``tracks_for``, finds the objects and their masks in one pass over the
+            clip (the head's path). A run stopped before its ``tracks.json`` is written starts again.
     """
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "tracks-boxes.json"
@@ -305,15 +313,20 @@ def run_video(
                 continue
             if isinstance(kept, dict) and kept.get("source") == source:
                 tracks = _from_usam(kept, earlier)
+    one_pass = tracks is None and objects is not None
     if tracks is None:
         for stale in out.glob("[0-9]*.png"):
             stale.unlink()
-        tracks = tracks_for()
-        with atomic_path(saved) as tmp:
-            tmp.write_text(json.dumps(tracks_document(clip, tracks, None, source)))
+        if objects is not None:
+            tracks = {}
+        else:
+            assert tracks_for is not None
+            tracks = tracks_for()
+            with atomic_path(saved) as tmp:
+                tmp.write_text(json.dumps(tracks_document(clip, tracks, None, source)))
     check_track_ids(tracks, "the tracks")
     run = VideoRun(tracks=tracks)
-    rles: dict[int, dict[int, dict[str, Any]]] = {tid: {} for tid in tracks}
+    rles: dict[int, dict[int, dict[str, Any]]] = collections.defaultdict(dict)
     order: list[int] = []
 
     def stream() -> Iterator[np.ndarray]:
@@ -329,10 +342,11 @@ def run_video(
             return np.asarray(png).astype(np.uint8)
 
     indices = (order[i] for i in itertools.count())
-    if followed is not None and followed:
-        maps: Iterator[np.ndarray] = (
-            _painted_followed(frame, followed.pop(order[p], {})) for p, frame in enumerate(stream())
-        )
+    if one_pass:
+        assert objects is not None
+        maps: Iterator[np.ndarray] = objects(stream(), tracks)
+    elif followed is not None and followed:
+        maps = (_painted_followed(frame, followed.pop(order[p], {})) for p, frame in enumerate(stream()))
     else:
         maps = segment_frames(stream(), tracks, predictor, frame_indices=indices, known=done)
     bar = tqdm(total=clip.frame_count, desc="segmenting", unit="frame", disable=not progress)
@@ -346,10 +360,10 @@ def run_video(
                 indexed_png(ids).save(tmp, format="PNG")
             run.frames_segmented += 1
         for tid in np.unique(ids[ids > 0]):
-            if int(tid) in rles:
-                rles[int(tid)][index] = mask_to_rle(ids == tid)
+            rles[int(tid)][index] = mask_to_rle(ids == tid)
         bar.update(1)
     bar.close()
+    check_track_ids(tracks, "the tracks")
     document = tracks_document(clip, tracks, rles, source)
     with atomic_path(out / "tracks.json") as tmp:
         tmp.write_text(json.dumps(document))
@@ -511,18 +525,17 @@ def video_command(
         if loaded is None:
             assert tracks is not None
             return read_tracks(tracks, video=video_id, prefer=path.stem, frame_count=clip.frame_count)
+        raise AssertionError("the head's path finds its objects in one pass")
+
+    objects: ObjectMaps | None = None
+    if loaded is not None:
         segmenter = SemanticSegmenter.from_settings(engine, loaded, settings)
-        indices: list[int] = []
+        sampled = len(sampled_frames(0, clip.frame_count, stride))
 
-        def sampled() -> Iterator[np.ndarray]:  # every stride-th frame and the last, streamed
-            for index, frame in clip.frames(stride, keep_last=True):
-                indices.append(index)
-                yield frame
-
-        with tqdm(total=len(sampled_frames(0, clip.frame_count, stride)), desc="finding objects", unit="frame") as bar:
-            found = detect(sampled(), segmenter, progress=bar.update, appearance=True)
-        linked = track_boxes(found, frames=indices, min_hits=min(TrackOptions.min_hits, len(indices)))
-        return name_tracks(linked, segmenter.class_names)
+        def objects(frames: Iterator[np.ndarray], found: dict[int, Track]) -> Iterator[np.ndarray]:
+            yield from video_objects(frames, head_detector(segmenter), EnginePredictor(engine), stride=stride,
+                                     min_hits=min(TrackOptions.min_hits, sampled), tracks=found)  # fmt: skip
+            name_tracks(found, segmenter.class_names)
 
     return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite,
-                     followed=followed)  # fmt: skip
+                     followed=followed, objects=objects)  # fmt: skip
