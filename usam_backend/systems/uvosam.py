@@ -1174,7 +1174,7 @@ def video_objects(
     sightings where SAM found it: a head's miss on a sampled frame costs nothing while SAM follows
     the object. Id maps leave ``window`` frames after they are segmented (default ``4 * stride``:
     an object confirmed that late is still painted from its start); ids are 1, 2, ... in the order
-    objects are first painted.
+    objects are first painted (on one frame: by first sighting, then from left to right).
 
     Args:
         frames: HxWx3 uint8 RGB.
@@ -1486,7 +1486,7 @@ class _ObjectsRun:
             item = self.held.popleft()
             masks = {key: m for key, m in item.masks.items() if self._shown(self.objects[key], item.index)}
             kept = drop_duplicates(masks, item.boxes)
-            for key in sorted(kept, key=lambda k: min(self.objects[k].sightings)):
+            for key in sorted(kept, key=lambda k: (min(self.objects[k].sightings), float(mask_box(kept[k])[0]), k)):
                 if key not in self.ids:
                     self.ids[key] = len(self.ids) + 1
                     if self.ids[key] >= 256:
