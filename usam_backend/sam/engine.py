@@ -18,6 +18,11 @@ from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits
 from usam_backend.sam.models import LoadedSam, load_sam
 from usam_backend.sam.runtime import EncoderRuntime
 
+CPU_CHUNK_BYTES = 16 * 2**20
+"""On CPU, points decoded at once: as many as keep one (points, h * w, E) float32 tensor of image
+tokens within 16 MiB (4 points for SAM's 64x64x256 embedding). The decoder makes a few of them per
+chunk; glibc maps allocations over its 32 MiB ceiling afresh each time, and those page faults cost
+a third of the decoder's time at 8 points. Under the ceiling the freed blocks are reused."""
 UPSCALE_BATCH = 8
 UPSCALE_PIXELS = 16_000_000
 """Masks brought to image size at once: at most UPSCALE_BATCH, and at most UPSCALE_PIXELS pixels
@@ -83,7 +88,11 @@ class SamEngine:
         self.sam = sam
         self.model = sam.model
         self.cache = cache if cache is not None else EmbeddingCache(capacity=16)
-        self.decode_chunk = decode_chunk or (64 if sam.device.type == "cuda" else 8)
+        if not decode_chunk:
+            height, width = self.model.prompt_encoder.image_embedding_size
+            per_point = height * width * self.model.prompt_encoder.embed_dim * 4
+            decode_chunk = 64 if sam.device.type == "cuda" else max(1, CPU_CHUNK_BYTES // per_point)
+        self.decode_chunk = decode_chunk
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         if runtime != "torch" and cache_dir is None:
             raise ValueError(f"runtime {runtime!r} needs a cache_dir for the exported encoder")
@@ -180,12 +189,23 @@ class SamEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAM's three masks for (B, 2) single positive points (XY pixels of the image), as its
         decoder's multimask output, made only for the points with a predicted IoU over
-        ``iou_threshold``: their (k,) indices, (k, 3, 256, 256) low-res logits, (k, 3) predicted IoU."""
+        ``iou_threshold``: their (k,) indices, (k, 3, 256, 256) low-res logits, (k, 3) predicted IoU.
+        The points are decoded ``decode_chunk`` at a time."""
         decoder = decoder or self.point_decoder(embedding)
-        decoded = decoder.decode(self._sparse_prompts(np.asarray(points, dtype=np.float32), embedding.original_size))
-        rows = torch.nonzero((decoded.iou_predictions > iou_threshold).any(dim=1)).squeeze(1)
         size = self.model.prompt_encoder.image_embedding_size
-        return rows, low_res_logits(self.model.mask_decoder, decoded, rows, size), decoded.iou_predictions[rows]
+        points = np.asarray(points, dtype=np.float32)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(points), self.decode_chunk):
+            sparse = self._sparse_prompts(points[start : start + self.decode_chunk], embedding.original_size)
+            decoded = decoder.decode(sparse)
+            rows = torch.nonzero((decoded.iou_predictions > iou_threshold).any(dim=1)).squeeze(1)
+            logits = low_res_logits(self.model.mask_decoder, decoded, rows, size)
+            found.append((rows + start, logits, decoded.iou_predictions[rows]))
+        if not found:
+            empty = torch.zeros(0, 3, 4 * size[0], 4 * size[1], device=self.device)
+            return torch.zeros(0, dtype=torch.long, device=self.device), empty, torch.zeros(0, 3, device=self.device)
+        rows, logits, iou = (torch.cat(parts) for parts in zip(*found, strict=True))
+        return rows, logits, iou
 
     @torch.inference_mode()
     def point_embeddings(self, image: np.ndarray, points: int, *, use_cache: bool = True) -> np.ndarray:
