@@ -57,7 +57,12 @@ class Settings:
         "refine predicted regions with SAM before sending them (UO-SAM): off, local, global or both",
         default="off",
     )
-    decode_chunk: int = _env("USAM_DECODE_CHUNK", "grid points decoded per batch; 0: 8 on CPU, 64 on CUDA", default=0)
+    decode_chunk: int = _env(
+        "USAM_DECODE_CHUNK",
+        "grid points decoded per batch; 0: on CPU as many as keep their image tokens within 16 MiB (4 for SAM), "
+        "64 on CUDA",
+        default=0,
+    )
     runtime: str = _env(
         "USAM_RUNTIME",
         "runtime of SAM's image encoder: auto (onnxruntime on CPU, torch on CUDA and for tiny), torch, onnxruntime or "
