@@ -50,6 +50,7 @@ from usam_backend.jobs.preannotate import serving
 from usam_backend.jobs.runners import Publish, make_runner
 from usam_backend.labelstudio.client import LabelStudioApi
 from usam_backend.labelstudio.config import LabelConfig, ProjectLabel
+from usam_backend.labelstudio.feedback import FeedbackStore, annotation_tracks
 from usam_backend.labelstudio.media import fetcher_for
 from usam_backend.labelstudio.projects import ProjectRecord
 from usam_backend.labelstudio.results import prediction, region_id, video_rectangle
@@ -435,6 +436,12 @@ def _post_tracks(job: VideoJob, api: LabelStudioApi, parts: list[dict[str, Any]]
     if job.choice.version in api.prediction_versions(job.task_id):
         return 0
     api.create_prediction(job.project, job.task_id, prediction(results, job.choice.version))
+    try:  # what annotators do with these tracks is feedback (labelstudio.feedback.compare_tracks)
+        FeedbackStore.for_settings(job.settings).record_prediction(
+            job.project, job.task_id, job.choice.version, [], tracks=annotation_tracks(results, job.task_id)
+        )
+    except OSError as exc:
+        log.warning("video task %s: prediction not logged for feedback: %s", job.task_id, exc)
     return 1
 
 
