@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from usam_backend.core.fileio import atomic_path
+from usam_backend.core.masks import box_ious, mask_boxes
 from usam_backend.core.regions import Region
 from usam_backend.sam.engine import SamEngine
 
@@ -78,6 +79,35 @@ def point_labels(
     return torch.cat(tokens).numpy(), np.asarray(labels, dtype=np.int64)
 
 
+BOX_AGREEMENT_IOU = 0.7
+"""SAM's mask for an annotated box stands for the object when its tight box overlaps the drawn box by
+this IoU; otherwise the box's interior does (see :func:`box_regions`)."""
+
+
+@torch.inference_mode()
+def box_masks(engine: SamEngine, image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """The mask each XYXY pixel box (a video track's box on this frame) stands for: SAM's mask
+    prompted by the box (its best predicted IoU of three) where its tight box agrees with the drawn
+    one (IoU >= :data:`BOX_AGREEMENT_IOU`), else the box's interior, as an image rectangle teaches.
+    The image is embedded once (and the embedding cached) for every box and for
+    :func:`point_labels` after it."""
+    height, width = image.shape[:2]
+    if not len(boxes):
+        return []
+    embedding = engine.embed(image)
+    batch = engine.predict_prompts(embedding, boxes=np.asarray(boxes, dtype=np.float32))
+    assert batch.masks is not None
+    out = []
+    for box, masks, scores in zip(boxes, batch.masks, batch.iou_predictions, strict=True):
+        mask = np.asarray(masks[int(np.argmax(scores))], dtype=bool)
+        interior = np.zeros((height, width), dtype=bool)
+        x0, y0, x1, y1 = (round(float(v)) for v in box)
+        interior[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+        agree = mask.any() and box_ious(mask_boxes(mask[None]), box)[0] >= BOX_AGREEMENT_IOU
+        out.append(mask if agree else interior)
+    return out
+
+
 def _label(
     mask: np.ndarray, y: int, x: int, regions_masks: list[np.ndarray], areas: np.ndarray, regions: list[Region],
     label_index: dict[str, int], match_iou: float,
@@ -114,7 +144,12 @@ class InstanceCache:
         self.match_iou = match_iou
 
     def key(self, image_digest: str, regions: list[Region]) -> str:
-        content = json.dumps([image_digest, self.match_iou, [[r.label, r.rle] for r in regions]], sort_keys=True)
+        return self.content_key(image_digest, [[r.label, r.rle] for r in regions])
+
+    def content_key(self, image_digest: str, regions: object) -> str:
+        """The key of an image's instances for annotated ``regions`` in any JSON form (a video
+        frame's: its boxes and labels, known before SAM turns them into masks)."""
+        content = json.dumps([image_digest, self.match_iou, regions], sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:24]
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:

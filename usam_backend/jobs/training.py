@@ -16,20 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
-from training.feedback import IGNORE, InstanceCache, Instances, point_labels
+from training.feedback import IGNORE, InstanceCache, Instances, box_masks, point_labels
 from training.pipeline import Trained, train_labels
 from training.progress import Progress
 from training.recipe import Recipe
 from training.sources.synthetic import release_pipelines
 from usam_backend.core.errors import DataError, UsamError
 from usam_backend.core.images import load_image
+from usam_backend.core.masks import mask_to_rle
 from usam_backend.core.regions import Region
 from usam_backend.core.settings import Settings
+from usam_backend.core.video import VideoError, probe_video, read_clip
 from usam_backend.jobs.runners import Publish
-from usam_backend.labelstudio.config import parse_label_config
-from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback
-from usam_backend.labelstudio.media import fetcher_for
+from usam_backend.jobs.video import frame_rate
+from usam_backend.labelstudio.config import LabelConfig, parse_label_config
+from usam_backend.labelstudio.feedback import FeedbackStore, TaskFeedback, VideoTrackRegion, spread_frames
+from usam_backend.labelstudio.media import TaskImageFetcher, fetcher_for
 from usam_backend.labelstudio.projects import ProjectStore
 from usam_backend.registry import HeadRegistry, model_version
 from usam_backend.sam.engine import SamEngine
@@ -98,6 +102,9 @@ def prune_project_heads(settings: Settings, pid: str, newest: Path) -> list[Path
     return registry.prune(pid, settings.keep_project_heads, protect)
 
 
+TRACK_FRAMES = 8
+"""A video track teaches on at most this many of its frames, spread evenly over the frames it is drawn on."""
+
 CALIBRATION_SHARE = 5
 """Every 5th annotated task (at least 4 needed) is held out of training to calibrate the head on."""
 
@@ -130,6 +137,7 @@ def annotated_instances(
     used = 0
     with httpx.Client(follow_redirects=False) as client:
         fetcher = fetcher_for(settings, record, client)
+        videos = fetcher_for(settings, record, client, video=True)
         for task in tasks:
             try:
                 for image_name, field_ in config.images.items():
@@ -149,12 +157,69 @@ def annotated_instances(
                         x, y = found
                         keep = y != IGNORE
                         parts.append(Instances(x[keep], y[keep]))
+                parts += _track_instances(settings, task, config, videos, cache, engine, label_index)
                 used += 1
             except UsamError as exc:
                 log.warning("project %s task %s: not learned from: %s", pid, task.task, exc)
                 problems.append({"task": task.task, "reason": str(exc)})
             progress.advance()
     return Instances.concat(parts, engine.embedding_dim), used, problems
+
+
+def _track_instances(
+    settings: Settings, task: TaskFeedback, config: LabelConfig, fetcher: TaskImageFetcher, cache: InstanceCache,
+    engine: SamEngine, label_index: dict[str, int],
+) -> list[Instances]:  # fmt: skip
+    """Labelled grid points of a video task's annotated tracks: each track on at most
+    :data:`TRACK_FRAMES` of its frames (:func:`track_frames`); on each such frame, every track drawn
+    there stands for the mask its box prompts (:func:`training.feedback.box_masks`) and the frame's
+    points are labelled against them as an image's regions are. The video is fetched once through
+    the guarded fetcher; each frame is decoded alone (a seek, never the whole video), embedded once,
+    and its instances cached by video content, frame and boxes."""
+    parts: list[Instances] = []
+    for name, video in config.videos.items():
+        tracks = [t for t in task.tracks if t.video == name]
+        if not tracks:
+            continue
+        if video.key not in task.data:
+            raise DataError(f"task {task.task} has no '{video.key}' in its data")
+        raw = fetcher.fetch(task.data[video.key], task.task)
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            frame_count, fps, width, height = probe_video(raw, max_pixels=settings.max_image_pixels)
+        except VideoError as exc:
+            raise DataError(f"task {task.task}: {exc}") from None
+        rate = frame_rate(config, {"data": task.data})
+        frames = track_frames(tracks)
+        boxes = {t.id: t.boxes(frames, size=(height, width)) for t in tracks}
+        for frame in frames:  # Label Studio's 1-based frame -> the decoded video's 0-based index
+            drawn = [(t, boxes[t.id][frame]) for t in tracks if frame in boxes[t.id]]
+            index = min(frame_count - 1, round((frame - 1) * fps / rate))
+            key = cache.content_key(f"{digest}:{index}", [[t.label, b.round(2).tolist()] for t, b in drawn])
+            found = cache.get(key)
+            if found is None:
+                try:
+                    image = read_clip(raw, start=index, stop=index + 1, max_frames=1,
+                                      max_pixels=settings.max_image_pixels).frames[0]  # fmt: skip
+                except VideoError as exc:
+                    raise DataError(f"task {task.task}, frame {frame}: {exc}") from None
+                with compute_lock:
+                    masks = box_masks(engine, image, np.stack([b for _, b in drawn]))
+                    regions = [Region(t.id, t.label, t.control, name, mask_to_rle(m), shape="rectangle")
+                               for (t, _), m in zip(drawn, masks, strict=True)]  # fmt: skip
+                    found = point_labels(engine, image, regions, label_index, points=settings.points,
+                                         match_iou=settings.feedback_iou)  # fmt: skip
+                cache.put(key, *found)
+            x, y = found
+            keep = y != IGNORE
+            parts.append(Instances(x[keep], y[keep]))
+    return parts
+
+
+def track_frames(tracks: list[VideoTrackRegion], most: int = TRACK_FRAMES) -> list[int]:
+    """The frames (1-based) a video task's tracks teach on: for each track, ``most`` of the frames
+    it is drawn on, spread evenly from its first to its last; their union, in order."""
+    return sorted({frame for track in tracks for frame in spread_frames(track.frames(), most)})
 
 
 def _annotated_images(
