@@ -43,6 +43,50 @@ _DRAWN_ALPHA = """
 """
 
 
+# A video task's player: the frame on the canvas outside Konva (where the player draws it, its opaque
+# pixels) and the alpha of the Konva layers over the same pixels (the regions drawn on that frame).
+_VIDEO_SHOWN = """
+() => {
+  const stage = document.querySelector('.konvajs-content');
+  const player = [...document.querySelectorAll('canvas')].find(c => !c.closest('.konvajs-content'));
+  const video = document.querySelector('video');
+  if (!stage || !player || !video || !video.videoWidth) return null;
+  const w = player.width, h = player.height;
+  const rgba = player.getContext('2d').getImageData(0, 0, w, h).data;
+  let x0 = w, y0 = h, x1 = 0, y1 = 0;
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    if (rgba[4 * (y * w + x) + 3] !== 255) continue;
+    x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + 1); y1 = Math.max(y1, y + 1);
+  }
+  if (x1 <= x0) return null;
+  const layers = [...stage.querySelectorAll('canvas')].filter(c => getComputedStyle(c).display !== 'none')
+    .map(c => c.getContext('2d').getImageData(x0, y0, x1 - x0, y1 - y0).data);
+  const fw = x1 - x0, fh = y1 - y0, rgb = new Uint8Array(3 * fw * fh), alpha = new Uint8Array(fw * fh);
+  for (let y = 0; y < fh; y++) for (let x = 0; x < fw; x++) {
+    const i = y * fw + x, j = 4 * ((y + y0) * w + x + x0);
+    rgb.set(rgba.subarray(j, j + 3), 3 * i);
+    for (const layer of layers) alpha[i] = Math.max(alpha[i], layer[4 * i + 3]);
+  }
+  const at = player.getBoundingClientRect(), over = stage.getBoundingClientRect();
+  const aligned = Math.abs(at.left - over.left) < 1 && Math.abs(at.top - over.top) < 1
+    && w === stage.querySelector('canvas').width;
+  return {size: [fw, fh], video: [video.videoWidth, video.videoHeight], aligned,
+          rgb: Array.from(rgb), alpha: Array.from(alpha)};
+}
+"""
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A video frame as the player shows it, brought to the video's own size (``video.videoWidth``
+    by ``videoHeight``: the display rotation applied): ``frame`` the 1-based number the frame counter
+    reads, ``rgb`` its pixels, ``drawn`` where the regions are drawn over it."""
+
+    frame: int
+    rgb: np.ndarray
+    drawn: np.ndarray
+
+
 @dataclass(frozen=True)
 class Drawn:
     """What the regions draw over an image, at the image's size: ``mask`` where they draw, ``seen``
@@ -114,6 +158,59 @@ class Editor:
         seen = (rows[:, None] >= 0) & (rows[:, None] < h) & (cols[None, :] >= 0) & (cols[None, :] < w)
         drawn = alpha[np.ix_(rows.clip(0, h - 1), cols.clip(0, w - 1))] >= level
         return Drawn(np.asarray(drawn & seen), np.asarray(seen))
+
+    def frame_number(self) -> int:
+        """The frame the video player's counter reads (``12 of 24`` -> 12)."""
+        text = self.page.locator(".lsf-frames-control").inner_text()
+        return int(text.split()[0])
+
+    def step_forward(self) -> int:
+        """The player's *Step forward* button (it steps by the player's step setting); the new frame."""
+        before = self.frame_number()
+        self.page.locator("[aria-label='Step forward']").click()
+        self.page.wait_for_function(
+            f"() => parseInt(document.querySelector('.lsf-frames-control').innerText) !== {before}"
+        )
+        return self.frame_number()
+
+    def go_to_frame(self, frame: int) -> None:
+        """The player's frame counter: clicked, it takes a frame number."""
+        self.page.locator(".lsf-frames-control").click()
+        field = self.page.locator(".lsf-frames-control input")
+        field.fill(str(frame))
+        field.press("Enter")
+        self.page.wait_for_function(
+            f"() => parseInt(document.querySelector('.lsf-frames-control').innerText) === {frame}"
+        )
+
+    def shown_frame(self) -> Shown:
+        """The video frame on the screen now and the regions drawn over it (see :class:`Shown`)."""
+        self.page.wait_for_timeout(300)  # the player draws the frame it sought on its next animation frame
+        frame = self.frame_number()
+        result = self.page.evaluate(_VIDEO_SHOWN)
+        assert result is not None, "no video frame on the player's canvas"
+        assert result["aligned"], "the regions' stage does not lie over the player's canvas"
+        (fw, fh), (width, height) = result["size"], result["video"]
+        assert abs(fw / fh - width / height) < 0.02, f"a {width}x{height} video shows as {fw}x{fh}"
+        rows = np.floor((np.arange(height) + 0.5) * fh / height).astype(int)
+        cols = np.floor((np.arange(width) + 0.5) * fw / width).astype(int)
+        rgb = np.asarray(result["rgb"], dtype=np.uint8).reshape(fh, fw, 3)[np.ix_(rows, cols)]
+        alpha = np.asarray(result["alpha"], dtype=np.uint8).reshape(fh, fw)[np.ix_(rows, cols)]
+        return Shown(frame, rgb, np.asarray(alpha > 0))
+
+    def item_number(self) -> int:
+        """The item of a multi-image task on the screen (its pager reads ``2 of 6`` -> 2)."""
+        return int(self.page.locator(".lsf-pagination__page-indicator").inner_text().split()[0])
+
+    def next_item(self) -> int:
+        """The pager's *Next Image* button; the new item's number."""
+        before = self.item_number()
+        self.page.locator(".lsf-pagination__btn_arrow-right:not(.lsf-pagination__btn_arrow-right-double)").click()
+        self.page.wait_for_function(
+            f"() => parseInt(document.querySelector('.lsf-pagination__page-indicator').innerText) !== {before}"
+        )
+        self.page.wait_for_load_state("networkidle")
+        return self.item_number()
 
     def screen_point(self, x: float, y: float, height: int, width: int) -> tuple[float, float]:
         """Where the image's pixel (x, y) lies on the screen (the image's canvas sits outside Konva)."""

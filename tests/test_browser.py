@@ -3,10 +3,13 @@ usam (the tiny random SAM and a head trained on the test classes) as the project
 
 One browser and one logged-in page serve every test; each test leaves its screenshots under
 ``tests/artifacts/browser/<test>/``. The tiny SAM's masks are noise (random weights), so the brush
-check is pixel by pixel: the editor must draw exactly the pixels of the prediction's mask."""
+checks are pixel by pixel: the editor must draw exactly the pixels of the prediction's mask. Where the
+geometry must be right (a video track over a moving object), the prediction is made by usam's video
+job with a geometric ORACLE in place of the head's segmenter."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -16,12 +19,18 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 from scipy import ndimage
+from test_label_studio_video import frames, write_portrait
 
+from usam_backend.core.masks import mask_boxes
+from usam_backend.core.regions import Regions
+from usam_backend.core.settings import Settings
 from usam_backend.core.shapes import polygons_mask
+from usam_backend.core.video import write_video
+from usam_backend.jobs import video as video_jobs
 
-from browser_helpers import ARTIFACTS, CHROMIUM, Editor
-from conftest import scene
-from helpers import UsamServer, project_config, wait_until
+from browser_helpers import ARTIFACTS, CHROMIUM, Editor, Shown
+from conftest import CLASS_COLORS, scene
+from helpers import UsamServer, WebHost, project_config, reply, wait_until
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.browser]
 
@@ -88,12 +97,19 @@ def image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def usam(label_studio, trained_head, tmp_path_factory):
-    models = tmp_path_factory.mktemp("browser-models")
-    trained_head.save(models / "heads" / "head.pt")
+def models(trained_head, tmp_path_factory) -> Path:
+    """usam's model folder: the head, and the projects ``/setup`` stores."""
+    folder = tmp_path_factory.mktemp("browser-models")
+    trained_head.save(folder / "heads" / "head.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def usam(label_studio, models, tmp_path_factory):
     env = {
         "USAM_SAM_TYPE": "tiny", "USAM_DEVICE": "cpu", "USAM_POINTS": "64", "USAM_MODEL_DIR": str(models),
         "USAM_CACHE_DIR": str(tmp_path_factory.mktemp("browser-cache")), "USAM_AUTO_TRAIN": "false",
+        "USAM_ALLOWED_HOSTS": "127.0.0.1",  # the frame sequence's host
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.personal_token(),
     }  # fmt: skip
     server = UsamServer(env, models / "serve.log")
@@ -273,3 +289,159 @@ def test_a_rejected_suggestion_leaves_nothing_drawn(editor, smart_project):
     editor.shot("rejected")
     assert editor.region_labels(0) == []
     assert not editor.drawn(H, W).mask.any(), "something is still drawn after the rejection"
+
+
+def colour_mask(rgb: np.ndarray, name: str) -> np.ndarray:
+    """Where a test scene's class is (``conftest.scene``): pixels within 60 of its colour in every channel,
+    less the background's stray pixels of that colour (an opening by 3x3)."""
+    near = np.abs(rgb.astype(int) - CLASS_COLORS[name]).max(axis=2) < 60
+    return np.asarray(ndimage.binary_opening(near, np.ones((3, 3), bool)))
+
+
+def colour_box(rgb: np.ndarray, name: str) -> np.ndarray:
+    return mask_boxes(colour_mask(rgb, name)[None])[0]
+
+
+class ColourOracle:
+    """ORACLE with SemanticSegmenter's ``segment`` over the test scenes: each class asked for is the
+    pixels of its colour in the frame usam decoded (so the display rotation and the codec's blur are
+    usam's own), one region per class seen, scored 0.9. It stands in for the head's segmenter only,
+    whose masks from random weights are noise; everything around it is usam's video job."""
+
+    def __init__(self, class_names: tuple[str, ...]):
+        self.class_names = class_names
+
+    @classmethod
+    def from_settings(cls, engine, head, settings) -> ColourOracle:  # SemanticSegmenter's constructor
+        return cls(tuple(head.class_names))
+
+    def segment(self, image: np.ndarray, *, classes=None) -> Regions:
+        masks = [colour_mask(image, name) for name in self.class_names if not classes or name in classes]
+        ids = [i for i, name in enumerate(self.class_names) if not classes or name in classes]
+        kept = [(mask, i) for mask, i in zip(masks, ids, strict=True) if mask.sum() > 50]
+        n = len(kept)
+        return Regions(
+            masks=np.stack([mask for mask, _ in kept]) if n else np.zeros((0, *image.shape[:2]), bool),
+            class_ids=np.array([i for _, i in kept], dtype=np.int64), scores=np.full(n, 0.9, np.float32),
+            points=np.zeros((n, 2), np.float32), sam_scores=np.ones(n, np.float32), class_names=self.class_names,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def video_project(label_studio, usam, models, tmp_path_factory) -> dict:
+    """A ``<Video>`` project with a landscape clip and a phone's portrait clip (coded sideways, turned
+    by its display matrix) of the tomato crossing the frame, usam connected (``/setup``), and each
+    video predicted by usam's video job (``usam_backend.jobs.video.video_task_job``, what *Retrieve
+    predictions* runs: the video fetched from Label Studio, decoded, found on every 3rd frame, linked
+    into a track and posted) with :class:`ColourOracle` as the head's segmenter."""
+    folder = tmp_path_factory.mktemp("browser-video")
+    landscape = frames()
+    portrait = [np.ascontiguousarray(np.rot90(frame, -1)) for frame in landscape]  # as the player shows it
+    sdk = label_studio.sdk
+    config = project_config("video_tracks.xml", {"tomato": None})
+    pid = sdk.projects.create(title="browser video", label_config=config).id
+    label_studio.upload(pid, write_video(folder / "tomato.mp4", landscape, 24), "video/mp4")
+    label_studio.upload(pid, write_portrait(folder / "portrait.mp4", portrait), "video/mp4")
+    tasks = {("portrait" if "portrait" in t.data["video"] else "landscape"): t for t in sdk.tasks.list(project=pid)}
+    sdk.ml.create(url=usam.url, project=pid, title="usam")
+    settings = Settings(sam_type="tiny", device="cpu", model_dir=models, cache_dir=folder / "cache", video_stride=3,
+                        video_chunk=12, label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.personal_token())  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(video_jobs, "SemanticSegmenter", ColourOracle)
+        for task in tasks.values():
+            counts = video_jobs.video_task_job(settings, {"project": str(pid), "tasks": [task.id]})
+            assert counts["predicted"] == 1, counts
+    return {"id": pid, "tasks": tasks, "frames": {"landscape": landscape, "portrait": portrait}}
+
+
+@pytest.mark.parametrize("clip", ["landscape", "portrait"])
+def test_a_video_track_is_drawn_over_the_moving_object_on_each_frame(label_studio, editor, video_project, clip):
+    """The video's track is listed with its label; stepped to with the player's own controls (its
+    *Step forward* button, then its frame counter), each frame shows the clip's frame of that number
+    (upright, for the portrait clip) and the track's box drawn over the tomato where it is on that
+    frame, within 3 px (keyframes and the frames Label Studio interpolates alike)."""
+    task = video_project["tasks"][clip]
+    source = video_project["frames"][clip]
+    (prediction,) = label_studio.sdk.predictions.list(task=task.id)
+    (track,) = prediction.result
+    assert track["type"] == "videorectangle" and track["value"]["labels"] == ["tomato"]
+    editor.open_task(video_project["id"], task.id)
+    assert editor.region_labels(1) == ["tomato"]
+
+    def look() -> Shown:
+        view = editor.shown_frame()
+        editor.shot(f"frame-{view.frame:02d}")
+        return view
+
+    shown = [look()]
+    for _ in range(2):
+        editor.step_forward()
+        shown.append(look())
+    for frame in (6, len(source) - 1):  # the counter takes 1 to the frame before the last (Label Studio 1.23.2)
+        editor.go_to_frame(frame)
+        shown.append(look())
+    assert [view.frame for view in shown] == [1, 11, 21, 6, len(source) - 1]
+    boxes = []
+    for view in shown:
+        height, width = source[0].shape[:2]
+        assert view.rgb.shape == (height, width, 3), f"the player shows a {view.rgb.shape[1]}x{view.rgb.shape[0]} frame"
+        on_screen = colour_box(view.rgb, "tomato")
+        truth = colour_box(source[view.frame - 1], "tomato")
+        assert np.abs(on_screen - truth).max() <= 2, f"frame {view.frame} shows the tomato at {on_screen}, not {truth}"
+        assert view.drawn.any(), f"no box is drawn on frame {view.frame}"
+        drawn = mask_boxes(view.drawn[None])[0]
+        assert np.abs(drawn - on_screen).max() <= 3, f"frame {view.frame}: the box {drawn}, the tomato {on_screen}"
+        boxes.append(drawn)
+    assert np.abs(boxes[0] - boxes[2]).max() > 50, "the box does not move with the tomato"
+
+
+@pytest.fixture(scope="module")
+def sequence_project(label_studio, usam, tmp_path_factory) -> dict:
+    """A frame-sequence task of four frames of the crossing tomato, 7-8 frames apart, served by a web host
+    that allows the editor's cross-origin loads, and *Retrieve predictions* run."""
+    chosen = [frames()[t] for t in (0, 8, 16, 23)]
+    files = {f"/{i}.png": _png(frame) for i, frame in enumerate(chosen)}
+    host = WebHost(tmp_path_factory.mktemp("browser-frames"), {
+        path: reply(200, body, {"Content-Type": "image/png", "Access-Control-Allow-Origin": "*"})
+        for path, body in files.items()
+    })  # fmt: skip
+    sdk = label_studio.sdk
+    config = project_config("frame_sequence_brush.xml", LABELS)
+    pid = sdk.projects.create(title="browser frames", label_config=config).id
+    sdk.projects.import_tasks(id=pid, request=[{"frames": [host.url + path for path in files]}])
+    (task,) = sdk.tasks.list(project=pid)
+    sdk.ml.create(url=usam.url, project=pid, title="usam")
+    sdk.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True, "excluded": []})
+    (prediction,) = sdk.predictions.list(task=task.id)
+    yield {"id": pid, "task": task, "prediction": prediction, "count": len(chosen)}
+    host.stop()
+
+
+def _png(frame: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_each_frame_of_a_sequence_shows_its_own_regions(editor, sequence_project):
+    """Stepped through with the pager's *Next Image*, each frame of the sequence shows exactly the
+    pixels of the regions predicted for it (``item_index``), and none of the other frames' regions;
+    the Regions panel lists every frame's regions."""
+    result = sequence_project["prediction"].result
+    count = sequence_project["count"]
+    expected = [np.zeros((H, W), bool) for _ in range(count)]
+    for region in result:
+        expected[region["item_index"]] |= brush_mask(region)
+    assert sum(mask.any() for mask in expected) >= 2, "usam predicted regions on fewer than two frames"
+    editor.open_task(sequence_project["id"], sequence_project["task"].id)
+    assert len(editor.region_labels(len(result))) == len(result)
+    for item in range(count):
+        if item:
+            assert editor.next_item() == item + 1
+        drawn = editor.drawn(H, W)
+        editor.shot(f"item-{item + 1}")
+        assert drawn.seen.mean() > 0.8, "the editor shows too little of the frame to judge"
+        others = np.logical_or.reduce([mask for i, mask in enumerate(expected) if i != item])
+        assert (others & ~expected[item] & drawn.seen).any(), "the other frames' regions cannot be told apart here"
+        assert np.array_equal(drawn.mask, expected[item] & drawn.seen), f"frame {item + 1} shows other pixels"
