@@ -162,10 +162,12 @@ def test_tracks_files_mot_and_bad_ones(tmp_path, clip_path, capsys):
 def test_bench_video_prints_stages_and_frames_per_second(capsys):
     assert main(["bench-video", "--frames", "9", "--size", "128", "--stride", "3", "--objects", "2", *TINY]) == 0
     out = capsys.readouterr().out
-    for stage in ("decode (PyAV)", "head on strided frames", "tracking (linking)", "SAM from track boxes"):
+    for stage in ("decode (PyAV)", "head on strided frames", "tracking (linking)", "usam video one pass"):
         assert stage in out
     assert "frames/s of video" in out
-    assert int(re.search(r"\((\d+) tracks,", out).group(1)) >= 1
+    assert int(re.search(r"; (\d+) tracks linked", out).group(1)) >= 1
+    assert re.search(r"masks \(usam video --head\): +[\d.]+ frames/s of video; encoder passes per frame 1.00", out)
+    assert re.search(r"the encoder \d+ % of making the masks", out)
     assert re.search(r"--box with 2 objects followed together: [\d.]+ frames/s; encoder passes per frame 1.00", out)
 
 

@@ -667,7 +667,7 @@ def _inside_point(mask: np.ndarray) -> tuple[float, float]:
 
 
 def _uncut(mask: np.ndarray, box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The box with each side that the mask runs into (within a pixel, away from the image's edge)
+    """The box with each side that the mask runs into (within half a pixel, away from the image's edge)
     pushed out by half the box's extent; None when the mask touches no side (or is empty)."""
     if not mask.any():
         return None
@@ -676,10 +676,10 @@ def _uncut(mask: np.ndarray, box: np.ndarray, shape: tuple[int, ...]) -> np.ndar
     bx0, by0, bx1, by1 = box
     dx, dy = (bx1 - bx0) / 2, (by1 - by0) / 2
     grown = np.array([
-        bx0 - dx if x0 <= bx0 + 1 and bx0 > 0 else bx0,
-        by0 - dy if y0 <= by0 + 1 and by0 > 0 else by0,
-        bx1 + dx if x1 >= bx1 - 1 and bx1 < w else bx1,
-        by1 + dy if y1 >= by1 - 1 and by1 < h else by1,
+        bx0 - dx if x0 <= bx0 + 0.5 and bx0 > 0 else bx0,
+        by0 - dy if y0 <= by0 + 0.5 and by0 > 0 else by0,
+        bx1 + dx if x1 >= bx1 - 0.5 and bx1 < w else bx1,
+        by1 + dy if y1 >= by1 - 0.5 and by1 < h else by1,
     ])  # fmt: skip
     return _clip_box(grown, shape) if (grown != box).any() else None
 
@@ -1001,6 +1001,9 @@ def _low_res_detections(
     survivors = segmenter.survivors(embedding, classes=classes)
     side = engine.model.image_encoder.img_size
     logits = survivors.candidates.logits
+    if not len(logits):  # the head found nothing
+        empty: Detections = (np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return (*empty, np.zeros((0, embedding.features.shape[1]), np.float32)) if appearance else empty
     height = math.ceil(embedding.input_size[0] * logits.shape[-2] / side) if len(logits) else 0
     width = math.ceil(embedding.input_size[1] * logits.shape[-1] / side) if len(logits) else 0
     low = (logits[:, :height, :width] > engine.model.mask_threshold).cpu().numpy()
@@ -1257,24 +1260,15 @@ class _ObjectsRun:
             self.predictor.set_image(frame)
             embedding = self.current = getattr(self.predictor, "embedding", None)
             found = self.detector(frame, embedding) if sampled else None
-            boxes, scores, classes, looks = _clean(found, self.link)
-            prompts: dict[tuple[int, str], np.ndarray] = {}
-            for d, box in enumerate(boxes):
-                clipped = _clip_box(np.asarray(box, np.float64), frame.shape)
-                if clipped is not None:
-                    prompts[d, "box"] = clipped
-            answers = _box_masks(self.predictor, prompts) if prompts else {}
             states = {o.key: self._as_followed(o.key) for o in chasing}
             followed, asked = _follow_batch(self.predictor, frame, index, states, self.follow)
             followed = self._one_object_each(followed, index)
             followed.update(self._behind(frame, index, states, followed, asked))
-        for key, box in asked.items():
-            prompts[key, "follow"] = box
         if sampled:
-            self._link(item, frame, index, boxes, scores, classes, looks, answers, followed, prompts)
+            self._link(item, frame, index, _clean(found, self.link), followed, asked)
         for key, mask in followed.items():
             if key not in item.masks:
-                item.masks[key], item.boxes[key] = mask, prompts[key, "follow"]
+                item.masks[key], item.boxes[key] = mask, asked[key]
         for key, mask in item.masks.items():
             obj = self.objects[key]
             if obj.at != index:
@@ -1339,59 +1333,75 @@ class _ObjectsRun:
         return kept
 
     def _link(
-        self, item: _Held, frame: np.ndarray, index: int, boxes: np.ndarray, scores: np.ndarray,
-        classes: np.ndarray, looks: np.ndarray | None, answers: dict[tuple[int, str], np.ndarray],
-        followed: dict[int, np.ndarray], prompts: dict[tuple[int, str], np.ndarray],
+        self, item: _Held, frame: np.ndarray, index: int,
+        found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], followed: dict[int, np.ndarray],
+        asked: dict[int, np.ndarray],
     ) -> None:  # fmt: skip
-        """The head's detections on a sampled frame: linked to the objects, or new objects."""
+        """The head's detections on a sampled frame: linked to the objects, or new objects. A
+        sighting's box prompts SAM only where SAM did not follow the object here, or followed it
+        to a box that differs from the detection's (IoU under 0.7); confident detections no object
+        takes prompt SAM to start objects. All in one decoder batch."""
+        boxes, scores, classes, looks = found
         free = list(self.live)
         high = np.flatnonzero(scores >= self.link.start_score)
         low = np.flatnonzero((scores >= self.link.keep_score) & (scores < self.link.start_score))
-        taken: set[int] = set()
+        matches: list[tuple[_Object, int]] = []
+        fresh: list[int] = []
         for rows, starts in ((high, True), (low, False)):
             left = [int(d) for d in rows]
             picked = None if looks is None else looks[left]
-            costs = self._costs(free, boxes[left], classes[left], picked, index, followed)
-            pairs = _assign(costs)
+            pairs = _assign(self._costs(free, boxes[left], classes[left], picked, index, followed))
             for i, j in pairs:
                 obj, d = free[i], left[j]
-                sighting = (boxes[d], float(scores[d]), int(classes[d]))
-                if obj.class_id >= 0 and sighting[2] >= 0 and sighting[2] != obj.class_id:
-                    obj.votes[sighting[2]] = obj.votes.get(sighting[2], 0.0) + sighting[1]  # misnamed: a vote
-                    taken.add(d)
-                    continue
-                obj.sighted(index, sighting, None if looks is None else looks[d])
-                boxed = answers.get((d, "box"))
-                mine = followed.get(obj.key)
-                if boxed is not None and not self._is_object(frame, boxed, obj, followed):
-                    # the box gives SAM another object (one in front of this one): asked again without it
-                    with _held(self.lock):
-                        self._show(frame, self.current)
-                        boxed = self._without(frame, prompts[d, "box"], [*followed.values(), boxed])
-                    if boxed is not None and not self._is_object(frame, boxed, obj, followed):
-                        boxed = None
-                if mine is not None and (boxed is None or mine.sum() > 1.1 * boxed.sum()):
-                    item.masks[obj.key], item.boxes[obj.key] = mine, prompts[obj.key, "follow"]
-                elif boxed is not None and boxed.any():
-                    item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d, "box"]
-                    obj.look = _histogram(frame, boxed)
-                if obj.key in item.masks:
-                    self._follow_back(obj, item.masks[obj.key], index, obj.velocity)
-                taken.add(d)
-            matched = {free[i].key for i, _ in pairs}
-            free = [o for o in free if o.key not in matched]
+                if obj.class_id >= 0 and classes[d] >= 0 and classes[d] != obj.class_id:
+                    obj.votes[int(classes[d])] = obj.votes.get(int(classes[d]), 0.0) + float(scores[d])  # misnamed
+                else:
+                    matches.append((obj, d))
+            free = [o for o in free if o.key not in {free[i].key for i, _ in pairs}]
             if starts:
-                for d in left:
-                    boxed = answers.get((d, "box"))
-                    if d in taken or boxed is None or not boxed.any() or self._covered(item, followed, boxed):
-                        continue
-                    obj = _Object(next(self.keys), boxed, index, np.zeros(4), _histogram(frame, boxed))
-                    look = None if looks is None else looks[d]
-                    obj.sighted(index, (boxes[d], float(scores[d]), int(classes[d])), look)
-                    self.objects[obj.key] = obj
-                    self.live.append(obj)
-                    item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d, "box"]
-                    self._follow_back(obj, boxed, index, np.zeros(4))
+                fresh += [left[j] for j in range(len(left)) if j not in {j for _, j in pairs}]
+        need = [
+            d for obj, d in matches if obj.key not in followed or _box_iou(mask_box(followed[obj.key]), boxes[d]) < 0.7
+        ]
+        prompts = {
+            d: box
+            for d in [*need, *fresh]
+            if (box := _clip_box(np.asarray(boxes[d], np.float64), frame.shape)) is not None
+        }
+        answers: dict[int, np.ndarray] = {}
+        if prompts:
+            with _held(self.lock):
+                self._show(frame, self.current)
+                answers = _box_masks(self.predictor, prompts)
+        for obj, d in matches:
+            obj.sighted(index, (boxes[d], float(scores[d]), int(classes[d])), None if looks is None else looks[d])
+            boxed, mine = answers.get(d), followed.get(obj.key)
+            if boxed is not None and not self._is_object(frame, boxed, obj, followed):
+                # the box gives SAM another object (one in front of this one): asked again without it
+                with _held(self.lock):
+                    self._show(frame, self.current)
+                    boxed = self._without(frame, prompts[d], [*followed.values(), boxed])
+                if boxed is not None and not self._is_object(frame, boxed, obj, followed):
+                    boxed = None
+            if mine is not None and (boxed is None or mine.sum() > 1.1 * boxed.sum()):
+                item.masks[obj.key], item.boxes[obj.key] = mine, asked[obj.key]
+            elif boxed is not None and boxed.any():
+                item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d]
+                obj.look = _histogram(frame, boxed)
+        for d in fresh:
+            boxed = answers.get(d)
+            if boxed is None or not boxed.any() or self._covered(item, followed, boxed):
+                continue
+            obj = _Object(next(self.keys), boxed, index, np.zeros(4), _histogram(frame, boxed))
+            obj.sighted(index, (boxes[d], float(scores[d]), int(classes[d])), None if looks is None else looks[d])
+            self.objects[obj.key] = obj
+            self.live.append(obj)
+            item.masks[obj.key], item.boxes[obj.key] = boxed, prompts[d]
+        for obj, _ in matches:  # objects found on this frame, followed back into the frames before
+            if obj.key in item.masks:
+                self._follow_back(obj, item.masks[obj.key], index, obj.velocity)
+        for key in [k for k in item.masks if len(self.objects[k].sightings) == 1 and self.objects[k].at == index]:
+            self._follow_back(self.objects[key], item.masks[key], index, np.zeros(4))
         for obj in free:
             obj.sampled_misses += 1
         # an object seen once and not on the next two sampled frames was a false positive; others end
