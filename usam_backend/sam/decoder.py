@@ -20,6 +20,7 @@ produced with SAM's own ``output_upscaling`` and hypernetwork MLPs, exactly as S
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,11 @@ class DecodedPoints:
 
 
 class PointDecoder:
-    """Decodes point prompts on one image embedding, sharing per-image work across batches."""
+    """Decodes point prompts on one image embedding, sharing per-image work across batches.
+
+    The first block's per-prompt image tokens are written into two buffers kept from batch to
+    batch (one decode at a time holds them), so the allocator does not map and fault in fresh
+    pages for them on every batch; only the image tokens a batch returns are new."""
 
     def __init__(self, decoder: MaskDecoder, image_embedding: Tensor, image_pe: Tensor, no_mask: Tensor):
         """
@@ -81,6 +86,8 @@ class PointDecoder:
         self.pe_keys = [_pe_heads(block.cross_attn_token_to_image, "k_proj", pe) for block in transformer.layers[1:]]
         self.pe_queries = [_pe_heads(block.cross_attn_image_to_token, "q_proj", pe) for block in transformer.layers[1:]]
         self.pe_final = _pe_heads(transformer.final_attn_token_to_image, "k_proj", pe)
+        self._buffers = torch.empty(0)
+        self._lock = threading.Lock()
 
     def decode(self, sparse: Tensor) -> DecodedPoints:
         """Run the transformer for B prompts.
@@ -93,9 +100,10 @@ class PointDecoder:
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         prompt = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         layers = decoder.transformer.layers
-        queries, keys = self._first_block(layers[0], prompt)
-        for block, pe_keys, pe_queries in zip(layers[1:], self.pe_keys, self.pe_queries, strict=True):
-            queries, keys = _block(block, queries, keys, prompt, pe_keys, pe_queries)
+        with self._lock:
+            queries, keys = self._first_block(layers[0], prompt)
+            for block, pe_keys, pe_queries in zip(layers[1:], self.pe_keys, self.pe_queries, strict=True):
+                queries, keys = _block(block, queries, keys, prompt, pe_keys, pe_queries)
         transformer = decoder.transformer
         attn = _tokens_to_image(transformer.final_attn_token_to_image, queries + prompt, keys, self.pe_final)
         queries = transformer.norm_final_attn(queries + attn)
@@ -115,8 +123,15 @@ class PointDecoder:
         queries = block.norm2(queries + attn)
         queries = block.norm3(queries + block.mlp(queries))
         back = block.cross_attn_image_to_token
-        keys = _image_to_tokens(back, self.keys.unsqueeze(0), queries + prompt, queries, self.first_q)
-        return queries, block.norm4(keys)
+        updated, normed = self._buffer(prompt.shape[0])
+        _image_to_tokens(back, self.keys.unsqueeze(0), queries + prompt, queries, self.first_q, out=updated)
+        return queries, _layer_norm(block.norm4, updated, normed)
+
+    def _buffer(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Two (batch, N, E) buffers for the first block's image tokens, grown when needed."""
+        if self._buffers.dim() < 2 or self._buffers.shape[1] < batch:
+            self._buffers = self.keys.new_empty(2, batch, *self.keys.shape)
+        return self._buffers[0, :batch], self._buffers[1, :batch]
 
 
 def low_res_logits(decoder: MaskDecoder, decoded: DecodedPoints, index: Tensor, size: tuple[int, int]) -> Tensor:
@@ -179,6 +194,15 @@ def _block(
     back = block.cross_attn_image_to_token
     keys = _image_to_tokens(back, keys, queries + prompt, queries, pe_queries, per_prompt=True)
     return queries, block.norm4(keys)
+
+
+def _layer_norm(norm: torch.nn.LayerNorm, x: Tensor, out: Tensor) -> Tensor:
+    """``norm(x)`` written into ``out``."""
+    stats = x.new_empty(*x.shape[:-1], 1), x.new_empty(*x.shape[:-1], 1)
+    torch.ops.aten.native_layer_norm.out(
+        x, list(norm.normalized_shape), norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1]
+    )
+    return out
 
 
 def _pe_heads(attn: Attention, name: str, pe: Tensor) -> Tensor:
@@ -250,7 +274,14 @@ def _tokens_to_image(attn: Attention, q_in: Tensor, keys: Tensor, pe_keys: Tenso
 
 
 def _image_to_tokens(
-    attn: Attention, residual: Tensor, k_in: Tensor, v_in: Tensor, image_queries: Tensor, *, per_prompt: bool = False
+    attn: Attention,
+    residual: Tensor,
+    k_in: Tensor,
+    v_in: Tensor,
+    image_queries: Tensor,
+    *,
+    per_prompt: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``residual + attention(image tokens -> prompt tokens)``, (B, N, E), folded.
 
@@ -261,6 +292,7 @@ def _image_to_tokens(
             shared image tokens with PE), or, with ``per_prompt``, the projection of the image PE
             alone; the per-prompt ``residual``'s projection is then folded into the token keys:
             logits = x . (W_q^T k) + (W_q pe + b_q) . k.
+        out: (B, N, E) where the first block's result is written (else a new tensor).
 
     The out-projection is applied to the T token values before they are mixed into the N image
     positions, sum_t a_t (W_o v_t), and its bias is spread over the heads' tokens: the weights of
@@ -285,4 +317,4 @@ def _image_to_tokens(
         weights = torch.softmax(logits, dim=1).view(b, t * heads, -1)
         return residual.baddbmm_(weights.transpose(1, 2), spread)
     weights = torch.softmax(from_pe, dim=1).reshape(b, t * heads, -1)
-    return torch.baddbmm(residual.expand(b, -1, -1), weights.transpose(1, 2), spread)
+    return torch.baddbmm(residual.expand(b, -1, -1), weights.transpose(1, 2), spread, out=out)
