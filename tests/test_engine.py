@@ -62,3 +62,19 @@ def test_prompt_reuses_the_embedding(tiny_engine, two_object_image):
     single = tiny_engine.predict_prompt(embedding, box=np.array([10, 20, 120, 140]), multimask=False)
     assert single.masks.shape == (1, 160, 240)
     assert tiny_engine.encoder_calls == calls
+
+
+def test_point_masks_across_decode_chunks_are_sams(tiny_engine, two_object_image):
+    embedding = tiny_engine.embed(two_object_image)
+    points = tiny_engine.grid_points(embedding.original_size, 49)
+    assert len(points) > 2 * tiny_engine.decode_chunk  # three chunks
+    _, iou, logits = tiny_engine.reference_decode(embedding, points, 64)
+    best = np.sort(iou.max(dim=1).values.numpy())
+    gap = int(np.argmax(np.diff(best[10:-10]))) + 10  # a threshold far from every point's IoU
+    threshold = float(best[gap : gap + 2].mean())
+    rows, fast_logits, fast_iou = tiny_engine.point_masks(embedding, points, threshold)
+    expected = torch.nonzero((iou > threshold).any(dim=1)).squeeze(1)
+    assert torch.equal(rows, expected) and 0 < len(rows) < len(points)
+    assert rows.max() >= 2 * tiny_engine.decode_chunk
+    torch.testing.assert_close(fast_iou, iou[expected], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_logits, logits[expected], atol=1e-4, rtol=1e-4)
