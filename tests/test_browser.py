@@ -339,6 +339,7 @@ def video_project(label_studio, usam, models, tmp_path_factory) -> dict:
     portrait = [np.ascontiguousarray(np.rot90(frame, -1)) for frame in landscape]  # as the player shows it
     sdk = label_studio.sdk
     config = project_config("video_tracks.xml", {"tomato": None})
+    config = config.replace('value="tomato"', 'value="tomato" background="#FFD000"')  # a box that shows in pictures
     pid = sdk.projects.create(title="browser video", label_config=config).id
     label_studio.upload(pid, write_video(folder / "tomato.mp4", landscape, 24), "video/mp4")
     label_studio.upload(pid, write_portrait(folder / "portrait.mp4", portrait), "video/mp4")
