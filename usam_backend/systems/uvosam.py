@@ -1138,7 +1138,7 @@ class _Object:
 @dataclass
 class _Held:
     """A frame segmented but not yet painted: its masks per object, and (while objects may still be
-    followed back into it) its pixels and SAM's embedding of it."""
+    followed back into it) its pixels and SAM's embedding of it; after that, its masks packed."""
 
     index: int
     shape: tuple[int, ...]
@@ -1146,6 +1146,7 @@ class _Held:
     boxes: dict[int, np.ndarray]
     frame: np.ndarray | None = None
     embedding: Any = None
+    packed: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def video_objects(
@@ -1486,7 +1487,10 @@ class _ObjectsRun:
         item.frame, item.embedding = frame, embedding
         self.held.append(item)
         for older in list(self.held)[: max(0, len(self.held) - self.reach - 1)]:
-            older.frame = older.embedding = None  # past following back: only its masks are kept
+            if older.frame is not None:  # past following back: only its masks are kept, 8 pixels a byte
+                older.frame = older.embedding = None
+                older.packed = {key: np.packbits(mask) for key, mask in older.masks.items()}
+                older.masks = {}
 
     # -- painting ----------------------------------------------------------------------------
 
@@ -1494,6 +1498,9 @@ class _ObjectsRun:
         """The id maps of the frames that leave the window (all of them at the clip's end)."""
         while self.held and (now is None or now - self.held[0].index >= self.window):
             item = self.held.popleft()
+            height, width = item.shape[:2]
+            for key, bits in item.packed.items():
+                item.masks[key] = np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
             masks = {key: m for key, m in item.masks.items() if self._shown(self.objects[key], item.index)}
             kept = drop_duplicates(masks, item.boxes)
             for key in sorted(kept, key=lambda k: (min(self.objects[k].sightings), float(mask_box(kept[k])[0]), k)):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +95,31 @@ class _EncoderClock:
             self.seconds += time.perf_counter() - started
 
 
+class _DecoderClock:
+    """Hooks on SAM's mask decoder (the prompts' path; the head's grid decoding does not call it) that
+    add up its seconds and the prompts it decodes."""
+
+    def __init__(self, engine: SamEngine):
+        self.seconds, self.prompts, self._started = 0.0, 0, 0.0
+        decoder = engine.model.mask_decoder
+        decoder.register_forward_pre_hook(self._start)
+        decoder.register_forward_hook(self._stop)
+
+    def _start(self, module: Any, inputs: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module: Any, inputs: Any, output: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.prompts += int(inputs[2].shape[0])  # the sparse prompt embeddings: one row per prompt
+
+
 def run_video_bench(
     settings: Settings, *, frames: int = 24, size: int = 640, stride: int = 5, objects: int = 4,
     memory_frames: Sequence[int] = (),
 ) -> str:  # fmt: skip
     engine = SamEngine.from_settings(settings.replace(embedding_cache_size=stride + 2), allow_random=True)
     clock = _EncoderClock(engine)
+    decoding = _DecoderClock(engine)
     segmenter = SemanticSegmenter.from_settings(engine, random_head(engine), settings)
     clip_frames, truth = moving_clip(frames, size, objects)
     seconds: dict[str, float] = {}
@@ -136,13 +155,14 @@ def run_video_bench(
         head_seconds[0] += time.perf_counter() - started
         return truth[position[id(frame)]]  # a random head finds no real objects: the true boxes, jittered
 
-    calls, encoder = engine.encoder_calls, clock.seconds
+    calls, encoder, decoder, prompts = engine.encoder_calls, clock.seconds, decoding.seconds, decoding.prompts
     started = time.perf_counter()
     predictor = EnginePredictor(engine)
     painted = video_objects(clip.frames, detector, predictor, stride=stride, min_hits=min(3, len(sampled)))
     assert sum(1 for _ in painted) == len(clip)
     seconds["one pass"] = time.perf_counter() - started
     mask_calls, mask_encoder = engine.encoder_calls - calls, clock.seconds - encoder
+    mask_decoder, mask_prompts = decoding.seconds - decoder, decoding.prompts - prompts
     n = len(clip)
     boxes_path = seconds["decode"] + seconds["head"] + seconds["tracking"]
     masks_path = seconds["decode"] + seconds["one pass"]
@@ -153,6 +173,7 @@ def run_video_bench(
     follow = time.perf_counter() - started
     follow_calls, follow_encoder = engine.encoder_calls - calls, clock.seconds - encoder
     height, width = clip.frames[0].shape[:2]
+    rest = masks_path - head_seconds[0] - mask_encoder - mask_decoder
     lines = [
         f"usam bench-video: SAM {engine.sam.sam_type} ({engine.sam.weights}), {n} frames of {width}x{height}, "
         f"{objects} moving objects, head on 1 frame in {stride} and the last ({len(chosen)} frames), "
@@ -171,14 +192,15 @@ def run_video_bench(
         f"{mask_calls / n:.2f}, the encoder {_share(mask_encoder, masks_path)} of the time "
         f"({mask_encoder / n:.2f} s of {masks_path / n:.2f} s a frame, decoding included); without the head's "
         f"{head_seconds[0] / n:.2f} s a frame, the encoder {_share(mask_encoder, masks_path - head_seconds[0])} "
-        f"of making the masks",
+        f"of making the masks, SAM's decoder {_share(mask_decoder, masks_path - head_seconds[0])} "
+        f"({mask_prompts / n:.1f} box prompts a frame), the rest {_share(rest, masks_path - head_seconds[0])}",
         f"--box with {objects} objects followed together: {n / follow:.2f} frames/s; encoder passes per frame "
         f"{follow_calls / n:.2f}, the encoder {_share(follow_encoder, follow)} of the time",
     ]
     for count in memory_frames:
-        peak, wall = streamed_memory(engine, count)
+        peak, wall = streamed_memory(engine, count, stride)
         lines.append(
-            f"usam video on {count} frames of 160x120 (a tracked object on the first 30): peak {peak / 2**20:.1f} MiB "
+            f"usam video --head on {count} frames of 160x120 (an object on the first 30): peak {peak / 2**20:.1f} MiB "
             f"allocated by Python and NumPy (tracemalloc), {wall:.1f} s"
         )
     return "\n".join(lines)
@@ -188,22 +210,37 @@ def _share(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f} %" if whole > 0 else "-"
 
 
-def streamed_memory(engine: SamEngine, count: int) -> tuple[int, float]:
-    """Peak bytes that Python and NumPy allocate while ``usam video`` (from a tracks file: a disc on
-    the first 30 frames) writes a ``count``-frame 160x120 clip's id maps and ``tracks.json``."""
+def streamed_memory(engine: SamEngine, count: int, stride: int = 5) -> tuple[int, float]:
+    """Peak bytes that Python and NumPy allocate while ``usam video --head``'s one pass writes a
+    ``count``-frame 160x120 clip's id maps and ``tracks.json``: a disc on the first 30 frames,
+    which the head (standing in: its true box) finds on every ``stride``-th frame and SAM follows."""
     frames, truth = moving_clip(min(count, 30), 160, 1)
     background = frames[-1]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "long.mp4"
         write_video(path, (frames[t] if t < len(frames) else background for t in range(count)), 24)
-        track = Track(1, boxes={t: truth[t][0][0] for t in range(len(frames))})
-        track.scores = dict.fromkeys(track.boxes, 0.9)
+        position: dict[int, int] = {}  # the frames pulled and not yet segmented (one is read ahead)
+
+        def counted(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+            for index, frame in enumerate(frames):
+                for key in [k for k, i in position.items() if i < index - 2]:
+                    del position[key]  # segmented
+                position[id(frame)] = index
+                yield frame
+
+        def detector(frame: np.ndarray, embedding: Any) -> Detections | None:
+            index = position[id(frame)]
+            return truth[index] if index < len(truth) else None
+
+        def objects(frames: Iterator[np.ndarray], tracks: dict[int, Track]) -> Iterator[np.ndarray]:
+            return video_objects(counted(frames), detector, EnginePredictor(engine), stride=stride, tracks=tracks)
+
         started = time.perf_counter()
         tracemalloc.start()
         try:
             reader = ClipReader.open(path, max_frames=count + 1, max_pixels=10**6)
-            run_video(reader, lambda: {1: track}, EnginePredictor(engine), Path(folder) / "out",
-                      source={"bench": count}, progress=False)  # fmt: skip
+            run_video(reader, None, EnginePredictor(engine), Path(folder) / "out", source={"bench": count},
+                      progress=False, objects=objects)  # fmt: skip
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
