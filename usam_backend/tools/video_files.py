@@ -15,7 +15,10 @@ Tracks come from a head (the class names path), from objects given as boxes on o
 kept when they are 1-255, else tracks are renumbered in order of appearance).
 
 Every file is written atomically; frames already written are read back instead of segmented again,
-so a stopped run resumes (the tracks are kept in ``DIR/tracks-boxes.json`` meanwhile).
+so a stopped run resumes (the tracks are kept in ``DIR/tracks-boxes.json`` meanwhile). With ``--head``
+the objects are found in the same single pass that segments the frames
+(:func:`~usam_backend.systems.uvosam.video_objects`), so a run stopped before its ``tracks.json`` is
+written starts again; a finished one is not redone.
 """
 
 from __future__ import annotations
