@@ -362,7 +362,8 @@ def test_a_video_track_is_drawn_over_the_moving_object_on_each_frame(label_studi
     *Step forward* button, then its frame counter), each frame shows the clip's frame of that number
     (upright, for the portrait clip) and the track's box drawn over the tomato where it is on that
     frame, within 3 px (keyframes and the frames Label Studio interpolates alike). The track is made by
-    usam's video job with :class:`ColourOracle` as the head's segmenter (see ``video_project``)."""
+    usam's video job with :class:`ColourOracle` as the head's segmenter (see ``video_project``). The console
+    has no error."""
     task = video_project["tasks"][clip]
     source = video_project["frames"][clip]
     (prediction,) = label_studio.sdk.predictions.list(task=task.id)
@@ -396,6 +397,7 @@ def test_a_video_track_is_drawn_over_the_moving_object_on_each_frame(label_studi
         assert np.abs(drawn - on_screen).max() <= 3, f"frame {view.frame}: the box {drawn}, the tomato {on_screen}"
         boxes.append(drawn)
     assert np.abs(boxes[0] - boxes[2]).max() > 50, "the box does not move with the tomato"
+    assert editor.errors() == [], editor.errors()  # the track adds no console error
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +431,7 @@ def _png(frame: np.ndarray) -> bytes:
 def test_each_frame_of_a_sequence_shows_its_own_regions(editor, sequence_project):
     """Stepped through with the pager's *Next Image*, each frame of the sequence shows exactly the
     pixels of the regions predicted for it (``item_index``), and none of the other frames' regions;
-    the Regions panel lists every frame's regions."""
+    the Regions panel lists every frame's regions; the console has no error."""
     result = sequence_project["prediction"].result
     count = sequence_project["count"]
     expected = [np.zeros((H, W), bool) for _ in range(count)]
@@ -447,3 +449,4 @@ def test_each_frame_of_a_sequence_shows_its_own_regions(editor, sequence_project
         others = np.logical_or.reduce([mask for i, mask in enumerate(expected) if i != item])
         assert (others & ~expected[item] & drawn.seen).any(), "the other frames' regions cannot be told apart here"
         assert np.array_equal(drawn.mask, expected[item] & drawn.seen), f"frame {item + 1} shows other pixels"
+    assert editor.errors() == [], editor.errors()  # the regions add no console error
