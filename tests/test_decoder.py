@@ -29,6 +29,9 @@ def test_fast_decoder_matches_sam(sam):
         decoded = decoder.decode(sparse)
         again = decoder.decode(sparse[3:5])
         fast_masks = low_res_logits(sam.mask_decoder, decoded, torch.tensor([0, 2, 5]), (64, 64))
+    with torch.no_grad():
+        outside = decoder.decode(sparse[:2])  # out of inference mode, after batches in it
+    torch.testing.assert_close(outside.tokens, tokens[:2], atol=2e-5, rtol=1e-4)
     assert decoded.tokens.shape == (6, 4 * width)
     torch.testing.assert_close(decoded.tokens, tokens, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(decoded.iou_predictions, iou, atol=2e-5, rtol=1e-4)

@@ -128,8 +128,10 @@ class PointDecoder:
         return queries, _layer_norm(block.norm4, updated, normed)
 
     def _buffer(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Two (batch, N, E) buffers for the first block's image tokens, grown when needed."""
-        if self._buffers.dim() < 2 or self._buffers.shape[1] < batch:
+        """Two (batch, N, E) buffers for the first block's image tokens, grown when needed (and
+        made anew when decoding moves in or out of inference mode, whose tensors stay in it)."""
+        inference = torch.is_inference_mode_enabled()
+        if self._buffers.dim() < 2 or self._buffers.shape[1] < batch or self._buffers.is_inference() != inference:
             self._buffers = self.keys.new_empty(2, batch, *self.keys.shape)
         return self._buffers[0, :batch], self._buffers[1, :batch]
 
