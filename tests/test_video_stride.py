@@ -326,6 +326,7 @@ def test_one_encoder_pass_per_frame_on_the_heads_path_with_the_tiny_sam(tiny_eng
 
     predictor.set_image = set_image
     scene = moving_shapes(6)
-    maps = list(video_objects(scene.frames, head_detector(segmenter), predictor, stride=2, min_hits=1))
-    assert len(maps) == 6 and len(shown) == 6
+    tracks: dict[int, Track] = {}
+    maps = list(video_objects(scene.frames, head_detector(segmenter), predictor, stride=2, min_hits=1, tracks=tracks))
+    assert len(maps) == 6 and len(shown) == 6 and tracks  # the head found something, and SAM followed it
     assert engine.encoder_calls == 6
