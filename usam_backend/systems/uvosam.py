@@ -774,9 +774,8 @@ def _clip_box(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
-    """The xyxy box (pixel edges) around a non-empty mask."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+    """The xyxy box (pixel edges) around a non-empty mask, as float64."""
+    return mask_boxes(np.asarray(mask, dtype=bool)[None])[0].astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -1032,10 +1031,7 @@ def _pooled(features: Any, boxes: np.ndarray) -> np.ndarray:
 
 def _box_colours(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The colours inside a box, an 8x8x8 RGB histogram, flattened."""
-    inside = np.zeros(frame.shape[:2], dtype=bool)
-    x0, y0, x1, y1 = (round(float(v)) for v in box)
-    inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
-    return _histogram(frame, inside).reshape(-1)
+    return _histogram(frame, box_pixels_mask(box, frame.shape)).reshape(-1)
 
 
 def detect_tracks(
