@@ -283,6 +283,17 @@ def test_a_head_miss_on_a_sampled_frame_costs_nothing_while_sam_follows_the_obje
     assert len(tracks) == 3 and all(10 not in t.scores or t.class_id == 0 for t in tracks.values())
 
 
+def test_one_pass_paints_at_most_max_tracks_objects():
+    scene = moving_shapes(30)
+    maps = list(video_objects(scene.frames, head_detector(SegmenterOracle(scene)), VideoOracle(scene), stride=5))
+    capped = list(
+        video_objects(scene.frames, head_detector(SegmenterOracle(scene)), VideoOracle(scene), stride=5, max_tracks=2)
+    )
+    assert set(np.unique(np.stack(maps))) == {0, 1, 2, 3}
+    assert set(np.unique(np.stack(capped))) == {0, 1, 2}
+    assert all(np.array_equal(np.where(a == 3, 0, a), b) for a, b in zip(maps, capped, strict=True))
+
+
 def test_one_pass_streams_frames_and_holds_a_bounded_window():
     """Frames come from a generator and id maps go out while it runs, ``window`` frames behind the
     frame being segmented (and one more read ahead, to know which is the last)."""

@@ -1174,7 +1174,8 @@ def video_objects(
     sightings where SAM found it: a head's miss on a sampled frame costs nothing while SAM follows
     the object. Id maps leave ``window`` frames after they are segmented (default ``4 * stride``:
     an object confirmed that late is still painted from its start); ids are 1, 2, ... in the order
-    objects are first painted (on one frame: by first sighting, then from left to right).
+    objects are first painted (on one frame: by first sighting, then from left to right); objects past
+    ``max_tracks`` (255, what a palette PNG holds) are not painted.
 
     Args:
         frames: HxWx3 uint8 RGB.
@@ -1500,7 +1501,9 @@ class _ObjectsRun:
             masks = {key: m for key, m in item.masks.items() if self._shown(self.objects[key], item.index)}
             kept = drop_duplicates(masks, item.boxes)
             for key in sorted(kept, key=lambda k: (min(self.objects[k].sightings), float(mask_box(kept[k])[0]), k)):
-                if key not in self.ids:
+                if key not in self.ids and len(self.ids) >= self.link.max_tracks:
+                    del kept[key]  # a palette PNG holds 255 ids: objects past max_tracks are not painted
+                elif key not in self.ids:
                     self.ids[key] = len(self.ids) + 1
                     if self.ids[key] >= 256:
                         self.dtype = np.int32
