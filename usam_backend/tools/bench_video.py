@@ -232,8 +232,11 @@ def streamed_memory(engine: SamEngine, count: int, stride: int = 5) -> tuple[int
             index = position[id(frame)]
             return truth[index] if index < len(truth) else None
 
-        def objects(frames: Iterator[np.ndarray], tracks: dict[int, Track]) -> Iterator[np.ndarray]:
-            return video_objects(counted(frames), detector, EnginePredictor(engine), stride=stride, tracks=tracks)
+        def objects(
+            frames: Iterator[np.ndarray], indices: Iterator[int], tracks: dict[int, Track]
+        ) -> Iterator[np.ndarray]:
+            return video_objects(counted(frames), detector, EnginePredictor(engine), stride=stride,
+                                 frame_indices=indices, tracks=tracks)  # fmt: skip
 
         started = time.perf_counter()
         tracemalloc.start()

@@ -281,9 +281,9 @@ class VideoRun:
     outputs: list[Path] = field(default_factory=list)
 
 
-ObjectMaps = Callable[[Iterator[np.ndarray], dict[int, Track]], Iterator[np.ndarray]]
-"""Frames in, id maps out in one pass, the tracks filled in as they are painted (the head's path:
-:func:`~usam_backend.systems.uvosam.video_objects`)."""
+ObjectMaps = Callable[[Iterator[np.ndarray], Iterator[int], dict[int, Track]], Iterator[np.ndarray]]
+"""Frames (and their indices, each known once its frame is read) in, id maps out in one pass, the
+tracks filled in as they are painted (the head's path: :func:`~usam_backend.systems.uvosam.video_objects`)."""
 
 
 def run_video(
@@ -347,7 +347,7 @@ def run_video(
     indices = (order[i] for i in itertools.count())
     if one_pass:
         assert objects is not None
-        maps: Iterator[np.ndarray] = objects(stream(), tracks)
+        maps: Iterator[np.ndarray] = objects(stream(), indices, tracks)
     elif followed is not None and followed:
         maps = (_painted_followed(frame, followed.pop(order[p], {})) for p, frame in enumerate(stream()))
     else:
@@ -535,9 +535,12 @@ def video_command(
         segmenter = SemanticSegmenter.from_settings(engine, loaded, settings)
         sampled = len(sampled_frames(0, clip.frame_count, stride))
 
-        def objects(frames: Iterator[np.ndarray], found: dict[int, Track]) -> Iterator[np.ndarray]:
+        def objects(
+            frames: Iterator[np.ndarray], indices: Iterator[int], found: dict[int, Track]
+        ) -> Iterator[np.ndarray]:
             yield from video_objects(frames, head_detector(segmenter), EnginePredictor(engine), stride=stride,
-                                     min_hits=min(TrackOptions.min_hits, sampled), tracks=found)  # fmt: skip
+                                     frame_indices=indices, min_hits=min(TrackOptions.min_hits, sampled),
+                                     tracks=found)  # fmt: skip
             name_tracks(found, segmenter.class_names)
 
     return run_video(clip, tracks_for, EnginePredictor(engine), out, source=source, viz=viz, overwrite=overwrite,
