@@ -649,7 +649,7 @@ def _one_object(a: np.ndarray, b: np.ndarray, share: float = 0.7) -> bool:
     return bool(inter and inter > share * min(np.count_nonzero(a), np.count_nonzero(b)))
 
 
-def box_pixels_mask(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _box_pixels(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """(H, W) bool: the pixels inside an xyxy box (pixel edges, rounded)."""
     x0, y0, x1, y1 = (round(float(v)) for v in box)
     inside = np.zeros(shape[:2], dtype=bool)
@@ -1031,7 +1031,7 @@ def _pooled(features: Any, boxes: np.ndarray) -> np.ndarray:
 
 def _box_colours(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The colours inside a box, an 8x8x8 RGB histogram, flattened."""
-    return _histogram(frame, box_pixels_mask(box, frame.shape)).reshape(-1)
+    return _histogram(frame, _box_pixels(box, frame.shape)).reshape(-1)
 
 
 def detect_tracks(
@@ -1295,7 +1295,7 @@ class _ObjectsRun:
     def _without(self, frame: np.ndarray, box: np.ndarray, others: Iterable[np.ndarray]) -> np.ndarray | None:
         """SAM's mask for a box with a negative point on each of ``others`` in it (objects in front
         of the one wanted), if it is clear of them; None when no other object is in the box."""
-        inside = box_pixels_mask(box, frame.shape)
+        inside = _box_pixels(box, frame.shape)
         there = [m for m in others if (m & inside).any()]
         if not there:
             return None
