@@ -1,14 +1,12 @@
 """UVOSAM: video objects from box tracks — boxes linked into tracks, each track's boxes prompting SAM.
 
-1. **Tracks.** Per-frame detections (boxes, scores, classes) are linked by ByteTrack (the
-   ``trackers`` package): high-score boxes are matched to the tracks' Kalman-predicted boxes by IoU,
-   low-score boxes then revive tracks left unmatched, unmatched high-score boxes start tracks, and a
-   track unseen for ``lost_frames`` frames ends. A track is then extended backwards over earlier
-   detections left untracked that overlap its first box (ByteTrack needs two sightings in a row
-   to start a track, and reports the first as untracked). A track is kept if it was seen in at least
-   ``min_hits`` frames and its mean score reaches ``min_score``; its class is the score-weighted
-   majority of its detections' classes (ties: the lower class id). Tracks are numbered 1, 2, ... in
-   order of first appearance, and keep that id in every frame.
+1. **Tracks** (:func:`track_boxes`). Per-frame detections (boxes, scores, classes, appearance
+   vectors) are linked at least total cost (Hungarian) in ByteTrack's two score stages, by motion
+   (velocity, a gate that grows with the frames between sightings), class (a hard rule) and
+   appearance. A track is kept if it was seen in at least ``min_hits`` frames and its mean score
+   reaches ``min_score``; its class is the score-weighted majority of its detections' classes (ties:
+   the lower class id). Tracks are numbered 1, 2, ... in order of first appearance, and keep that id
+   in every frame.
 2. **Masks.** Each frame's track boxes prompt SAM (one mask per box, ``multimask_output=False``);
    frames where a track has no box get no mask for it. Two tracks whose masks are one object (the
    box of an occluded object gives SAM the object in front) keep it for the track whose box fits
@@ -19,6 +17,9 @@
    on at its velocity and grown by ``margin``. A mask counts as the object only if its area and its
    colours stay close to the object's (else another object covers it); an object not found for
    ``lost_frames`` frames in a row is given up.
+4. **One pass** (:func:`video_objects`, masks on every frame): each frame is encoded once; SAM
+   follows every object from frame to frame, the head runs on every ``stride``-th frame's embedding,
+   and its detections are linked to where SAM found the objects on that frame.
 
 Where this deviates from the public code, and why: the public evaluation numbers a frame's objects
 by counting non-empty masks, so an object's id shifts whenever another track is empty in a frame —
