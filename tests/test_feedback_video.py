@@ -16,6 +16,7 @@ from usam_backend.jobs.training import TRACK_FRAMES, _track_instances, track_fra
 from usam_backend.labelstudio.annotations import drawn_frames, expand_keyframes
 from usam_backend.labelstudio.config import parse_label_config
 from usam_backend.labelstudio.feedback import (
+    Comparison,
     FeedbackStore,
     TaskFeedback,
     annotation_tracks,
@@ -137,7 +138,7 @@ def test_a_videos_tracks_teach_on_a_bounded_number_of_frames(tiny_engine, clip_h
     tracks = annotation_tracks(result)
     frames = track_frames(tracks)
     assert len(frames) == TRACK_FRAMES and frames[0] == 1 and frames[-1] == FRAMES
-    task = TaskFeedback(1, 1, {"video": f"{clip_host.url}/clip.mp4"}, [], None, None, tracks=tracks)  # type: ignore[arg-type]
+    task = TaskFeedback(1, 1, {"video": f"{clip_host.url}/clip.mp4"}, [], Comparison(), None, tracks=tracks)
     settings = Settings(sam_type="tiny", device="cpu", points=64, cache_dir=tmp_path, allowed_hosts=("127.0.0.1",))
     cache = InstanceCache(tmp_path / "instances", tiny_engine.sam.fingerprint, 64, settings.feedback_iou)
     decoded: list[int] = []
