@@ -126,8 +126,10 @@ def test_the_compute_lock_is_taken_per_frame(sequence_host, monkeypatch):
     task = {"id": 4, "data": {"frames": [f"{host.url}/{t}.png" for t in range(7)]}}
     (prediction,) = backend.predict(PredictRequest(tasks=[task], label_config=FRAMES))
     assert prediction["result"]
-    # the head on 4 sampled frames (0, 2, 4, 6), then SAM on each frame with a box: one frame per turn
-    assert lock.taken >= 4 + len({r["item_index"] for r in prediction["result"]})
+    # one pass: each frame's work (SAM's encoder, the head on frames 0, 2, 4 and 6, following) in its own
+    # turns, never the whole sequence in one
+    assert lock.taken >= 7
+    assert backend.sam.engine.encoder_calls == 7  # each frame shown to SAM's encoder once
 
 
 def test_a_waiting_request_gets_the_lock_between_two_frames():

@@ -5,11 +5,12 @@ must equal the first frame's, and the running pixel sum must stay within
 :data:`SEQUENCE_PIXELS`, both before the frame is decoded; so a hostile sequence costs at most
 one frame's download and nothing decoded beyond the budget.
 
-The head runs on every ``USAM_VIDEO_STRIDE``-th frame and on the last one, its regions are
-linked into tracks, and SAM segments each track on every frame
-(:mod:`usam_backend.systems.uvosam`); each track gets one brush region per frame, with the
-frame's ``item_index``. The compute lock is taken per frame, so a smart-tool click waits for one
-frame of a sequence at most; a sequence that cannot finish within the request's deadline raises
+The frames go through :func:`~usam_backend.systems.uvosam.video_objects` in one pass: each frame
+is shown to SAM once, the head runs on that embedding on every ``USAM_VIDEO_STRIDE``-th frame and on
+the last one, and SAM follows every object on every frame; each object gets one region per frame
+in each of its label's shapes, with the frame's ``item_index``. The compute lock is taken per
+frame, so a smart-tool click waits for one frame of a sequence at most; a sequence that cannot
+finish within the request's deadline raises
 :class:`OutOfTime` and is handed to a job.
 """
 
@@ -34,7 +35,7 @@ from usam_backend.labelstudio.results import mask_results, region_id, shape_part
 from usam_backend.registry import HeadChoice
 from usam_backend.sam.predictor import EnginePredictor
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.systems.uvosam import Lock, TrackOptions, detect_tracks, sampled_frames, segment_video
+from usam_backend.systems.uvosam import Lock, Track, TrackOptions, head_detector, sampled_frames, video_objects
 
 SEQUENCE_PIXELS = 200_000_000
 """A frame sequence is held whole while it is predicted: at most this many pixels in all (about
@@ -119,13 +120,13 @@ def predict_sequence(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Regions of a frame sequence: per track per frame, in each label's shape, with ``item_index``
     (and appended to ``logged`` with their frame, for comparing with the annotation)."""
-    chosen = sampled_frames(0, len(frames), stride)
-    check = deadline_check(deadline)
-    tracks = detect_tracks(
-        [frames[i] for i in chosen], segmenter, frame_indices=chosen, lock=lock, progress=check,
-        classes={choice.head.class_names[i] for i in by_class}, min_hits=min(TrackOptions.min_hits, len(chosen)),
-    )  # fmt: skip
-    maps = segment_video(frames, tracks, EnginePredictor(segmenter.engine), lock=lock, progress=check)
+    sampled = len(sampled_frames(0, len(frames), stride))
+    detector = head_detector(segmenter, classes={choice.head.class_names[i] for i in by_class})
+    tracks: dict[int, Track] = {}
+    maps = list(video_objects(  # whole, so each object's score and class are final before it is named
+        frames, detector, EnginePredictor(segmenter.engine), stride=stride, lock=lock,
+        progress=deadline_check(deadline), min_hits=min(TrackOptions.min_hits, sampled), tracks=tracks,
+    ))  # fmt: skip
     results = []
     for index, ids in enumerate(maps):
         for tid in np.unique(ids[ids > 0]):
