@@ -126,7 +126,7 @@ def test_tracks_files_mot_and_bad_ones(tmp_path, clip_path, capsys):
     mot = tmp_path / "tracks.txt"
     mot.write_text("1,7,10,20,30,40,0.9,-1,-1,-1\n2,7,12,20,30,40,0.8,-1,-1,-1\n1,3,50,50,10,10,1,-1,-1,-1\n")
     tracks = read_tracks(mot)
-    assert list(tracks) == [3, 7] and tracks[7].boxes[1].tolist() == [12, 20, 42, 60]  # 1-based frames
+    assert list(tracks) == [3, 7] and tracks[7].boxes[1].tolist() == [11, 19, 41, 59]  # 1-based frames and pixels
     assert tracks[7].scores == {0: 0.9, 1: 0.8}
     mot.write_text("1,700,10,20,30,40,0.9\n1,3,50,50,10,10,1\n")
     assert list(read_tracks(mot)) == [1, 2]  # ids beyond a palette are renumbered

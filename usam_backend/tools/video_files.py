@@ -11,7 +11,7 @@ Outputs in ``--out DIR``:
 Tracks come from a head (the class names path), from objects given as boxes on one frame each
 (``--box FRAME:X0,Y0,X1,Y1[:LABEL]``, followed through the clip), or from a tracks file: UVOSAM's JSON (a list of
 ``{"video_id", "boxes": [xyxy or null per frame], "score", "category_id"}``), usam's own
-``tracks.json``, or MOT-challenge text (``frame,id,x,y,w,h,score,...``, 1-based frames; its ids are
+``tracks.json``, or MOT-challenge text (``frame,id,x,y,w,h,score,...``, 1-based frames and pixels; its ids are
 kept when they are 1-255, else tracks are renumbered in order of appearance).
 
 Every file is written atomically; frames already written are read back instead of segmented again,
@@ -179,7 +179,7 @@ def _from_mot(text: str, path: Path) -> dict[int, Track]:
         if tid < 0:
             continue  # MOT detections without an id
         track = tracks.setdefault(tid, Track(tid))
-        track.boxes[frame - 1] = np.array([x, y, x + w, y + h])
+        track.boxes[frame - 1] = np.array([x - 1, y - 1, x - 1 + w, y - 1 + h])  # MOT's pixels are 1-based too
         track.scores[frame - 1] = score if score >= 0 else 1.0
     if not tracks:
         raise DataError(f"{path} holds no MOT track lines")
