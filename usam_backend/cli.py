@@ -140,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         "video",
         help="video objects: tracks from a head or a tracks file, masks per frame (UVOSAM)",
         description="Segment a video (mp4/webm/mov, or a folder of frames) into objects that keep their id: "
-        "with --head, the head finds its classes on every --stride-th frame and ByteTrack links them; with "
-        "--tracks, the boxes come from a tracks file (UVOSAM JSON, usam tracks.json, MOT text); with --box, "
-        "each object given on one frame is followed through the clip. Each frame's "
-        "track boxes prompt SAM. Writes DIR/<frame>.png (palette PNG of track ids), DIR/tracks.json and with "
-        "--viz DIR/viz.mp4. Resumes a stopped run.",
+        "with --head, in one pass, each frame is shown to SAM once, the head finds its classes on every "
+        "--stride-th frame and SAM follows each object through every frame; with --tracks, the boxes come from a "
+        "tracks file (UVOSAM JSON, usam tracks.json, MOT text) and prompt SAM on each frame; with --box, each "
+        "object given on one frame is followed through the clip. Writes DIR/<frame>.png (palette PNG of track "
+        "ids), DIR/tracks.json and with --viz DIR/viz.mp4. Resumes a stopped run.",
     )
     video.add_argument("input", type=Path, metavar="INPUT", help="a video file or a folder of frames")
     video.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench-video",
         help="frames per second of the video paths, stage by stage",
         description="Encode, decode, track and segment a synthetic clip of moving objects: the head on every "
-        "--stride-th frame, ByteTrack, SAM from track boxes on every frame. Prints seconds per stage and frames per "
-        "second for box tracks (Label Studio video) and for masks. Random weights unless a checkpoint is on disk.",
+        "--stride-th frame, linked into box tracks (Label Studio video); usam video --head's one pass (masks on "
+        "every frame); --box following. Prints seconds per stage, frames per second, the image encoder's passes per "
+        "frame and its share of the time. Random weights unless a checkpoint is on disk.",
     )
     bench_video.add_argument("--frames", type=int, default=24, help="frames in the clip (default 24)")
     bench_video.add_argument("--size", type=int, default=640, help="frame width in pixels (4:3; default 640)")
