@@ -128,7 +128,8 @@ class Settings:
     )
     feedback_iou: float = _env(
         "USAM_FEEDBACK_IOU",
-        "a grid point learns an annotated region's label when its SAM mask overlaps the region by this IoU",
+        "a grid point learns an annotated region's label when its SAM mask overlaps the region by this IoU; "
+        "predicted and annotated regions match at this mask IoU, video tracks at this track IoU",
         default=0.5,
     )
     predict_budget: float = _env(
