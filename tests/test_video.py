@@ -39,7 +39,7 @@ def jf(scene, maps) -> float:
 
 def matched(scene, tracks) -> dict[int, int]:
     """true object -> the track overlapping it in most frames"""
-    from usam_backend.systems.uvosam import _box_iou
+    from usam_backend.systems.uvosam._common import _box_iou
 
     out = {}
     for k in scene.classes:

@@ -265,7 +265,7 @@ class VideoOracle:
 def identity_switches(scene: Scene, tracks) -> tuple[int, float]:
     """(switches, coverage): how often the track matched to a true object (box IoU > 0.5) changes
     along its frames, and the share of (object, frame) pairs some track covers."""
-    from usam_backend.systems.uvosam import _box_iou
+    from usam_backend.systems.uvosam._common import _box_iou
 
     switches, covered, total = 0, 0, 0
     last: dict[int, int] = {}
