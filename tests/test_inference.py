@@ -1,5 +1,7 @@
 """End to end on the tiny SAM: image -> labelled regions, and agreement with the naive path."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,7 @@ from usam_backend.core.errors import HeadError
 from usam_backend.core.masks import low_res_nms, mask_boxes, mask_iou, mask_nms
 from usam_backend.core.timing import StageTimer
 from usam_backend.systems.usam import SemanticSegmenter
-from usam_backend.tools.bench import compare, naive_segment
+from usam_backend.tools.bench import compare, naive_candidates, naive_segment, nms_crossings
 
 
 def test_image_to_labelled_regions(tiny_engine, trained_head, two_object_image):
@@ -49,6 +51,22 @@ def test_our_path_gives_the_naive_paths_output(tiny_engine, trained_head, two_ob
     agreement = compare(ours, naive)
     assert agreement["agree"], agreement
     assert len(ours) > 0
+
+
+def test_the_bench_tells_candidates_that_differ_from_nms_that_differs(tiny_engine, trained_head, two_object_image):
+    """``usam bench``'s explanation of a difference after NMS: the same candidates, and the pairs whose
+    IoU crosses the threshold between 256x256 and image size (none at a threshold of 1)."""
+    segmenter = SemanticSegmenter(tiny_engine, trained_head, points=64, score_threshold=0.3, nms_iou=0.5)
+    found = naive_candidates(segmenter, two_object_image, StageTimer())
+    assert len(found) > 2
+    same = nms_crossings(segmenter, two_object_image, found)
+    assert same["candidates_agree"] and same["candidates"] == len(found) and same["nms_crossings"] >= 0
+    segmenter.nms_iou = 1.0  # no pair overlaps by more at either resolution: nothing crosses
+    assert nms_crossings(segmenter, two_object_image, found)["nms_crossings"] == 0
+    relabelled = dataclasses.replace(found, class_ids=(found.class_ids + 1) % 2)
+    assert nms_crossings(segmenter, two_object_image, relabelled) == {"candidates_agree": False}
+    fewer = found.select(np.arange(1, len(found)))
+    assert nms_crossings(segmenter, two_object_image, fewer) == {"candidates_agree": False}
 
 
 def test_head_for_another_sam_is_refused(tiny_engine, trained_head):

@@ -137,7 +137,7 @@ class SemanticSegmenter:
         candidates = self.candidates(embedding, classes=classes, timer=timer)
         scores = candidates.scores.float().cpu().numpy()
         with timer.stage("nms"):
-            kept = low_res_nms(self._low_res_masks(candidates.logits, embedding), scores, self.nms_iou)
+            kept = low_res_nms(self.low_res_masks(candidates.logits, embedding), scores, self.nms_iou)
         index = torch.as_tensor(kept, device=candidates.logits.device, dtype=torch.long)
         chosen = Candidates(
             class_ids=candidates.class_ids[index],
@@ -149,7 +149,7 @@ class SemanticSegmenter:
         )
         return Survivors(self, embedding, chosen)
 
-    def _low_res_masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+    def low_res_masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
         """(k, h, w) bool masks of the low-res logits, cropped to the image (not SAM's padding)."""
         side = logits.shape[-1]
         encoder_side = self.engine.model.image_encoder.img_size

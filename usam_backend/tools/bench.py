@@ -2,8 +2,11 @@
 
 Naive path: SAM's own decoder over every grid point in SAM's default batches of 64 (masks
 included), every multimask output brought to image size, then the head, threshold and NMS.
-Our path: mask tokens only (``sam/decoder.py``), the head, then masks for the kept points alone.
-Both end in the same selection and NMS, so their outputs must agree; the report checks that.
+Our path: mask tokens only (``sam/decoder.py``), the head, duplicates removed on SAM's 256x256
+masks, then masks at image size for the survivors alone.
+Both select the same candidates (points, labels, scores, masks), so those must agree; the report
+checks that, and then the regions left after NMS. Where those differ, it counts the candidate pairs
+whose IoU is over ``USAM_NMS_IOU`` at one resolution and not at the other: the one reason they may.
 """
 
 from __future__ import annotations
@@ -130,8 +133,13 @@ def run_bench(settings: Settings, *, size: int = 1024, keep_fraction: float = 0.
 
     timer = StageTimer(sync=sync)
     with PeakMemory() as naive_memory:
-        naive_regions = naive_segment(segmenter, image, timer)
+        naive_found = naive_candidates(segmenter, image, timer)
+        with timer.stage("nms"):
+            naive_regions = finish(naive_found, segmenter.nms_iou)
     naive = PathResult(_ordered(timer.seconds), naive_memory.host_bytes, naive_memory.cuda_bytes, naive_regions)
+    agreement = compare(ours_regions, naive_regions)
+    if not agreement["agree"]:
+        agreement.update(nms_crossings(segmenter, image, naive_found))
 
     return BenchReport(
         sam_type=engine.sam.sam_type,
@@ -143,12 +151,20 @@ def run_bench(settings: Settings, *, size: int = 1024, keep_fraction: float = 0.
         kept_points=kept,
         ours=ours,
         naive=naive,
-        agreement=compare(ours_regions, naive_regions),
+        agreement=agreement,
     )
 
 
 def naive_segment(segmenter: SemanticSegmenter, image: np.ndarray, timer: StageTimer) -> Regions:
-    """Decode and upscale masks for every grid point, then classify (what U-SAM's recipe reads as)."""
+    """Decode and upscale masks for every grid point, then classify and remove duplicates (what
+    U-SAM's recipe reads as)."""
+    found = naive_candidates(segmenter, image, timer)
+    with timer.stage("nms"):
+        return finish(found, segmenter.nms_iou)
+
+
+def naive_candidates(segmenter: SemanticSegmenter, image: np.ndarray, timer: StageTimer) -> Regions:
+    """The naive path up to NMS: every grid point's masks at image size, the head's choice."""
     engine = segmenter.engine
     with timer.stage("encode"):
         embedding = engine.embed(image, use_cache=False)
@@ -175,8 +191,38 @@ def naive_segment(segmenter: SemanticSegmenter, image: np.ndarray, timer: StageT
         sam_scores=sam_scores.float().cpu().numpy(),
         class_names=segmenter.class_names,
     )
-    with timer.stage("nms"):
-        return finish(regions, segmenter.nms_iou)
+    return regions.select(np.asarray(regions.masks.reshape(len(regions), -1).any(axis=1)))
+
+
+def nms_crossings(segmenter: SemanticSegmenter, image: np.ndarray, naive: Regions) -> dict[str, Any]:
+    """Why two results differ after NMS: whether both paths chose the same candidates (points,
+    labels, scores within 1e-4), and how many candidate pairs overlap by more than the NMS IoU on
+    SAM's 256x256 masks (ours) but not on image-size masks (naive), or the other way."""
+    embedding = segmenter.engine.embed(image, use_cache=False)
+    found = segmenter.candidates(embedding)
+    scores = found.scores.float().cpu().numpy()
+    low = segmenter.low_res_masks(found.logits, embedding)
+    order = np.lexsort((found.points[:, 0], found.points[:, 1]))
+    naive_order = np.lexsort((naive.points[:, 0], naive.points[:, 1]))
+    same = (
+        len(order) == len(naive_order)
+        and np.array_equal(found.points[order], naive.points[naive_order])
+        and np.array_equal(found.class_ids.cpu().numpy()[order], naive.class_ids[naive_order])
+        and float(np.abs(scores[order] - naive.scores[naive_order]).max(initial=0.0)) < 1e-4
+    )
+    if not same:
+        return {"candidates_agree": False}
+    threshold = segmenter.nms_iou
+    crossings = (_pair_ious(low[order]) > threshold) != (_pair_ious(naive.masks[naive_order]) > threshold)
+    return {"candidates_agree": True, "candidates": len(order), "nms_crossings": int(np.triu(crossings, 1).sum())}
+
+
+def _pair_ious(masks: np.ndarray) -> np.ndarray:
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    intersection = flat @ flat.T
+    areas = np.diag(intersection)
+    union = areas[:, None] + areas[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
 def compare(ours: Regions, naive: Regions) -> dict[str, Any]:
@@ -232,7 +278,14 @@ def format_report(report: BenchReport) -> str:
             f"naive {report.naive.peak_cuda_bytes / 2**20:.0f} MiB"
         )
     agreement = report.agreement
-    if agreement.get("agree"):
+    if not agreement.get("agree") and agreement.get("nms_crossings"):
+        lines.append(
+            f"outputs agree up to NMS's resolution: the same {agreement['candidates']} candidates (points, labels, "
+            f"scores); after NMS ours kept {agreement['regions'][0]}, naive {agreement['regions'][1]}: "
+            f"{agreement['nms_crossings']} candidate pairs overlap by more than USAM_NMS_IOU on SAM's 256x256 masks "
+            "(ours) and not on image-size masks (naive), or the other way"
+        )
+    elif agreement.get("agree"):
         lines.append(
             f"outputs agree: {agreement['regions'][0]} regions, same labels, max score difference "
             f"{agreement['max_score_difference']:.1e}, {agreement['differing_mask_pixels']:,} of "
