@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from usam_backend.core.masks import mask_boxes
+from usam_backend.core.masks import box_ious, mask_boxes
 from usam_backend.systems.uosam import Predictor
 
 Detections = tuple[np.ndarray, ...]
@@ -42,11 +42,8 @@ def _size(box: np.ndarray) -> float:
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    """IoU of two XYXY boxes (:func:`~usam_backend.core.masks.box_ious` for one pair)."""
+    return float(box_ious(a, b)[0])
 
 
 def _box_pixels(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
