@@ -77,6 +77,16 @@ def rle_to_mask(rle: dict[str, list[int]]) -> np.ndarray:
     return np.repeat(values, counts).reshape((height, width), order="F")
 
 
+def pairwise_mask_ious(masks: np.ndarray) -> np.ndarray:
+    """(n, n) IoU of every pair of (n, h, w) bool masks, from one matrix product (0 where both are
+    empty): for many small masks, such as SAM's 256x256 ones."""
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    intersection = flat @ flat.T
+    areas = np.diag(intersection)
+    union = areas[:, None] + areas[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
 def low_res_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """:func:`mask_nms` for many small masks at once: (n, h, w) bool, IoUs from one matrix product.
 
@@ -85,11 +95,8 @@ def low_res_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> 
     n = len(masks)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    flat = masks.reshape(n, -1).astype(np.float32)
-    intersection = flat @ flat.T
-    areas = np.diag(intersection)
-    union = areas[:, None] + areas[None, :] - intersection
-    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+    iou = pairwise_mask_ious(masks)
+    areas = masks.reshape(n, -1).sum(axis=1)
     order = np.argsort(-scores, kind="stable")
     kept: list[int] = []
     for i in order:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from training.head import Head, HeadConfig, HeadNet
+from usam_backend.core.masks import pairwise_mask_ious
 from usam_backend.core.regions import Regions
 from usam_backend.core.settings import Settings
 from usam_backend.core.timing import PeakMemory, StageTimer
@@ -213,16 +214,9 @@ def nms_crossings(segmenter: SemanticSegmenter, image: np.ndarray, naive: Region
     if not same:
         return {"candidates_agree": False}
     threshold = segmenter.nms_iou
-    crossings = (_pair_ious(low[order]) > threshold) != (_pair_ious(naive.masks[naive_order]) > threshold)
+    ours_overlap = pairwise_mask_ious(low[order]) > threshold
+    crossings = ours_overlap != (pairwise_mask_ious(naive.masks[naive_order]) > threshold)
     return {"candidates_agree": True, "candidates": len(order), "nms_crossings": int(np.triu(crossings, 1).sum())}
-
-
-def _pair_ious(masks: np.ndarray) -> np.ndarray:
-    flat = masks.reshape(len(masks), -1).astype(np.float32)
-    intersection = flat @ flat.T
-    areas = np.diag(intersection)
-    union = areas[:, None] + areas[None, :] - intersection
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
 def compare(ours: Regions, naive: Regions) -> dict[str, Any]:
