@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from usam_backend.systems.uvosam._common import (
 from usam_backend.systems.uvosam.detection import Detector
 from usam_backend.systems.uvosam.following import FollowOptions, _accepted, _follow_batch, _Followed, _moved_box
 from usam_backend.systems.uvosam.segment import drop_duplicates, paint
-from usam_backend.systems.uvosam.tracks import Track, TrackOptions, _assign, _clean
+from usam_backend.systems.uvosam.tracks import Track, TrackOptions, _assign, _clean, _Gate
 
 
 def _one_object(a: np.ndarray, b: np.ndarray, share: float = 0.7) -> bool:
@@ -401,19 +400,11 @@ class _ObjectsRun:
                 speed = min(float(np.linalg.norm(obj.velocity[:2] + obj.velocity[2:]) / 2), opts.max_speed * size)
                 centre = _centre(obj.predicted(index))
                 radius = size * (opts.gate + opts.drift * dt) + 2 * speed * dt
+            gate = _Gate(centre, radius, size, obj.class_id, obj.appearance)
             for j, box in enumerate(boxes):
-                change = abs(math.log(_size(box) / size))
-                distance = float(np.linalg.norm(_centre(box) - centre))
-                if distance > radius or change > math.log(opts.max_size_change):
-                    continue
-                cost = distance / radius + 0.5 * change / math.log(opts.max_size_change)
-                if obj.class_id >= 0 and classes[j] >= 0 and classes[j] != obj.class_id:
-                    if distance > opts.absorb * radius:
-                        continue
-                    cost += 0.3
-                if looks is not None and obj.appearance is not None:
-                    cost += opts.appearance_weight * (1 - float(obj.appearance @ looks[j]))
-                costs[i, j] = cost + (0.0 if mine is not None else 0.3)
+                cost = gate.cost(box, int(classes[j]), None if looks is None else looks[j], opts)
+                if cost is not None:
+                    costs[i, j] = cost + (0.0 if mine is not None else 0.3)
         return costs
 
     def _follow_back(self, obj: _Object, mask: np.ndarray, index: int, velocity: np.ndarray) -> None:

@@ -166,23 +166,43 @@ def _link_costs(
             radius = size * (opts.gate + opts.max_speed * dt)
         else:
             radius = size * (opts.gate + opts.drift * dt) + 2 * min(live.speed, opts.max_speed * size) * dt
-        centre = _centre(live.predicted(frame))
+        gate = _Gate(_centre(live.predicted(frame)), radius, size, live.class_id, live.look)
         for j, box in enumerate(boxes):
-            change = abs(math.log(_size(box) / size))
-            distance = float(np.linalg.norm(_centre(box) - centre))
-            if distance > radius or change > math.log(opts.max_size_change):
-                continue
-            cost = distance / radius + 0.5 * change / math.log(opts.max_size_change)
-            if live.class_id >= 0 and classes[j] >= 0 and classes[j] != live.class_id:
-                if distance > opts.absorb * radius:
-                    continue
-                cost += 0.3  # a box of another class right where the track is: the object, misnamed
-            if looks is not None and live.look is not None:
-                cost += opts.appearance_weight * (1 - float(live.look @ looks[j]))
-            # tracks seen more recently are surer (DeepSORT's matching cascade, as a cost): one lost
-            # behind another object, its gate grown, does not take what a visible one is seen as
-            costs[i, j] = cost + 0.15 * live.misses
+            cost = gate.cost(box, int(classes[j]), None if looks is None else looks[j], opts)
+            if cost is not None:
+                # tracks seen more recently are surer (DeepSORT's matching cascade, as a cost): one lost
+                # behind another object, its gate grown, does not take what a visible one is seen as
+                costs[i, j] = cost + 0.15 * live.misses
     return costs
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """Where an object may be found on a frame: within ``radius`` of ``centre``, about ``size`` big,
+    of class ``class_id``, looking like ``look`` (None: not known)."""
+
+    centre: np.ndarray
+    radius: float
+    size: float
+    class_id: int
+    look: np.ndarray | None
+
+    def cost(self, box: np.ndarray, class_id: int, look: np.ndarray | None, opts: TrackOptions) -> float | None:
+        """The cost of taking ``box`` for the object: its distance from the centre in gate widths,
+        its change of size and, when both are known, how different it looks; None outside the
+        gate, or for another class unless right where the object is (then the object, misnamed)."""
+        change = abs(math.log(_size(box) / self.size))
+        distance = float(np.linalg.norm(_centre(box) - self.centre))
+        if distance > self.radius or change > math.log(opts.max_size_change):
+            return None
+        cost = distance / self.radius + 0.5 * change / math.log(opts.max_size_change)
+        if self.class_id >= 0 and class_id >= 0 and class_id != self.class_id:
+            if distance > opts.absorb * self.radius:
+                return None
+            cost += 0.3  # a box of another class right where the object is: the object, misnamed
+        if look is not None and self.look is not None:
+            cost += opts.appearance_weight * (1 - float(self.look @ look))
+        return cost
 
 
 def _assign(costs: np.ndarray) -> list[tuple[int, int]]:
