@@ -45,6 +45,12 @@ class Instances:
         return cls(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
 
     @classmethod
+    def learned(cls, x: np.ndarray, y: np.ndarray) -> Instances:
+        """The points of :func:`point_labels`' ``(x, y)`` that teach something: those not ``IGNORE``."""
+        keep = y != IGNORE
+        return cls(x[keep], y[keep])
+
+    @classmethod
     def concat(cls, parts: list[Instances], dim: int) -> Instances:
         if not parts:
             return cls.empty(dim)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from training.feedback import IGNORE, InstanceCache, Instances, box_masks, point_labels
+from training.feedback import InstanceCache, Instances, box_masks, point_labels
 from training.pipeline import Trained, train_labels
 from training.progress import Progress
 from training.recipe import Recipe
@@ -154,9 +154,7 @@ def annotated_instances(
                                 found = point_labels(engine, image, regions, label_index, points=settings.points,
                                                      match_iou=settings.feedback_iou)  # fmt: skip
                             cache.put(key, *found)
-                        x, y = found
-                        keep = y != IGNORE
-                        parts.append(Instances(x[keep], y[keep]))
+                        parts.append(Instances.learned(*found))
                 parts += _track_instances(settings, task, config, videos, cache, engine, label_index)
                 used += 1
             except UsamError as exc:
@@ -210,9 +208,7 @@ def _track_instances(
                     found = point_labels(engine, image, regions, label_index, points=settings.points,
                                          match_iou=settings.feedback_iou)  # fmt: skip
                 cache.put(key, *found)
-            x, y = found
-            keep = y != IGNORE
-            parts.append(Instances(x[keep], y[keep]))
+            parts.append(Instances.learned(*found))
     return parts
 
 
