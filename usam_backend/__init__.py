@@ -47,7 +47,14 @@ if TYPE_CHECKING:
     from usam_backend.systems.prompts import PromptMask, segment_prompt
     from usam_backend.systems.uosam import RefineOptions, RefineReport, refine_masks
     from usam_backend.systems.usam import SemanticSegmenter
-    from usam_backend.systems.uvosam import Track, follow_object, segment_video, track_boxes
+    from usam_backend.systems.uvosam import (
+        Track,
+        follow_object,
+        head_detector,
+        segment_video,
+        track_boxes,
+        video_objects,
+    )
 
 _EXPORTS = {
     "Settings": "usam_backend.core.settings",
@@ -71,6 +78,8 @@ _EXPORTS = {
     "segment_video": "usam_backend.systems.uvosam",
     "follow_object": "usam_backend.systems.uvosam",
     "Track": "usam_backend.systems.uvosam",
+    "video_objects": "usam_backend.systems.uvosam",
+    "head_detector": "usam_backend.systems.uvosam",
     "Regions": "usam_backend.core.regions",
     "Region": "usam_backend.core.regions",
     "load_sam": "usam_backend.sam.models",
@@ -116,6 +125,7 @@ __all__ = [
     "VideoError",
     "follow_object",
     "get_settings",
+    "head_detector",
     "load_image",
     "load_sam",
     "mask_ellipse",
@@ -128,6 +138,7 @@ __all__ = [
     "segment_video",
     "shared_engine",
     "track_boxes",
+    "video_objects",
     "write_video",
 ]
 
