@@ -1,5 +1,6 @@
-"""The image encoder in ONNX Runtime and OpenVINO: exported from the real (tiny) SAM, cached by its
-weights, checked against eager PyTorch, and PyTorch again whenever anything fails."""
+"""SAM's image encoder and prompt decoder in ONNX Runtime and OpenVINO: exported from the real (tiny)
+SAM, cached by their weights, checked against eager PyTorch, and PyTorch again whenever anything
+fails."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from usam_backend.core.masks import mask_iou
 from usam_backend.sam import runtime
+from usam_backend.sam.decoder import PromptMaskDecoder
 from usam_backend.sam.engine import SamEngine
 from usam_backend.sam.models import LoadedSam, build_tiny_sam
 from usam_backend.sam.runtime import choose_runtime
@@ -72,7 +74,7 @@ def test_a_runtime_that_fails_or_disagrees_leaves_the_encoder_in_pytorch(tmp_pat
     engine = _engine(tmp_path, "onnxruntime")
     bad = tmp_path / "runtime"
     bad.mkdir()
-    monkeypatch.setattr(runtime, "export_onnx", lambda encoder, pixels, path: path.write_bytes(b"not a model"))
+    monkeypatch.setattr(runtime, "export_onnx", lambda module, inputs, path, spec: path.write_bytes(b"not a model"))
     with caplog.at_level(logging.WARNING, logger="usam_backend.sam.runtime"):
         features = engine.embed(two_object_image).features
     assert torch.equal(features, reference) and engine.encoder.name == "torch"
@@ -106,3 +108,86 @@ def test_unseeded_random_weights_leave_no_file_in_the_cache(tmp_path, two_object
     info = engine.encoder.info
     assert info is not None and info.name == "onnxruntime" and info.path is None and info.file_bytes > 100_000
     assert info.max_abs_diff is not None and info.max_abs_diff < 1e-4 and not list(tmp_path.rglob("*"))
+
+
+def _prompts(image: np.ndarray) -> list[dict]:
+    """Prompt batches of every kind the engine's callers send: different numbers of prompts and of
+    prompt tokens (points, boxes, both, negative points, an earlier pass's logits)."""
+    rng = np.random.default_rng(0)
+    height, width = image.shape[:2]
+
+    def points(b: int, n: int) -> np.ndarray:
+        return (rng.uniform(0, 1, (b, n, 2)) * (width, height)).astype(np.float32)
+
+    boxes = np.array([[20, 30, 100, 130], [140, 30, 220, 130], [0, 0, 240, 160]], dtype=np.float32)
+    return [
+        {"boxes": boxes[:1]},
+        {"boxes": boxes},
+        {"points": points(1, 1), "labels": np.ones((1, 1), dtype=int)},
+        {"points": points(4, 3), "labels": np.array([[1, 0, 0]] * 4)},
+        {"points": points(3, 2), "labels": np.ones((3, 2), dtype=int), "boxes": boxes},
+        {"boxes": boxes[:2], "mask_input": rng.normal(0, 4, (2, 1, 256, 256)).astype(np.float32)},
+    ]
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_the_exported_prompt_decoder_reproduces_sams_decoder_for_any_batch_of_prompts(exported, two_object_image,
+                                                                                      name):  # fmt: skip
+    reference, engine = _engine(None, "torch"), _engine(exported, name)
+    embedding = reference.embed(two_object_image)
+    for prompts in _prompts(two_object_image):
+        for multimask in (True, False):
+            want = reference.predict_prompts(embedding, multimask=multimask, **prompts)
+            got = engine.predict_prompts(embedding, multimask=multimask, **prompts)
+            info = engine.prompt_decoder.info
+            assert info is not None and info.name == name, info
+            assert got.low_res_logits.shape == want.low_res_logits.shape
+            assert float((got.low_res_logits - want.low_res_logits).abs().max()) < 1e-4
+            assert np.abs(got.iou_predictions - want.iou_predictions).max() < 1e-5
+            assert got.masks is not None and want.masks is not None
+            assert (got.masks != want.masks).mean() < 1e-4  # only pixels at the threshold may differ
+    assert info.path is not None and "-decoder-" in info.path.name and info.path.is_file()
+    assert info.max_abs_diff is not None and info.max_abs_diff < 1e-4
+    assert engine.encoder.info is None  # the encoder was never called: each part starts on its own first use
+
+
+def test_the_prompt_decoder_module_is_sams_decoder():
+    """What is exported computes what SAM's own decoder does, in PyTorch, for one or B dense prompts."""
+    sam = build_tiny_sam(0)
+    decoder, prompt_encoder = sam.mask_decoder, sam.prompt_encoder
+    torch.manual_seed(0)
+    features = torch.randn(1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
+    pe = prompt_encoder.get_dense_pe()
+    module = PromptMaskDecoder(decoder, pe)
+    boxes = torch.tensor([[10.0, 20, 300, 400], [500, 500, 900, 1000], [0, 0, 1024, 1024]])
+    masks = torch.randn(3, 1, *(4 * n for n in prompt_encoder.image_embedding_size))
+    with torch.inference_mode():
+        for mask_input in (None, masks):
+            sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=mask_input)
+            want = decoder.predict_masks(features, pe, sparse, dense)
+            for shared in (dense, dense[:1]) if mask_input is None else (dense,):
+                got = module(features, sparse, shared)
+                for a, b in zip(got, want, strict=True):
+                    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_prompt_decoder_that_fails_to_export_leaves_it_in_pytorch(tmp_path, two_object_image, caplog,
+                                                                     monkeypatch):  # fmt: skip
+    reference = _engine(None, "torch")
+    embedding = reference.embed(two_object_image)
+    boxes = np.array([[20, 30, 100, 130]], dtype=np.float32)
+    engine = _engine(tmp_path, "onnxruntime")
+
+    def refuse(module, inputs, path, spec):
+        raise RuntimeError(f"no export of the {spec.part}")
+
+    monkeypatch.setattr(runtime, "export_onnx", refuse)
+    with caplog.at_level(logging.WARNING, logger="usam_backend.sam.runtime"):
+        got = engine.predict_prompts(embedding, boxes=boxes)
+    want = reference.predict_prompts(embedding, boxes=boxes)
+    assert torch.equal(got.low_res_logits, want.low_res_logits) and engine.prompt_decoder.name == "torch"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("SAM's decoder: onnxruntime failed") and "no export of the decoder" in line
+    assert "the decoder runs in PyTorch" in line
+    empty = engine.predict_prompts(embedding, boxes=np.zeros((0, 4), dtype=np.float32))
+    assert empty.low_res_logits.shape[0] == 0 and empty.masks is not None and empty.masks.shape[0] == 0

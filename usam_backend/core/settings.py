@@ -65,8 +65,8 @@ class Settings:
     )
     runtime: str = _env(
         "USAM_RUNTIME",
-        "runtime of SAM's image encoder: auto (onnxruntime on CPU, torch on CUDA and for tiny), torch, onnxruntime or "
-        "openvino",
+        "runtime of SAM's image encoder and prompt decoder: auto (onnxruntime on CPU, torch on CUDA and for tiny), "
+        "torch, onnxruntime or openvino",
         default="auto",
     )
     cache_dir: Path = _env(

@@ -15,6 +15,11 @@ model's own weights, reorganised for many point prompts on one image:
 
 The image tokens after the transformer are kept per chunk, so masks of selected points are
 produced with SAM's own ``output_upscaling`` and hypernetwork MLPs, exactly as SAM would.
+
+:class:`PromptMaskDecoder` is the same folded arithmetic for the few prompts of interactive tools,
+refinement and video (boxes, points, an earlier mask), written without in-place updates so that
+it exports to ONNX with the number of prompts free; its masks are made channels-last, SAM's
+2x2-stride transposed convolutions as matrix products.
 """
 
 from __future__ import annotations
@@ -136,6 +141,85 @@ class PointDecoder:
         return self._buffers[0, :batch], self._buffers[1, :batch]
 
 
+class PromptMaskDecoder(torch.nn.Module):
+    """SAM's ``MaskDecoder.predict_masks`` for B prompts on one image, folded as :class:`PointDecoder`
+    and written to export to ONNX with B and the number of prompt tokens free.
+
+    ``forward(image_embedding (1, E, h, w), sparse (B, T, E), dense (1 or B, E, h, w))`` returns all
+    four masks' low-res logits (B, 4, 4h, 4w) and predicted IoU (B, 4): token 0 is the single-mask
+    output, tokens 1-3 the multimask outputs (:data:`MULTIMASK`). A dense embedding of batch 1 (no
+    mask prompt) is shared by every prompt until the first block updates the image tokens. The
+    image PE is a buffer: an export folds its projections into constants."""
+
+    image_pe: Tensor
+
+    def __init__(self, decoder: MaskDecoder, image_pe: Tensor):
+        """
+        Args:
+            decoder: SAM's mask decoder (its ``transformer`` a ``TwoWayTransformer``).
+            image_pe: (1, E, h, w) dense positional encoding (``prompt_encoder.get_dense_pe()``).
+        """
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("image_pe", image_pe.detach().flatten(2).transpose(1, 2)[0].clone())  # N, E
+
+    def forward(self, image_embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        decoder, transformer, pe = self.decoder, self.decoder.transformer, self.image_pe
+        prompts = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        prompt = torch.cat([output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse], dim=1)
+        height, width = image_embedding.shape[-2:]
+        keys = (image_embedding + dense).flatten(2).transpose(1, 2)  # 1 or B, N, E
+        queries = prompt
+        for block in transformer.layers:
+            if block.skip_first_layer_pe:
+                queries = block.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + prompt
+                queries = queries + block.self_attn(q=q, k=q, v=queries)
+            queries = block.norm1(queries)
+            cross = block.cross_attn_token_to_image
+            attn = _tokens_to_image(cross, queries + prompt, keys, _pe_heads(cross, "k_proj", pe))
+            queries = block.norm2(queries + attn)
+            queries = block.norm3(queries + block.mlp(queries))
+            back = block.cross_attn_image_to_token
+            keys = _image_to_tokens(
+                back, keys, queries + prompt, queries, _pe_heads(back, "q_proj", pe), per_prompt=True, inplace=False
+            )
+            keys = block.norm4(keys)
+        final = transformer.final_attn_token_to_image
+        attn = _tokens_to_image(final, queries + prompt, keys, _pe_heads(final, "k_proj", pe))
+        queries = transformer.norm_final_attn(queries + attn)
+        mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens, :]
+        masks = _channels_last_masks(decoder, keys, mask_tokens, (int(height), int(width)))
+        return masks, decoder.iou_prediction_head(queries[:, 0, :])
+
+
+def _channels_last_masks(
+    decoder: MaskDecoder, image_tokens: Tensor, mask_tokens: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """SAM's masks from (B, N, E) image tokens and (B, K, E) mask tokens: (B, K, 4h, 4w) logits.
+
+    ``output_upscaling``'s two transposed convolutions have a 2x2 kernel and stride 2, so each is a
+    matrix product per pixel into its 2x2 block of outputs; LayerNorm2d is a LayerNorm over the
+    channels, last. Only the (B, K, 4h, 4w) result is laid out as an image."""
+    first, norm, act_first, second, act_second = decoder.output_upscaling
+    b, n, width = image_tokens.shape
+    mid, out = first.out_channels, second.out_channels
+    w_first = first.weight.permute(0, 2, 3, 1).reshape(width, 4 * mid)  # (in, ky, kx, out)
+    y = torch.matmul(image_tokens, w_first).view(b, n, 4, mid) + first.bias
+    y = act_first(torch.nn.functional.layer_norm(y, (mid,), norm.weight, norm.bias, norm.eps))
+    w_second = second.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
+    z = act_second(torch.matmul(y, w_second).view(b, n * 16, out) + second.bias)
+    hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    k = hyper.shape[1]
+    height, width_grid = size
+    masks = torch.matmul(z, hyper.transpose(1, 2))  # B, N * (ky kx ky' kx'), K
+    # pixel (4y + 2ky + ky', 4x + 2kx + kx') of the grid cell (y, x)
+    masks = masks.view(b, height, width_grid, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(b, k, 4 * height, 4 * width_grid)
+
+
 def low_res_logits(decoder: MaskDecoder, decoded: DecodedPoints, index: Tensor, size: tuple[int, int]) -> Tensor:
     """SAM's low-resolution mask logits for the selected points.
 
@@ -254,7 +338,7 @@ def _tokens_to_shared_image(attn: Attention, q_in: Tensor, k: Tensor, v: Tensor)
 
 
 def _tokens_to_image(attn: Attention, q_in: Tensor, keys: Tensor, pe_keys: Tensor) -> Tensor:
-    """Prompt tokens (B, T, E) attend to per-prompt image tokens (B, N, E) plus the image PE, folded.
+    """Prompt tokens (B, T, E) attend to per-prompt image tokens (B or 1, N, E) plus the image PE, folded.
 
     logits = (W_k (x + pe) + b_k) . q  is computed as  x . (W_k^T q) + (W_k pe + b_k) . q, the
     second term from the per-image ``pe_keys``; the values are W_v (sum_n a_n x_n) + b_v, so the N
@@ -266,10 +350,10 @@ def _tokens_to_image(attn: Attention, q_in: Tensor, keys: Tensor, pe_keys: Tenso
     q = q / math.sqrt(c)
     w_k, _ = _head_weights(attn.k_proj, heads)
     q_back = torch.einsum("bhtc,hce->bhte", q, w_k).reshape(b, heads * t, -1)  # B, HT, E
-    logits = torch.bmm(q_back, keys.transpose(1, 2))  # B, HT, N
-    logits.view(b, heads, t, -1).add_(_per_head(q, pe_keys).transpose(0, 1))
-    weights = torch.softmax(logits, dim=-1)
-    pooled = torch.bmm(weights, keys).view(b, heads, t, -1)  # B, H, T, E
+    logits = torch.matmul(q_back, keys.transpose(1, 2)).view(b, heads, t, -1)  # B, H, T, N
+    logits = logits + _per_head(q, pe_keys).transpose(0, 1)
+    weights = torch.softmax(logits, dim=-1).view(b, heads * t, -1)
+    pooled = torch.matmul(weights, keys).view(b, heads, t, -1)  # B, H, T, E
     w_v, b_v = _head_weights(attn.v_proj, heads)
     values = torch.einsum("bhte,hce->bhtc", pooled, w_v) + b_v[None, :, None, :]
     return _merge_heads(attn, values)
@@ -283,12 +367,14 @@ def _image_to_tokens(
     image_queries: Tensor,
     *,
     per_prompt: bool = False,
+    inplace: bool = True,
     out: Tensor | None = None,
 ) -> Tensor:
     """``residual + attention(image tokens -> prompt tokens)``, (B, N, E), folded.
 
     Args:
-        residual: (1 or B, N, E) image tokens the update is added to (in place when per-prompt).
+        residual: (1 or B, N, E) image tokens the update is added to (in place when per-prompt,
+            unless not ``inplace``: then a (B, N, E) result, and ``residual`` may have batch 1).
         k_in, v_in: (B, T, E) prompt tokens for keys (with PE) and values.
         image_queries: (H, N, c) the image queries projected once per image (first block: the
             shared image tokens with PE), or, with ``per_prompt``, the projection of the image PE
@@ -314,9 +400,20 @@ def _image_to_tokens(
     if per_prompt:
         w_q, _ = _head_weights(attn.q_proj, heads)
         k_back = torch.einsum("bhtc,hce->bthe", k, w_q).reshape(b, t * heads, -1)  # B, TH, E
-        logits = torch.bmm(k_back, residual.transpose(1, 2)).view(b, t, heads, -1)
-        logits += from_pe
-        weights = torch.softmax(logits, dim=1).view(b, t * heads, -1)
-        return residual.baddbmm_(weights.transpose(1, 2), spread)
-    weights = torch.softmax(from_pe, dim=1).reshape(b, t * heads, -1)
+        logits = torch.matmul(k_back, residual.transpose(1, 2)).view(b, t, heads, -1) + from_pe
+        weights = _softmax_tokens(logits).view(b, t * heads, -1)
+        if inplace:
+            return residual.baddbmm_(weights.transpose(1, 2), spread)
+        return residual + torch.matmul(weights.transpose(1, 2), spread)
+    weights = _softmax_tokens(from_pe).reshape(b, t * heads, -1)
     return torch.baddbmm(residual.expand(b, -1, -1), weights.transpose(1, 2), spread, out=out)
+
+
+def _softmax_tokens(logits: Tensor) -> Tensor:
+    """Softmax over dimension 1 of (B, T, H, N) logits. Written out when exporting: ONNX Runtime
+    transposes a softmax over an inner axis to the last and back, which cost 15 % of the decoder."""
+    if not torch.onnx.is_in_onnx_export():
+        return torch.softmax(logits, dim=1)
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    exp = torch.exp(shifted)
+    return exp / exp.sum(dim=1, keepdim=True)

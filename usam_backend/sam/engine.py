@@ -14,9 +14,16 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from usam_backend.core.settings import Settings
 from usam_backend.sam.cache import EmbeddingCache, ImageEmbedding, image_key
-from usam_backend.sam.decoder import DecodedPoints, PointDecoder, low_res_logits, reference_decode
+from usam_backend.sam.decoder import (
+    MULTIMASK,
+    DecodedPoints,
+    PointDecoder,
+    PromptMaskDecoder,
+    low_res_logits,
+    reference_decode,
+)
 from usam_backend.sam.models import LoadedSam, load_sam
-from usam_backend.sam.runtime import EncoderRuntime
+from usam_backend.sam.runtime import ENCODER, PROMPT_DECODER, ModuleRuntime
 
 CPU_CHUNK_BYTES = 16 * 2**20
 """On CPU, points decoded at once: as many as keep one (points, h * w, E) float32 tensor of image
@@ -82,8 +89,8 @@ class SamEngine:
     ):
         """
         Args:
-            runtime: ``USAM_RUNTIME`` for the image encoder (see :mod:`usam_backend.sam.runtime`);
-                exported encoders are kept under ``cache_dir``.
+            runtime: ``USAM_RUNTIME`` for the image encoder and the prompt decoder (see
+                :mod:`usam_backend.sam.runtime`); exported parts are kept under ``cache_dir``.
         """
         self.sam = sam
         self.model = sam.model
@@ -95,11 +102,25 @@ class SamEngine:
         self.decode_chunk = decode_chunk
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         if runtime != "torch" and cache_dir is None:
-            raise ValueError(f"runtime {runtime!r} needs a cache_dir for the exported encoder")
-        self.encoder = EncoderRuntime(
-            self.model.image_encoder, runtime, sam.device, sam.sam_type, cache_dir or Path("."), sam.fingerprint,
-            keep=not sam.weights.startswith("random (no checkpoint"),  # unseeded: no later process has them
+            raise ValueError(f"runtime {runtime!r} needs a cache_dir for the exported encoder and decoder")
+        keep = not sam.weights.startswith("random (no checkpoint")  # unseeded: no later process has them
+        self.encoder = ModuleRuntime(
+            self.model.image_encoder, ENCODER, runtime, sam.device, sam.sam_type, cache_dir or Path("."),
+            sam.fingerprint, keep=keep,
         )  # fmt: skip
+        decoder = self.model.mask_decoder
+        with torch.no_grad():
+            image_pe = self.model.prompt_encoder.get_dense_pe()
+
+        def sams_decoder(features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return decoder.predict_masks(features, image_pe, sparse, dense)
+
+        self.prompt_decoder = ModuleRuntime(
+            PromptMaskDecoder(decoder, image_pe), PROMPT_DECODER, runtime, sam.device, sam.sam_type,
+            cache_dir or Path("."), sam.fingerprint, keep=keep, eager=sams_decoder,
+        )  # fmt: skip
+        """SAM's mask decoder for prompts: (features, sparse, dense) -> all four masks' low-res logits
+        and predicted IoU (the multimask choice is the caller's). In PyTorch, SAM's own decoder."""
         self.encoder_calls = 0
         self._encode_lock = threading.Lock()
 
@@ -133,7 +154,8 @@ class SamEngine:
         resized = self.transform.apply_image(image)
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0).float()
         with self._encode_lock:  # one encoder pass at a time: it is the memory peak
-            features = self.encoder(self.model.preprocess(pixels)).to(self.device)
+            (features,) = self.encoder(self.model.preprocess(pixels))
+            features = features.to(self.device)
             self.encoder_calls += 1
         embedding = ImageEmbedding(
             features=features,
@@ -304,10 +326,20 @@ class SamEngine:
         mask_tensor = None
         if mask_input is not None:
             mask_tensor = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
+        if not sizes.pop():  # no prompts: no masks (SAM's decoder cannot shape an empty batch)
+            height, width = self.model.prompt_encoder.image_embedding_size
+            k = 3 if multimask else 1
+            return PromptBatch(
+                np.zeros((0, k, *embedding.original_size), dtype=bool) if masks else None,
+                np.zeros((0, k), dtype=np.float32),
+                torch.zeros(0, k, 4 * height, 4 * width, device=self.device),
+            )
         sparse, dense = self.model.prompt_encoder(points=point_input, boxes=box_input, masks=mask_tensor)
-        low_res, iou = self.model.mask_decoder(
-            embedding.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
-        )
+        if mask_tensor is None:
+            dense = dense[:1]  # the same no-mask embedding for every prompt: broadcast, not copied
+        all_masks, all_iou = self.prompt_decoder(embedding.features, sparse, dense)
+        chosen = MULTIMASK if multimask else slice(0, 1)  # as SAM's MaskDecoder.forward
+        low_res, iou = all_masks[:, chosen].to(self.device), all_iou[:, chosen].to(self.device)
         full = None
         if masks:
             b, k = low_res.shape[:2]

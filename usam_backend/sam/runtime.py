@@ -1,12 +1,13 @@
-"""SAM's image encoder in the fastest runtime that reproduces it.
+"""SAM's image encoder and prompt decoder in the fastest runtime that reproduces them.
 
-On CPU the encoder is exported once to ONNX (``torch.onnx.export``, opset 17, fixed 1x3x1024x1024
-input), cached under ``USAM_CACHE_DIR/runtime/`` by a fingerprint of the encoder's weights, and run
-in ONNX Runtime (or OpenVINO, which reads the same file). The first image an exported file encodes
-is also encoded in eager PyTorch; the largest absolute difference of the two embeddings is logged
-and kept beside the file, and a file that does not reproduce PyTorch is not used. Any failure —
-the package missing, the export, the session, the check — falls back to PyTorch with one log line.
-On CUDA the encoder always runs in PyTorch.
+On CPU each part is exported once to ONNX (``torch.onnx.export``, opset 17), cached under
+``USAM_CACHE_DIR/runtime/`` by a fingerprint of its weights, and run in ONNX Runtime (or OpenVINO,
+which reads the same file). The encoder's input is fixed (1x3x1024x1024); the prompt decoder's
+number of prompts and of prompt tokens are free. The first call of an exported file is also run in
+eager PyTorch; the largest absolute difference of the outputs is logged and kept beside the file,
+and a file that does not reproduce PyTorch is not used. Any failure — the package missing, the
+export, the session, the check — falls back to PyTorch with one log line. On CUDA both parts always
+run in PyTorch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,44 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 TOLERANCE = 1e-3
-"""Largest absolute difference to eager PyTorch an exported encoder may have on its first image
-(float32 runtimes reassociate sums; measured differences are around 1e-5)."""
+"""Largest absolute difference to eager PyTorch an exported part may have on its first call, as a
+share of the largest output value's magnitude when that is over 1 (mask logits): float32 runtimes
+reassociate sums; measured differences are around 1e-5 for embeddings and 1e-6 for logits."""
 EXPORTED = ("onnxruntime", "openvino")
 
-Encode = Callable[[torch.Tensor], torch.Tensor]
+Run = Callable[..., tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What an exported part is called: in its file name, its ONNX inputs and outputs, and the
+    axes of those left free (``{input: {axis: name}}``); the other axes keep the first call's size."""
+
+    part: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+
+ENCODER = ExportSpec("encoder", ("pixels",), ("embedding",))
+"""SAM's image encoder: (1, 3, S, S) preprocessed pixels -> (1, E, h, w) embedding."""
+PROMPT_DECODER = ExportSpec(
+    "decoder",
+    ("image_embedding", "sparse", "dense"),
+    ("masks", "iou_predictions"),
+    {
+        "sparse": {0: "prompts", 1: "tokens"},
+        "dense": {0: "dense_prompts"},
+        "masks": {0: "prompts"},
+        "iou_predictions": {0: "prompts"},
+    },
+)
+"""SAM's mask decoder for B prompts (see :class:`~usam_backend.sam.decoder.PromptMaskDecoder`)."""
 
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    """What runs the encoder and what it cost to set up.
+    """What runs a part (the encoder, the prompt decoder) and what it cost to set up.
 
     Attributes:
         name: ``torch``, ``onnxruntime`` or ``openvino``.
@@ -48,7 +77,7 @@ class RuntimeInfo:
         path: the exported model file (None for torch).
         export_seconds: time of the export in this process (0 when the file was cached).
         file_bytes: size of the exported model on disk.
-        max_abs_diff: largest absolute difference to eager PyTorch on the file's first image.
+        max_abs_diff: largest absolute difference to eager PyTorch on the file's first call.
     """
 
     name: str
@@ -67,8 +96,8 @@ def choose_runtime(setting: str, device: torch.device, sam_type: str) -> tuple[s
     every setting runs PyTorch."""
     if device.type != "cpu":
         if setting in EXPORTED:
-            return "torch", f"USAM_RUNTIME={setting} applies on CPU; on {device.type} the encoder runs in PyTorch"
-        return "torch", f"the encoder runs in PyTorch on {device.type}"
+            return "torch", f"USAM_RUNTIME={setting} applies on CPU; on {device.type} SAM runs in PyTorch"
+        return "torch", f"SAM runs in PyTorch on {device.type}"
     if setting == "auto":
         if sam_type == "tiny":
             return "torch", "USAM_RUNTIME=auto keeps the tiny test model in PyTorch"
@@ -76,11 +105,11 @@ def choose_runtime(setting: str, device: torch.device, sam_type: str) -> tuple[s
     return setting, f"USAM_RUNTIME={setting}"
 
 
-def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """A short digest of the encoder's weights: every tensor's name, shape and a strided sample of
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A short digest of a module's weights: every tensor's name, shape and a strided sample of
     its values (random weights differ between processes, checkpoints between files)."""
     digest = hashlib.sha256()
-    for name, tensor in encoder.state_dict().items():
+    for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         digest.update(name.encode())
@@ -89,15 +118,17 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-class EncoderRuntime:
-    """Runs ``model.image_encoder`` on preprocessed (1, 3, S, S) pixels in the chosen runtime.
+class ModuleRuntime:
+    """Runs a part of SAM (``module``, in eval mode) in the chosen runtime: ``runtime(*inputs)`` is a
+    tuple of output tensors.
 
-    Set up lazily on the first image: :meth:`__call__` exports (or loads) the model then, checks
-    it against PyTorch when the file is new, and falls back to PyTorch on any failure."""
+    Set up lazily on the first call: exports (or loads) the module then, checks it against PyTorch
+    when the file is new, and falls back to PyTorch on any failure."""
 
     def __init__(
         self,
-        encoder: torch.nn.Module,
+        module: torch.nn.Module,
+        spec: ExportSpec,
         setting: str,
         device: torch.device,
         sam_type: str,
@@ -105,107 +136,135 @@ class EncoderRuntime:
         fingerprint: str = "",
         *,
         keep: bool = True,
+        eager: Run | None = None,
     ):
         """
         Args:
-            encoder: SAM's ``image_encoder``, in eval mode.
+            module: what is exported; its ``forward`` takes ``spec.inputs`` and returns a tuple of
+                ``spec.outputs`` (or one tensor).
             setting: ``USAM_RUNTIME``.
             fingerprint: the weights' name (``LoadedSam.fingerprint``), kept in the file name.
             keep: cache the exported file; False for weights no later process has (unseeded random
                 weights of a benchmark): exported to a temporary folder, removed once loaded.
+            eager: what runs in PyTorch, and what the export is checked against (default ``module``);
+                the same computation as ``module`` in PyTorch's own code path.
         """
-        self.encoder = encoder
+        self.module = module
+        self.spec = spec
         self.keep = keep
         self.fingerprint = fingerprint or sam_type
         self.device = device
         self.cache_dir = cache_dir
+        self.eager: Run = eager or _as_tuple(module)
         self.wanted, reason = choose_runtime(setting, device, sam_type)
         self.info = RuntimeInfo("torch", reason) if self.wanted == "torch" else None
-        self._run: Encode | None = self.encoder if self.wanted == "torch" else None
+        self._run: Run | None = self.eager if self.wanted == "torch" else None
         self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
-        """The runtime that encodes (the one wanted until the first image is encoded)."""
+        """The runtime that runs the part (the one wanted until its first call)."""
         return self.info.name if self.info is not None else self.wanted
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._run is None:
             with self._lock:
                 if self._run is None:
-                    return self._start(pixels)
-        return self._run(pixels)
+                    return self._start(inputs)
+        return self._run(*inputs)
 
-    def _start(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Set up the runtime on its first image; returns that image's embedding."""
+    def _start(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Set up the runtime on its first call; returns that call's outputs."""
         started = time.perf_counter()
-        scratch = None if self.keep else tempfile.TemporaryDirectory(prefix="usam-encoder-")
+        scratch = None if self.keep else tempfile.TemporaryDirectory(prefix=f"usam-{self.spec.part}-")
+        part = self.spec.part
         try:
-            path, exported = self._exported_file(pixels, Path(scratch.name) if scratch else self.cache_dir)
-            run = _session(self.wanted, path, torch.get_num_threads())
+            path, exported = self._exported_file(inputs, Path(scratch.name) if scratch else self.cache_dir)
+            run = _session(self.wanted, path, self.spec, torch.get_num_threads())
             size = path.stat().st_size
-            features = run(pixels)
+            outputs = run(*inputs)
             checked = _read_check(path, self.wanted)
             if checked is None:
-                reference = self.encoder(pixels)
-                checked = float((features - reference).abs().max())
-                if not checked <= TOLERANCE:
-                    raise RuntimeError(f"its embedding differs from PyTorch's by {checked:.1e} (> {TOLERANCE:.0e})")
+                reference = self.eager(*inputs)
+                checked = max(float((a - b).abs().max()) for a, b in zip(outputs, reference, strict=True))
+                allowed = TOLERANCE * max(1.0, *(float(r.abs().max()) for r in reference))
+                if not checked <= allowed:
+                    raise RuntimeError(f"its output differs from PyTorch's by {checked:.1e} (> {allowed:.0e})")
                 _write_check(path, self.wanted, checked)
-        except Exception as exc:  # any failure of an optional runtime: PyTorch encodes
+        except Exception as exc:  # any failure of an optional runtime: PyTorch runs the part
             log.warning(
-                "image encoder: %s failed (%s: %s); the encoder runs in PyTorch",
-                self.wanted, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                "SAM's %s: %s failed (%s: %s); the %s runs in PyTorch",
+                part, self.wanted, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", part,
             )  # fmt: skip
             self.info = RuntimeInfo("torch", f"{self.wanted} failed: {type(exc).__name__}")
-            self._run = self.encoder
-            return self.encoder(pixels)
+            self._run = self.eager
+            return self.eager(*inputs)
         finally:
             if scratch is not None:
                 scratch.cleanup()
         kept = path if scratch is None else None
         self.info = RuntimeInfo(self.wanted, f"{self.wanted} on CPU", kept, exported, size, checked)
         log.info(
-            "image encoder: %s, %s (%.1f MB%s), max abs difference to PyTorch %.1e, ready in %.1f s",
-            self.wanted, kept or "not cached (unseeded random weights)",
+            "SAM's %s: %s, %s (%.1f MB%s), max abs difference to PyTorch %.1e, ready in %.1f s",
+            part, self.wanted, kept or "not cached (unseeded random weights)",
             self.info.file_bytes / 1e6, f", exported in {exported:.1f} s" if exported else "",
             checked, time.perf_counter() - started,
         )  # fmt: skip
         self._run = run
-        return features
+        return outputs
 
-    def _exported_file(self, pixels: torch.Tensor, cache_dir: Path) -> tuple[Path, float]:
-        """The cached ONNX file of this encoder, exported now if missing; and the export's seconds."""
+    def _exported_file(self, inputs: Sequence[torch.Tensor], cache_dir: Path) -> tuple[Path, float]:
+        """The cached ONNX file of this module, exported now if missing; and the export's seconds."""
         folder = cache_dir / "runtime"
-        side = int(pixels.shape[-1])
-        path = folder / f"{self.fingerprint}-encoder-{encoder_fingerprint(self.encoder)}-{side}-opset{OPSET}.onnx"
+        path = folder / (
+            f"{self.fingerprint}-{self.spec.part}-{module_fingerprint(self.module)}-{_fixed_shape(self.spec, inputs)}"
+            f"-opset{OPSET}.onnx"
+        )
         if path.is_file():
             return path, 0.0
         started = time.perf_counter()
-        export_onnx(self.encoder, pixels, path)
+        export_onnx(self.module, inputs, path, self.spec)
         return path, time.perf_counter() - started
 
 
-def export_onnx(encoder: torch.nn.Module, pixels: torch.Tensor, path: Path) -> None:
-    """Export ``encoder`` for inputs shaped like ``pixels`` to ``path`` (written atomically)."""
+def _fixed_shape(spec: ExportSpec, inputs: Sequence[torch.Tensor]) -> str:
+    """The input sizes an export is fixed to, for its file name: the encoder's side (1024), the
+    decoder's embedding (64x64)."""
+    first = inputs[0]
+    if spec.part == ENCODER.part:
+        return str(int(first.shape[-1]))
+    return "x".join(str(int(n)) for n in first.shape[-2:])
+
+
+def _as_tuple(module: torch.nn.Module) -> Run:
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = module(*inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return run
+
+
+def export_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Path, spec: ExportSpec) -> None:
+    """Export ``module`` for inputs shaped like ``inputs`` to ``path`` (written atomically)."""
     import warnings
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic
         torch.onnx.export(
-            encoder,
-            (pixels.clone(),),
+            module,
+            tuple(x.clone() for x in inputs),
             str(tmp),
-            input_names=["pixels"],
-            output_names=["embedding"],
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes={name: dict(axes) for name, axes in spec.dynamic_axes.items()} or None,
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
         )
 
 
-def _session(name: str, path: Path, threads: int) -> Encode:
+def _session(name: str, path: Path, spec: ExportSpec, threads: int) -> Run:
     if name == "onnxruntime":
         import onnxruntime as ort
 
@@ -216,9 +275,9 @@ def _session(name: str, path: Path, threads: int) -> Encode:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the CPU to torch
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        def run_ort(pixels: torch.Tensor) -> torch.Tensor:
-            (out,) = session.run(None, {"pixels": _numpy(pixels)})
-            return torch.from_numpy(out)
+        def run_ort(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            outputs = session.run(None, {name: _numpy(x) for name, x in zip(spec.inputs, inputs, strict=True)})
+            return tuple(torch.from_numpy(out) for out in outputs)
 
         return run_ort
     if name == "openvino":
@@ -229,17 +288,18 @@ def _session(name: str, path: Path, threads: int) -> Encode:
         compiled = core.compile_model(str(path), "CPU", config)
         lock = threading.Lock()  # one infer request, used by one thread at a time
 
-        def run_openvino(pixels: torch.Tensor) -> torch.Tensor:
+        def run_openvino(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with lock:
-                out = compiled([_numpy(pixels)])[0]
-            return torch.from_numpy(np.array(out, dtype=np.float32))
+                result = compiled([_numpy(x) for x in inputs])
+                outputs = [np.array(result[i], dtype=np.float32) for i in range(len(spec.outputs))]
+            return tuple(torch.from_numpy(out) for out in outputs)
 
         return run_openvino
     raise ValueError(f"unknown runtime {name!r}")
 
 
-def _numpy(pixels: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(pixels.detach().float().cpu().numpy())
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().float().cpu().numpy())
 
 
 def _check_path(path: Path, runtime: str) -> Path:
