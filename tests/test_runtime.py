@@ -47,6 +47,21 @@ def test_the_exported_encoder_reproduces_pytorch_and_is_cached(exported, two_obj
     assert again.encoder.info.path == info.path and again.encoder.info.max_abs_diff == info.max_abs_diff
 
 
+def test_new_code_for_the_same_weights_is_exported_anew(exported, two_object_image, monkeypatch):
+    """An exported graph is the code's as much as the weights': another version of the module's
+    source (an upgrade of usam or segment_anything) does not reuse a file of the old one."""
+    first = _engine(exported, "onnxruntime")
+    first.embed(two_object_image)
+    assert first.encoder.info is not None and first.encoder.info.path is not None
+    assert runtime.code_fingerprint(first.encoder.module) in first.encoder.info.path.name
+    monkeypatch.setattr(runtime, "code_fingerprint", lambda module: "0ther0de")
+    upgraded = _engine(exported, "onnxruntime")
+    upgraded.embed(two_object_image)
+    info = upgraded.encoder.info
+    assert info is not None and info.export_seconds > 0 and info.path is not None and "0ther0de" in info.path.name
+    assert info.path != first.encoder.info.path and first.encoder.info.path.is_file()
+
+
 def test_other_weights_are_exported_to_their_own_file(exported, two_object_image):
     first, other = _engine(exported, "onnxruntime"), _engine(exported, "onnxruntime", seed=1)
     first.embed(two_object_image)

@@ -13,6 +13,7 @@ run in PyTorch.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import tempfile
@@ -118,6 +119,16 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_fingerprint(module: torch.nn.Module) -> str:
+    """A short digest of the source file that defines ``module``'s class: an exported graph is the
+    code's as much as the weights', and a new version of that code exports anew."""
+    try:
+        source = Path(inspect.getfile(type(module))).read_bytes()
+    except (OSError, TypeError):
+        source = type(module).__qualname__.encode()
+    return hashlib.sha256(source).hexdigest()[:8]
+
+
 class ModuleRuntime:
     """Runs a part of SAM (``module``, in eval mode) in the chosen runtime: ``runtime(*inputs)`` is a
     tuple of output tensors.
@@ -217,8 +228,8 @@ class ModuleRuntime:
         """The cached ONNX file of this module, exported now if missing; and the export's seconds."""
         folder = cache_dir / "runtime"
         path = folder / (
-            f"{self.fingerprint}-{self.spec.part}-{module_fingerprint(self.module)}-{_fixed_shape(self.spec, inputs)}"
-            f"-opset{OPSET}.onnx"
+            f"{self.fingerprint}-{self.spec.part}-{module_fingerprint(self.module)}-{code_fingerprint(self.module)}"
+            f"-{_fixed_shape(self.spec, inputs)}-opset{OPSET}.onnx"
         )
         if path.is_file():
             return path, 0.0
