@@ -59,7 +59,10 @@ def test_new_code_for_the_same_weights_is_exported_anew(exported, two_object_ima
     upgraded.embed(two_object_image)
     info = upgraded.encoder.info
     assert info is not None and info.export_seconds > 0 and info.path is not None and "0ther0de" in info.path.name
-    assert info.path != first.encoder.info.path and first.encoder.info.path.is_file()
+    assert info.path != first.encoder.info.path and info.path.is_file()
+    old = first.encoder.info.path  # the same weights' file of the older code is removed, its check too
+    assert not old.exists() and not list(old.parent.glob(f"{old.stem}.*.json"))
+    assert list(info.path.parent.glob(f"{info.path.stem}.*.json"))
 
 
 def test_other_weights_are_exported_to_their_own_file(exported, two_object_image):
@@ -163,6 +166,7 @@ def test_the_exported_prompt_decoder_reproduces_sams_decoder_for_any_batch_of_pr
             assert (got.masks != want.masks).mean() < 1e-4  # only pixels at the threshold may differ
     assert info.path is not None and "-decoder-" in info.path.name and info.path.is_file()
     assert info.max_abs_diff is not None and info.max_abs_diff < 1e-4
+    assert not engine.model.mask_decoder.training  # the export leaves SAM's decoder in eval mode
     assert engine.encoder.info is None  # the encoder was never called: each part starts on its own first use
 
 
@@ -206,3 +210,38 @@ def test_a_prompt_decoder_that_fails_to_export_leaves_it_in_pytorch(tmp_path, tw
     assert "the decoder runs in PyTorch" in line
     empty = engine.predict_prompts(embedding, boxes=np.zeros((0, 4), dtype=np.float32))
     assert empty.low_res_logits.shape[0] == 0 and empty.masks is not None and empty.masks.shape[0] == 0
+
+
+def test_a_runtime_that_fails_after_its_first_call_hands_the_part_to_pytorch(exported, two_object_image, caplog):
+    """A later batch the exported graph cannot run (an allocation, a shape) is answered by PyTorch,
+    and PyTorch runs the part from then on."""
+    reference = _engine(None, "torch")
+    embedding = reference.embed(two_object_image)
+    boxes = np.array([[20, 30, 100, 130], [140, 30, 220, 130]], dtype=np.float32)
+    engine = _engine(exported, "onnxruntime")
+    engine.predict_prompts(embedding, boxes=boxes[:1])
+    assert engine.prompt_decoder.name == "onnxruntime"
+
+    def out_of_memory(*inputs):
+        raise MemoryError("the runtime could not allocate")
+
+    engine.prompt_decoder._run = out_of_memory
+    with caplog.at_level(logging.WARNING, logger="usam_backend.sam.runtime"):
+        got = engine.predict_prompts(embedding, boxes=boxes)
+        again = engine.predict_prompts(embedding, boxes=boxes)
+    want = reference.predict_prompts(embedding, boxes=boxes)
+    assert torch.equal(got.low_res_logits, want.low_res_logits) and torch.equal(
+        again.low_res_logits, want.low_res_logits
+    )
+    assert engine.prompt_decoder.name == "torch"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "onnxruntime failed (MemoryError: the runtime could not allocate)" in line
+
+
+def test_an_output_of_another_shape_or_too_far_off_is_refused():
+    close = torch.tensor([[30.0, -12.0], [0.5, 0.0]])
+    assert runtime._difference((close + 0.02,), (close,)) == pytest.approx(0.02, abs=1e-5)  # 1e-3 of 30 allowed
+    with pytest.raises(RuntimeError, match="differs from PyTorch's"):
+        runtime._difference((close[1:], close[1:] + 0.02), (close[1:], close[1:]))  # 1e-3 of 1 allowed
+    with pytest.raises(RuntimeError, match="has shape"):
+        runtime._difference((close.T.reshape(1, 4),), (close,))

@@ -162,6 +162,7 @@ class PromptMaskDecoder(torch.nn.Module):
         super().__init__()
         self.decoder = decoder
         self.register_buffer("image_pe", image_pe.detach().flatten(2).transpose(1, 2)[0].clone())  # N, E
+        self.eval()  # as the decoder it shares: an export restores the mode it found, on the decoder too
 
     def forward(self, image_embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
         decoder, transformer, pe = self.decoder, self.decoder.transformer, self.image_pe
@@ -351,7 +352,8 @@ def _tokens_to_image(attn: Attention, q_in: Tensor, keys: Tensor, pe_keys: Tenso
     w_k, _ = _head_weights(attn.k_proj, heads)
     q_back = torch.einsum("bhtc,hce->bhte", q, w_k).reshape(b, heads * t, -1)  # B, HT, E
     logits = torch.matmul(q_back, keys.transpose(1, 2)).view(b, heads, t, -1)  # B, H, T, N
-    logits = logits + _per_head(q, pe_keys).transpose(0, 1)
+    from_pe = _per_head(q, pe_keys).transpose(0, 1)
+    logits = logits + from_pe if torch.onnx.is_in_onnx_export() else logits.add_(from_pe)
     weights = torch.softmax(logits, dim=-1).view(b, heads * t, -1)
     pooled = torch.matmul(weights, keys).view(b, heads, t, -1)  # B, H, T, E
     w_v, b_v = _head_weights(attn.v_proj, heads)

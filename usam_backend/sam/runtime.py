@@ -12,6 +12,7 @@ run in PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -120,13 +121,15 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def code_fingerprint(module: torch.nn.Module) -> str:
-    """A short digest of the source file that defines ``module``'s class: an exported graph is the
-    code's as much as the weights', and a new version of that code exports anew."""
-    try:
-        source = Path(inspect.getfile(type(module))).read_bytes()
-    except (OSError, TypeError):
-        source = type(module).__qualname__.encode()
-    return hashlib.sha256(source).hexdigest()[:8]
+    """A short digest of the source files that define the classes of ``module`` and its submodules
+    (usam's, segment_anything's, torch's layers): an exported graph is the code's as much as the
+    weights', and a new version of that code exports anew."""
+    digest = hashlib.sha256()
+    for kind in sorted({type(m) for m in module.modules()}, key=lambda k: f"{k.__module__}.{k.__qualname__}"):
+        digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+        with contextlib.suppress(OSError, TypeError):  # no source file: its name stands for it
+            digest.update(Path(inspect.getfile(kind)).read_bytes())
+    return digest.hexdigest()[:8]
 
 
 class ModuleRuntime:
@@ -182,7 +185,24 @@ class ModuleRuntime:
             with self._lock:
                 if self._run is None:
                     return self._start(inputs)
-        return self._run(*inputs)
+        run = self._run
+        if run is self.eager:
+            return run(*inputs)
+        try:
+            return run(*inputs)
+        except Exception as exc:  # e.g. a batch or an allocation the first call did not meet
+            self._fall_back(exc)
+            return self.eager(*inputs)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """PyTorch runs the part from now on; one log line says why."""
+        part = self.spec.part
+        log.warning(
+            "SAM's %s: %s failed (%s: %s); the %s runs in PyTorch",
+            part, self.wanted, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", part,
+        )  # fmt: skip
+        self.info = RuntimeInfo("torch", f"{self.wanted} failed: {type(exc).__name__}")
+        self._run = self.eager
 
     def _start(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Set up the runtime on its first call; returns that call's outputs."""
@@ -196,19 +216,12 @@ class ModuleRuntime:
             outputs = run(*inputs)
             checked = _read_check(path, self.wanted)
             if checked is None:
-                reference = self.eager(*inputs)
-                checked = max(float((a - b).abs().max()) for a, b in zip(outputs, reference, strict=True))
-                allowed = TOLERANCE * max(1.0, *(float(r.abs().max()) for r in reference))
-                if not checked <= allowed:
-                    raise RuntimeError(f"its output differs from PyTorch's by {checked:.1e} (> {allowed:.0e})")
+                checked = _difference(outputs, self.eager(*inputs))
                 _write_check(path, self.wanted, checked)
+                if exported and scratch is None:
+                    _prune(path)
         except Exception as exc:  # any failure of an optional runtime: PyTorch runs the part
-            log.warning(
-                "SAM's %s: %s failed (%s: %s); the %s runs in PyTorch",
-                part, self.wanted, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", part,
-            )  # fmt: skip
-            self.info = RuntimeInfo("torch", f"{self.wanted} failed: {type(exc).__name__}")
-            self._run = self.eager
+            self._fall_back(exc)
             return self.eager(*inputs)
         finally:
             if scratch is not None:
@@ -236,6 +249,33 @@ class ModuleRuntime:
         started = time.perf_counter()
         export_onnx(self.module, inputs, path, self.spec)
         return path, time.perf_counter() - started
+
+
+def _difference(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """The largest absolute difference of an exported part's outputs to PyTorch's; raises when an
+    output's shape differs or it is further off than TOLERANCE x max(1, its largest magnitude)."""
+    worst = 0.0
+    for index, (got, want) in enumerate(zip(outputs, reference, strict=True)):
+        if tuple(got.shape) != tuple(want.shape):
+            raise RuntimeError(f"its output {index} has shape {tuple(got.shape)}, PyTorch's {tuple(want.shape)}")
+        if not want.numel():
+            continue
+        diff = float((got.to(want.device) - want).abs().max())
+        allowed = TOLERANCE * max(1.0, float(want.abs().max()))
+        if not diff <= allowed:
+            raise RuntimeError(f"its output differs from PyTorch's by {diff:.1e} (> {allowed:.0e})")
+        worst = max(worst, diff)
+    return worst
+
+
+def _prune(path: Path) -> None:
+    """Remove files of the same part and weights that older code exported (another code digest)."""
+    weights = path.name.rsplit("-", 3)[0]  # <sam>-<part>-<weights digest>
+    for old in path.parent.glob(f"{weights}-*.onnx"):
+        if old != path:
+            for stale in (old, *old.parent.glob(f"{old.stem}.*.json")):
+                stale.unlink(missing_ok=True)
+            log.info("removed %s, exported by an earlier version of the code", old.name)
 
 
 def _fixed_shape(spec: ExportSpec, inputs: Sequence[torch.Tensor]) -> str:
