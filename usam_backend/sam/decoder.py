@@ -173,21 +173,9 @@ class PromptMaskDecoder(torch.nn.Module):
         keys = (image_embedding + dense).flatten(2).transpose(1, 2)  # 1 or B, N, E
         queries = prompt
         for block in transformer.layers:
-            if block.skip_first_layer_pe:
-                queries = block.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + prompt
-                queries = queries + block.self_attn(q=q, k=q, v=queries)
-            queries = block.norm1(queries)
-            cross = block.cross_attn_token_to_image
-            attn = _tokens_to_image(cross, queries + prompt, keys, _pe_heads(cross, "k_proj", pe))
-            queries = block.norm2(queries + attn)
-            queries = block.norm3(queries + block.mlp(queries))
-            back = block.cross_attn_image_to_token
-            keys = _image_to_tokens(
-                back, keys, queries + prompt, queries, _pe_heads(back, "q_proj", pe), per_prompt=True, inplace=False
-            )
-            keys = block.norm4(keys)
+            pe_keys = _pe_heads(block.cross_attn_token_to_image, "k_proj", pe)
+            pe_queries = _pe_heads(block.cross_attn_image_to_token, "q_proj", pe)
+            queries, keys = _block(block, queries, keys, prompt, pe_keys, pe_queries, inplace=False)
         final = transformer.final_attn_token_to_image
         attn = _tokens_to_image(final, queries + prompt, keys, _pe_heads(final, "k_proj", pe))
         queries = transformer.norm_final_attn(queries + attn)
@@ -212,7 +200,7 @@ def _channels_last_masks(
     y = act_first(torch.nn.functional.layer_norm(y, (mid,), norm.weight, norm.bias, norm.eps))
     w_second = second.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
     z = act_second(torch.matmul(y, w_second).view(b, n * 16, out) + second.bias)
-    hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    hyper = _hypernetwork(decoder, mask_tokens)
     k = hyper.shape[1]
     height, width_grid = size
     masks = torch.matmul(z, hyper.transpose(1, 2))  # B, N * (ky kx ky' kx'), K
@@ -236,9 +224,7 @@ def low_res_logits(decoder: MaskDecoder, decoded: DecodedPoints, index: Tensor, 
     k, _, width = image_tokens.shape
     grid = image_tokens.transpose(1, 2).reshape(k, width, *size)
     upscaled = decoder.output_upscaling(grid)  # k, E/8, 4h, 4w
-    hyper = torch.stack(
-        [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-    )  # k, 4, E/8
+    hyper = _hypernetwork(decoder, mask_tokens)  # k, 4, E/8
     _, channels, height, width_up = upscaled.shape
     masks = (hyper @ upscaled.view(k, channels, height * width_up)).view(k, hyper.shape[1], height, width_up)
     return masks[:, MULTIMASK]
@@ -266,20 +252,30 @@ def reference_decode(
     return mask_tokens.reshape(sparse.shape[0], -1), iou, masks
 
 
+def _hypernetwork(decoder: MaskDecoder, mask_tokens: Tensor) -> Tensor:
+    """Each of the (B, K, E) mask tokens through its hypernetwork MLP: (B, K, E/8) mask weights."""
+    return torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+
+
 def _block(
-    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, prompt: Tensor, pe_keys: Tensor, pe_queries: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One later two-way block (per-prompt image tokens), as ``TwoWayAttentionBlock.forward``.
+    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, prompt: Tensor, pe_keys: Tensor, pe_queries: Tensor,
+    *, inplace: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One two-way block with per-prompt image tokens, as ``TwoWayAttentionBlock.forward``.
 
     ``pe_keys``, ``pe_queries``: (H, N, c) the block's projections of the image PE (see
-    :func:`_pe_heads`). ``keys`` is updated in place."""
-    q = queries + prompt
-    queries = block.norm1(queries + block.self_attn(q=q, k=q, v=queries))
+    :func:`_pe_heads`). ``keys`` is updated in place unless not ``inplace`` (then it may also be
+    one (1, N, E) image shared by every prompt)."""
+    if block.skip_first_layer_pe:
+        queries = block.norm1(block.self_attn(q=queries, k=queries, v=queries))
+    else:
+        q = queries + prompt
+        queries = block.norm1(queries + block.self_attn(q=q, k=q, v=queries))
     attn = _tokens_to_image(block.cross_attn_token_to_image, queries + prompt, keys, pe_keys)
     queries = block.norm2(queries + attn)
     queries = block.norm3(queries + block.mlp(queries))
     back = block.cross_attn_image_to_token
-    keys = _image_to_tokens(back, keys, queries + prompt, queries, pe_queries, per_prompt=True)
+    keys = _image_to_tokens(back, keys, queries + prompt, queries, pe_queries, per_prompt=True, inplace=inplace)
     return queries, block.norm4(keys)
 
 

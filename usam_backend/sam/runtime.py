@@ -242,7 +242,7 @@ class ModuleRuntime:
         folder = cache_dir / "runtime"
         path = folder / (
             f"{self.fingerprint}-{self.spec.part}-{module_fingerprint(self.module)}-{code_fingerprint(self.module)}"
-            f"-{_fixed_shape(self.spec, inputs)}-opset{OPSET}.onnx"
+            f"-{_fixed_shape(inputs)}-opset{OPSET}.onnx"
         )
         if path.is_file():
             return path, 0.0
@@ -278,13 +278,10 @@ def _prune(path: Path) -> None:
             log.info("removed %s, exported by an earlier version of the code", old.name)
 
 
-def _fixed_shape(spec: ExportSpec, inputs: Sequence[torch.Tensor]) -> str:
-    """The input sizes an export is fixed to, for its file name: the encoder's side (1024), the
-    decoder's embedding (64x64)."""
-    first = inputs[0]
-    if spec.part == ENCODER.part:
-        return str(int(first.shape[-1]))
-    return "x".join(str(int(n)) for n in first.shape[-2:])
+def _fixed_shape(inputs: Sequence[torch.Tensor]) -> str:
+    """The input size an export is fixed to, for its file name: the first input's last two sizes
+    (the encoder's 1024x1024 pixels, the decoder's 64x64 embedding)."""
+    return "x".join(str(int(n)) for n in inputs[0].shape[-2:])
 
 
 def _as_tuple(module: torch.nn.Module) -> Run:

@@ -85,14 +85,13 @@ class _Clock:
 
     def __init__(self, engine: SamEngine, part: str):
         self.seconds, self.prompts = 0.0, 0
-        self._part = getattr(engine, part)
-        self.runtime = self._part
+        self.runtime = getattr(engine, part)
         setattr(engine, part, self)
 
     def __call__(self, *inputs: Any) -> Any:
         started = time.perf_counter()
         try:
-            return self._part(*inputs)
+            return self.runtime(*inputs)
         finally:
             self.seconds += time.perf_counter() - started
             if len(inputs) > 1:
