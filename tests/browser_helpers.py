@@ -159,6 +159,19 @@ class Editor:
         drawn = alpha[np.ix_(rows.clip(0, h - 1), cols.clip(0, w - 1))] >= level
         return Drawn(np.asarray(drawn & seen), np.asarray(seen))
 
+    def drawn_settled(self, height: int, width: int, timeout: float = 5.0) -> Drawn:
+        """:meth:`drawn` once two readings 0.2 s apart agree: the pager's number changes before the
+        editor has redrawn the new item's regions."""
+        last = self.drawn(height, width)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.page.wait_for_timeout(200)
+            now = self.drawn(height, width)
+            if np.array_equal(now.mask, last.mask) and np.array_equal(now.seen, last.seen):
+                return now
+            last = now
+        return last
+
     def frame_number(self) -> int:
         """The frame the video player's counter reads (``12 of 24`` -> 12)."""
         text = self.page.locator(".lsf-frames-control").inner_text()

@@ -443,7 +443,7 @@ def test_each_frame_of_a_sequence_shows_its_own_regions(editor, sequence_project
     for item in range(count):
         if item:
             assert editor.next_item() == item + 1
-        drawn = editor.drawn(H, W)
+        drawn = editor.drawn_settled(H, W)
         editor.shot(f"item-{item + 1}")
         assert drawn.seen.mean() > 0.8, "the editor shows too little of the frame to judge"
         others = np.logical_or.reduce([mask for i, mask in enumerate(expected) if i != item])
